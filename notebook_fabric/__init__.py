@@ -1,0 +1,28 @@
+"""notebook-fabric: scale PyTorch training loops from a notebook.
+
+>>> from notebook_fabric import Fabric, seed_everything, launch
+"""
+from .fabric import Fabric, seed_everything
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython):  # noqa: ANN001 - IPython's shell
+    """``%load_ext notebook_fabric`` registers the ``%%fabric`` and ``%fabric`` magics."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython):  # noqa: ANN001
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ipython)
+
+
+__all__ = ["Fabric", "seed_everything", "launch", "__version__"]
+
+try:  # the notebook launcher; bound last so `notebook_fabric.launch` is the function, not the subpackage
+    from .launch import launch  # noqa: E402
+except ImportError:  # pragma: no cover - only while launch/ is being built
+    pass

@@ -1,0 +1,40 @@
+"""CPU ranks: every "device" is a process on this machine's CPU, talking over gloo."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psutil
+import torch
+
+from .base import Accelerator, parse_count_or_indices
+
+#: how many CPU ranks one machine may run; processes, not cores, so oversubscription is allowed
+MAX_CPU_PROCESSES = int(os.environ.get("NOTEBOOK_FABRIC_MAX_CPU_RANKS", 64))
+
+
+class CPUAccelerator(Accelerator):
+    name = "cpu"
+    distributed_backend = "gloo"
+
+    @staticmethod
+    def parse_devices(devices: Any) -> list[int]:
+        if devices in ("auto",):
+            return [0]
+        return parse_count_or_indices(devices, MAX_CPU_PROCESSES, "CPU")
+
+    @staticmethod
+    def get_parallel_devices(indices: list[int]) -> list[torch.device]:
+        return [torch.device("cpu")] * len(indices)
+
+    @staticmethod
+    def auto_device_count() -> int:
+        return 1
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    def memory_stats(self, device: torch.device) -> dict[str, int]:
+        rss = psutil.Process().memory_info().rss
+        return {"resident": rss}

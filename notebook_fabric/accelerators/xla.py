@@ -1,0 +1,55 @@
+"""TPUs (and XLA on other devices) through torch_xla, an optional extra: ``pip install notebook-fabric[xla]``."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from .base import Accelerator, parse_count_or_indices
+
+
+def xla_available() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+class XLAAccelerator(Accelerator):
+    name = "tpu"
+    distributed_backend = "xla"
+
+    @staticmethod
+    def parse_devices(devices: Any) -> list[int]:
+        if not xla_available():
+            raise ValueError(
+                "accelerator='tpu' needs torch_xla, which is not installed:"
+                " pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version)."
+            )
+        available = XLAAccelerator.auto_device_count()
+        if devices == "auto":
+            devices = -1
+        return parse_count_or_indices(devices, max(available, 1), "XLA")
+
+    @staticmethod
+    def get_parallel_devices(indices: list[int]) -> list[torch.device]:
+        import torch_xla.core.xla_model as xm
+
+        if len(indices) == 1:
+            return [xm.xla_device()]
+        return [torch.device("xla", i) for i in indices]
+
+    @staticmethod
+    def auto_device_count() -> int:
+        if not xla_available():
+            return 0
+        import torch_xla.runtime as xr
+
+        return int(xr.addressable_runtime_device_count())
+
+    @staticmethod
+    def is_available() -> bool:
+        if not xla_available():
+            return False
+        try:
+            return XLAAccelerator.auto_device_count() > 0
+        except Exception:  # noqa: BLE001 - a broken runtime means "not available"
+            return False

@@ -1,0 +1,6 @@
+"""The one collective layer: tensor ops over torch.distributed, collection helpers, tracing."""
+from . import ops, trace
+from .collections import map_tensors, tensors_to_device
+from .trace import get_tracer, set_tracer
+
+__all__ = ["ops", "trace", "map_tensors", "tensors_to_device", "get_tracer", "set_tracer"]

@@ -1,0 +1,135 @@
+"""Tensor collectives over ``torch.distributed``: the only place that calls it, so every call is traced.
+
+Each function adds nothing torch.distributed does not need: no barrier, no extra copy beyond the
+one that keeps the caller's tensor untouched.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .trace import get_tracer, traced
+
+REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,  # divided afterwards: gloo has no AVG
+    "avg": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+    "product": dist.ReduceOp.PRODUCT,
+}
+
+
+def _normalize_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[str, Any]:
+    if reduce_op is None:
+        return "mean", dist.ReduceOp.SUM
+    if isinstance(reduce_op, str):
+        key = reduce_op.lower()
+        if key not in REDUCE_OPS:
+            raise ValueError(f"reduce_op={reduce_op!r} is not supported; choose one of {sorted(set(REDUCE_OPS) - {'avg'})}")
+        return ("mean" if key == "avg" else key), REDUCE_OPS[key]
+    if reduce_op == dist.ReduceOp.AVG:
+        return "mean", dist.ReduceOp.SUM
+    return str(reduce_op).split(".")[-1].lower(), reduce_op
+
+
+def _group_size(group: Optional[Any]) -> int:
+    return dist.get_world_size(group)
+
+
+def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group: Optional[Any] = None) -> Tensor:
+    """A new tensor holding the reduction of ``tensor`` over ``group``; the input is left untouched."""
+    name, op = _normalize_op(reduce_op)
+    result = tensor.clone()
+    if name == "mean" and not result.is_floating_point() and not result.is_complex():
+        result = result.to(torch.get_default_dtype())
+    tracer = get_tracer()
+    if tracer is None:
+        dist.all_reduce(result, op=op, group=group)
+    else:
+        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)], "reduce_op": name}
+        with traced(tracer, "all_reduce", meta):
+            dist.all_reduce(result, op=op, group=group)
+    if name == "mean":
+        result.div_(_group_size(group))
+    return result
+
+
+def all_gather(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Every rank's ``tensor`` stacked on a new first dimension (same shape on every rank)."""
+    size = _group_size(group)
+    tensor = tensor.contiguous()
+    output = tensor.new_empty((size, *tensor.shape))
+    tracer = get_tracer()
+    if tracer is None:
+        dist.all_gather_into_tensor(output, tensor, group=group)
+    else:
+        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)]}
+        with traced(tracer, "all_gather", meta):
+            dist.all_gather_into_tensor(output, tensor, group=group)
+    return output
+
+
+def all_gather_with_grads(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Like :func:`all_gather`, but gradients flow back to every rank's input."""
+    from torch.distributed.nn.functional import all_gather as differentiable_all_gather
+
+    tracer = get_tracer()
+    if tracer is None:
+        parts = differentiable_all_gather(tensor, group=group or dist.group.WORLD)
+    else:
+        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)]}
+        with traced(tracer, "all_gather", meta):
+            parts = differentiable_all_gather(tensor, group=group or dist.group.WORLD)
+    return torch.stack(parts)
+
+
+def broadcast_tensor(tensor: Tensor, src: int = 0, group: Optional[Any] = None) -> Tensor:
+    """``src``'s tensor on every rank (a new tensor; the caller's is untouched on non-source ranks)."""
+    result = tensor.clone() if dist.get_rank() != src else tensor
+    tracer = get_tracer()
+    if tracer is None:
+        dist.broadcast(result, src, group=group)
+    else:
+        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)], "src": src}
+        with traced(tracer, "broadcast", meta):
+            dist.broadcast(result, src, group=group)
+    return result
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Optional[Any] = None, device: Optional[torch.device] = None) -> Any:
+    """Any picklable object from ``src`` to every rank."""
+    box = [obj]
+    tracer = get_tracer()
+    if tracer is None:
+        dist.broadcast_object_list(box, src, group=group, device=device)
+    else:
+        with traced(tracer, "broadcast", {"shapes": [], "dtypes": ["object"], "src": src}):
+            dist.broadcast_object_list(box, src, group=group, device=device)
+    return box[0]
+
+
+def all_gather_object(obj: Any, group: Optional[Any] = None) -> list:
+    """Every rank's picklable ``obj``, as a list indexed by rank."""
+    out: list = [None] * _group_size(group)
+    tracer = get_tracer()
+    if tracer is None:
+        dist.all_gather_object(out, obj, group=group)
+    else:
+        with traced(tracer, "all_gather", {"shapes": [], "dtypes": ["object"]}):
+            dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(name: Optional[str] = None, group: Optional[Any] = None, device_ids: Optional[list[int]] = None) -> None:
+    """Wait until every rank of ``group`` arrives. ``name`` shows in traces and stall reports."""
+    kwargs = {"device_ids": device_ids} if device_ids else {}
+    tracer = get_tracer()
+    if tracer is None:
+        dist.barrier(group=group, **kwargs)
+    else:
+        with traced(tracer, "barrier", {"name": name, "shapes": [], "dtypes": []}):
+            dist.barrier(group=group, **kwargs)

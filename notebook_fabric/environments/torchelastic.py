@@ -1,0 +1,92 @@
+"""Ranks started by torchrun (``torch.distributed.run``), which ``notebook-fabric run`` is built on."""
+from __future__ import annotations
+
+import os
+
+from ._variables import check_rank, read_int, read_str, require_port
+from .base import ClusterEnvironment
+
+_WHO = "TorchElasticEnvironment"
+_HINT = (
+    "torchrun sets it in every worker: start the script with `notebook-fabric run` (or torchrun),"
+    " or pass another ClusterEnvironment in Fabric(plugins=[...])."
+)
+
+
+class TorchElasticEnvironment(ClusterEnvironment):
+    """The job shape as torchrun exported it to this worker.
+
+    Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_RANK``, ``GROUP_RANK`` (the node
+    rank), ``MASTER_ADDR`` and ``MASTER_PORT`` once, when constructed, and raises ``ValueError``
+    naming the variable when one is missing or out of range. torchrun started every rank, so
+    ``creates_processes_externally`` is true and ``Fabric.launch()`` only joins the process group.
+    """
+
+    def __init__(self) -> None:
+        self._world_size = read_int(["WORLD_SIZE"], _WHO, _HINT, minimum=1)
+        self._global_rank = read_int(["RANK"], _WHO, _HINT)
+        check_rank("RANK", self._global_rank, "WORLD_SIZE", self._world_size)
+        self._local_world_size = read_int(["LOCAL_WORLD_SIZE"], _WHO, _HINT, minimum=1)
+        self._local_rank = read_int(["LOCAL_RANK"], _WHO, _HINT)
+        check_rank("LOCAL_RANK", self._local_rank, "LOCAL_WORLD_SIZE", self._local_world_size)
+        self._node_rank = read_int(["GROUP_RANK"], _WHO, _HINT)
+        self._main_address = read_str(["MASTER_ADDR"], _WHO, _HINT)
+        self._main_port = require_port("MASTER_PORT", _WHO, _HINT)
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    def main_address(self) -> str:
+        return self._main_address
+
+    @property
+    def main_port(self) -> int:
+        return self._main_port
+
+    @staticmethod
+    def detect() -> bool:
+        """True inside a worker that torchrun started (it always sets ``TORCHELASTIC_RUN_ID``)."""
+        return "TORCHELASTIC_RUN_ID" in os.environ
+
+    def world_size(self) -> int:
+        return self._world_size
+
+    def set_world_size(self, size: int) -> None:
+        """Ignored: torchrun decided the world size."""
+
+    def global_rank(self) -> int:
+        return self._global_rank
+
+    def set_global_rank(self, rank: int) -> None:
+        """Ignored: torchrun decided the rank."""
+
+    def local_rank(self) -> int:
+        return self._local_rank
+
+    def local_world_size(self) -> int:
+        """Ranks on this node (``LOCAL_WORLD_SIZE``)."""
+        return self._local_world_size
+
+    def node_rank(self) -> int:
+        return self._node_rank
+
+    def validate_settings(self, num_devices: int, num_nodes: int) -> None:
+        """``ValueError`` when ``devices x num_nodes`` is not the world torchrun started."""
+        if num_devices * num_nodes != self._world_size:
+            raise ValueError(
+                f"Fabric(devices={num_devices}, num_nodes={num_nodes}) asks for {num_devices * num_nodes}"
+                f" ranks, but torchrun started WORLD_SIZE={self._world_size}"
+                f" ({self._local_world_size} per node). Make them agree: start the script with"
+                f" `notebook-fabric run --devices {self._local_world_size}"
+                f" --num-nodes {self._world_size // self._local_world_size}`, or set devices and"
+                " num_nodes in Fabric(...) to match torchrun's --nproc-per-node and --nnodes."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rank={self._global_rank}/{self._world_size},"
+            f" local_rank={self._local_rank}, node_rank={self._node_rank},"
+            f" main={self._main_address}:{self._main_port})"
+        )

@@ -1,0 +1,407 @@
+"""The ``Fabric`` facade: one object that owns devices, precision, strategy and collectives.
+
+Every method delegates: to the strategy (models, collectives, checkpoints), to ``launch/``
+(processes), to the loggers and callbacks. Your training loop stays yours.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Generator, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .checkpoint import io as checkpoint_io
+from .collectives.collections import map_tensors, tensors_to_device
+from .connector import Connector
+from .strategies import ParallelStrategy, Strategy
+from .utilities.apply import apply_to_collection
+from .utilities.data import shard_dataloader, with_seeded_workers
+from .utilities.seed import seed_everything as _seed_everything
+from .wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
+
+_FUNCTION_START_METHODS = ("spawn", "fork", "forkserver")
+
+
+class Fabric:
+    """Scale a PyTorch training loop to any device, precision and strategy without rewriting it.
+
+    >>> fabric = Fabric(accelerator="cpu", devices=1)
+    >>> model, optimizer = fabric.setup(torch.nn.Linear(4, 1), torch.optim.SGD(...))  # doctest: +SKIP
+    >>> fabric.backward(model(x).sum())  # doctest: +SKIP
+
+    On several devices, start the ranks with :meth:`launch`: ``fabric.launch()`` in a script, or
+    ``fabric.launch(train)`` with a function (the way to go in a notebook).
+    """
+
+    def __init__(
+        self,
+        accelerator: Union[str, Any] = "auto",
+        strategy: Union[str, Strategy] = "auto",
+        devices: Union[int, str, list[int]] = "auto",
+        num_nodes: int = 1,
+        precision: Union[str, int, Any, None] = None,
+        plugins: Optional[Any] = None,
+        callbacks: Optional[Union[list[Any], Any]] = None,
+        loggers: Optional[Union[list[Any], Any]] = None,
+        debug: bool = False,
+    ) -> None:
+        self._init_kwargs = _portable_kwargs(
+            accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
+            precision=precision, plugins=plugins, callbacks=callbacks, loggers=loggers, debug=debug,
+        )  # fmt: skip
+        connector = Connector(
+            accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
+            precision=precision, plugins=plugins,
+        )  # fmt: skip
+        self._connector = connector
+        self._strategy: Strategy = connector.strategy
+        self._accelerator = connector.accelerator
+        self._precision = self._strategy.precision
+        self._callbacks = _as_list(callbacks)
+        self._loggers = _as_list(loggers)
+        self._debug = bool(debug)
+        self._launched = False
+        self._models_setup = 0
+
+    # ----- what this rank is ---------------------------------------------------------------------
+    @property
+    def accelerator(self) -> Any:
+        return self._accelerator
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank computes on."""
+        return self._strategy.root_device
+
+    @property
+    def global_rank(self) -> int:
+        return self._strategy.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._strategy.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._strategy.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._strategy.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._strategy.is_global_zero
+
+    @property
+    def loggers(self) -> list[Any]:
+        return self._loggers
+
+    @property
+    def logger(self) -> Any:
+        """The first logger, or None."""
+        return self._loggers[0] if self._loggers else None
+
+    # ----- processes -----------------------------------------------------------------------------
+    def launch(self, function: Optional[Callable[..., Any]] = None, *args: Any, **kwargs: Any) -> Any:
+        """Start the ranks and prepare this process; with ``function``, run ``function(fabric, *args)`` on each.
+
+        In a script with ``strategy="ddp"``, ``fabric.launch()`` re-runs the script for the other
+        ranks. With ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` (or from a notebook), pass the
+        function: it runs on every rank and rank 0's return value comes back here.
+        """
+        if function is not None and not callable(function):
+            raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
+        if self._launched:
+            raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
+        strategy = self._strategy
+        start_method = strategy.start_method
+        environment = getattr(strategy, "cluster_environment", None)
+        outside = environment is not None and environment.creates_processes_externally
+        needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
+        if needs_ranks and start_method == "popen" and function is not None and _interactive_session():
+            start_method = None  # no script to re-run: launch/ picks fork or spawn and says so
+        if needs_ranks and start_method in (*_FUNCTION_START_METHODS, None):
+            if function is None:
+                raise RuntimeError(
+                    f"strategy={type(strategy).__name__}(start_method={start_method!r}) runs a function on each rank:"
+                    " call fabric.launch(train_fn) with a function taking `fabric` first,"
+                    " or use strategy='ddp' in a script."
+                )
+            from .launch import run_function
+
+            return run_function(
+                self._init_kwargs, function, args, kwargs=kwargs, num_processes=strategy.num_processes,
+                start_method=start_method,
+            )  # fmt: skip
+        if needs_ranks and start_method == "popen":
+            from .launch.script import start_script_ranks
+
+            start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
+        self._launched = True
+        strategy.setup_environment()
+        return function(self, *args, **kwargs) if function is not None else None
+
+    # ----- models, optimizers, data --------------------------------------------------------------
+    def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> Any:
+        """Wrap ``module`` (and its ``optimizers``) for this strategy and precision.
+
+        Returns the module alone, or ``(module, optimizer, ...)`` when optimizers are given.
+        """
+        self._check_launched()
+        self._check_not_wrapped(module, optimizers)
+        original = module
+        module = self._precision.convert_module(module)
+        if move_to_device:
+            self._strategy.module_to_device(module)
+        forward_module, optimizers_out = self._strategy.setup_module_and_optimizers(module, list(optimizers))
+        wrapped = _FabricModule(forward_module, self._strategy, original_module=original)
+        self._models_setup += 1
+        fabric_optimizers = [_FabricOptimizer(opt, self._strategy, self._callbacks) for opt in optimizers_out]
+        self.call("on_after_setup", fabric=self, module=wrapped)
+        if not fabric_optimizers:
+            return wrapped
+        return (wrapped, *fabric_optimizers)
+
+    def setup_module(self, module: nn.Module, move_to_device: bool = True) -> nn.Module:
+        """Wrap a module alone (set up its optimizers afterwards with :meth:`setup_optimizers`)."""
+        self._check_launched()
+        self._check_not_wrapped(module, ())
+        original = module
+        module = self._precision.convert_module(module)
+        if move_to_device:
+            self._strategy.module_to_device(module)
+        self._models_setup += 1
+        return _FabricModule(self._strategy.setup_module(module), self._strategy, original_module=original)
+
+    def setup_optimizers(self, *optimizers: Optimizer) -> Any:
+        self._check_not_wrapped(None, optimizers)
+        wrapped = [_FabricOptimizer(self._strategy.setup_optimizer(opt), self._strategy, self._callbacks) for opt in optimizers]
+        return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
+
+    def setup_dataloaders(
+        self, *dataloaders: DataLoader, use_distributed_sampler: bool = True, move_to_device: bool = True
+    ) -> Any:
+        """Give each rank its own shard (the sampler is replaced under DDP) and move batches to the device."""
+        if not dataloaders:
+            raise ValueError("setup_dataloaders() needs at least one DataLoader")
+        wrapped = [self._setup_dataloader(dl, use_distributed_sampler, move_to_device) for dl in dataloaders]
+        return wrapped[0] if len(wrapped) == 1 else wrapped
+
+    def _setup_dataloader(self, loader: DataLoader, use_distributed_sampler: bool, move_to_device: bool) -> Any:
+        if isinstance(loader, _FabricDataLoader):
+            raise ValueError("This DataLoader was already set up with fabric.setup_dataloaders()")
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"setup_dataloaders() takes torch DataLoaders, got {type(loader).__name__}")
+        sampler_kwargs = self._strategy.distributed_sampler_kwargs
+        if use_distributed_sampler and sampler_kwargs is not None and sampler_kwargs["num_replicas"] > 1:
+            loader = shard_dataloader(loader, **sampler_kwargs)
+        loader = with_seeded_workers(loader, self.global_rank)
+        return _FabricDataLoader(loader, device=self.device if move_to_device else None)
+
+    # ----- the training step ---------------------------------------------------------------------
+    def backward(self, tensor: Tensor, *args: Any, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        """``tensor.backward()``, with loss scaling and strategy hooks. Replaces ``loss.backward()``."""
+        module = model._forward_module if isinstance(model, _FabricModule) else model
+        self._strategy.backward(tensor, module, *args, **kwargs)
+
+    def clip_gradients(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        clip_val: Optional[Union[float, int]] = None,
+        max_norm: Optional[Union[float, int]] = None,
+        norm_type: Union[float, int, str] = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> Optional[Tensor]:
+        """Clip by value (``clip_val``) or by total norm (``max_norm``, returning the norm before clipping).
+
+        Gradients are unscaled first under 16-mixed.
+        """
+        if (clip_val is None) == (max_norm is None):
+            raise ValueError("clip_gradients() takes exactly one of clip_val= or max_norm=")
+        if isinstance(norm_type, str):
+            if norm_type.lower() not in ("inf", "infinity"):
+                raise ValueError(f"norm_type={norm_type!r}: use a number or 'inf'")
+            norm_type = float("inf")
+        if max_norm is not None:
+            return self._strategy.clip_gradients_norm(
+                module, optimizer, max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+            )
+        self._strategy.clip_gradients_value(module, optimizer, clip_val=clip_val)
+        return None
+
+    def autocast(self) -> ContextManager:
+        """The precision's autocast, for code outside the model's forward."""
+        return self._precision.forward_context()
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> ContextManager:
+        """Skip the gradient all-reduce inside this block (gradient accumulation)."""
+        if not isinstance(module, _FabricModule):
+            raise TypeError("no_backward_sync() needs the module returned by fabric.setup()")
+        context = self._strategy.backward_sync(module._forward_module, enabled)
+        if context is None:
+            warnings.warn(
+                f"{type(self._strategy).__name__} cannot skip gradient synchronisation;"
+                " no_backward_sync() does nothing here.",
+                stacklevel=2,
+            )
+            return nullcontext()
+        return context
+
+    # ----- devices and values --------------------------------------------------------------------
+    def to_device(self, obj: Any) -> Any:
+        """Move a module, a tensor, or every tensor in a nested collection to this rank's device."""
+        if isinstance(obj, nn.Module):
+            self._strategy.module_to_device(obj)
+            return obj
+        device = self.device
+        return apply_to_collection(obj, Tensor, lambda t: t.to(device))
+
+    def init_tensor(self) -> ContextManager:
+        """Tensors created inside land on the device, in the precision's dtype."""
+        return self._strategy.tensor_init_context()
+
+    def init_module(self, empty_init: Optional[bool] = None) -> ContextManager:
+        """Modules created inside land on the device in the right dtype (on the meta device where the strategy shards)."""
+        self._check_launched()
+        return self._strategy.module_init_context(empty_init=empty_init)
+
+    @staticmethod
+    def seed_everything(seed: Optional[int] = None, workers: Optional[bool] = None) -> int:
+        """Seed Python, NumPy and torch on this rank (and the ranks it starts); see :func:`seed_everything`."""
+        return _seed_everything(seed, workers=True if workers is None else workers)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank 0 only."""
+        if self.is_global_zero:
+            print(*args, **kwargs)
+
+    # ----- collectives ---------------------------------------------------------------------------
+    def barrier(self, name: Optional[str] = None) -> None:
+        """Wait until every rank gets here. ``name`` appears in stall reports and the dashboard."""
+        self._strategy.barrier(name=name)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``src``'s value on every rank: a tensor, or any picklable object."""
+        return self._strategy.broadcast(obj, src=src)
+
+    def all_gather(self, data: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
+        """Every rank's tensors, stacked on a new first dimension (collections gathered leaf by leaf)."""
+        strategy = self._strategy
+        data = tensors_to_device(data, self.device)
+        return map_tensors(data, lambda t: strategy.all_gather(t, group=group, sync_grads=sync_grads))
+
+    def all_reduce(self, data: Any, group: Optional[Any] = None, reduce_op: Union[str, Any] = "mean") -> Any:
+        """The reduction (sum, mean, max, min) over ranks; the caller's tensors are not modified."""
+        strategy = self._strategy
+        data = tensors_to_device(data, self.device)
+        return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))
+
+    @contextmanager
+    def rank_zero_first(self, local: bool = False) -> Generator[None, None, None]:
+        """Rank 0 (of the node, with ``local=True``) runs the block first; the others wait, then run it."""
+        rank = self.local_rank if local else self.global_rank
+        if rank > 0:
+            self.barrier("rank_zero_first")
+        yield
+        if rank == 0:
+            self.barrier("rank_zero_first")
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def save(self, path: Union[str, Path], state: dict[str, Any], filter: Optional[dict[str, Callable]] = None) -> None:
+        """Save ``state`` (modules and optimizers are turned into state dicts); rank 0 writes, everyone waits."""
+        self._strategy.save_checkpoint(path, state, filter=filter)
+
+    def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True) -> dict[str, Any]:
+        """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None)."""
+        return self._strategy.load_checkpoint(path, state=state, strict=strict)
+
+    def load_raw(self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True) -> None:
+        """Load a plain ``torch.save``-d state dict (not written by Fabric) into a module or optimizer."""
+        state_dict = checkpoint_io.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, nn.Module):
+            self._strategy.load_module_state_dict(obj, state_dict, strict=strict)
+        elif isinstance(obj, Optimizer) or isinstance(getattr(obj, "_optimizer", None), Optimizer):
+            self._strategy.load_optimizer_state(obj, state_dict)
+        else:
+            raise TypeError(f"load_raw() loads into a module or an optimizer, got {type(obj).__name__}")
+
+    # ----- callbacks and loggers -----------------------------------------------------------------
+    def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
+        """Run ``hook_name(*args, **kwargs)`` on every callback that defines it."""
+        for callback in self._callbacks:
+            method = getattr(callback, hook_name, None)
+            if callable(method):
+                method(*args, **kwargs)
+
+    def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
+        """Send one scalar to every logger (rank 0 only)."""
+        self.log_dict({name: value}, step=step)
+
+    def log_dict(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        """Send scalars to every logger (rank 0 only)."""
+        if not self._loggers or not self.is_global_zero:
+            return
+        metrics = apply_to_collection(metrics, Tensor, lambda t: t.item() if t.numel() == 1 else t)
+        for logger in self._loggers:
+            logger.log_metrics(metrics=metrics, step=step)
+
+    # ----- checks --------------------------------------------------------------------------------
+    def _check_launched(self) -> None:
+        strategy = self._strategy
+        if isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not self._launched:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise RuntimeError(
+                    "This Fabric runs on several ranks: call fabric.launch() first"
+                    " (or fabric.launch(train_fn) from a notebook)."
+                )
+
+    @staticmethod
+    def _check_not_wrapped(module: Optional[nn.Module], optimizers: Iterable[Any]) -> None:
+        if isinstance(module, _FabricModule):
+            raise ValueError("This model was already set up with fabric.setup(); pass the original model")
+        if any(isinstance(opt, _FabricOptimizer) for opt in optimizers):
+            raise ValueError("This optimizer was already set up with fabric.setup(); pass the original optimizer")
+
+
+def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
+    """Seed Python, NumPy and torch; see :func:`notebook_fabric.utilities.seed.seed_everything`."""
+    return _seed_everything(seed, workers=workers)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _portable_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """The constructor arguments, copied before the connector configures any objects among them."""
+    portable = {}
+    for key, value in kwargs.items():
+        try:
+            portable[key] = copy.deepcopy(value) if isinstance(value, (Strategy, list, tuple)) or hasattr(value, "__dict__") else value
+        except Exception:  # noqa: BLE001 - an object that cannot be copied travels as it is
+            portable[key] = value
+    return portable
+
+
+def _interactive_session() -> bool:
+    """True in a notebook kernel or a REPL, where there is no script to re-run."""
+    if hasattr(sys, "ps1"):
+        return True
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return not main_file or os.path.basename(main_file).startswith("ipykernel")

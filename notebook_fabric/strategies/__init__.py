@@ -1,0 +1,39 @@
+"""Strategies and the registry that maps ``strategy=`` names to them."""
+from .base import Strategy
+from .ddp import DDPStrategy
+from .dp import DataParallelStrategy
+from .parallel import ParallelStrategy
+from .registry import STRATEGY_REGISTRY, StrategyRegistry
+from .single_device import SingleDeviceStrategy
+
+
+def _register_builtin_strategies(registry: StrategyRegistry) -> None:
+    registry.register("single_device", SingleDeviceStrategy, "one process, one device")
+    registry.register("dp", DataParallelStrategy, "torch.nn.DataParallel over the GPUs of one process")
+    registry.register("ddp", DDPStrategy, "DDP; ranks re-run the script", start_method="popen")
+    registry.register("ddp_spawn", DDPStrategy, "DDP; ranks spawned to run a function", start_method="spawn")
+    registry.register("ddp_fork", DDPStrategy, "DDP; ranks forked to run a function", start_method="fork")
+    registry.register("ddp_notebook", DDPStrategy, "DDP from a notebook (forked ranks)", start_method="fork")
+    registry.register(
+        "ddp_forkserver", DDPStrategy, "DDP; ranks started by a fork server", start_method="forkserver"
+    )
+    registry.register(
+        "ddp_find_unused_parameters_true",
+        DDPStrategy,
+        "DDP with find_unused_parameters=True",
+        start_method="popen",
+        find_unused_parameters=True,
+    )
+
+
+_register_builtin_strategies(STRATEGY_REGISTRY)
+
+__all__ = [
+    "Strategy",
+    "ParallelStrategy",
+    "SingleDeviceStrategy",
+    "DataParallelStrategy",
+    "DDPStrategy",
+    "StrategyRegistry",
+    "STRATEGY_REGISTRY",
+]

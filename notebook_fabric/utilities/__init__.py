@@ -1,0 +1,1 @@
+"""Small helpers shared by the core: collection mapping, rank-zero printing, seeding."""

@@ -1,0 +1,153 @@
+"""What ``fabric.setup()`` and ``fabric.setup_dataloaders()`` return: thin wrappers that keep the hot path clean."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .precision import Precision
+from .utilities.apply import apply_to_collection
+
+_WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_precision", "_plain")
+
+
+class _FabricModule(nn.Module):
+    """Runs the model's forward under the precision's autocast and casting rules.
+
+    Attribute access falls through to your own module, so ``model.my_layer`` keeps working; the
+    state dict is your module's (no ``module.`` prefix from DDP).
+    """
+
+    def __init__(self, forward_module: nn.Module, strategy: Any, original_module: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self._forward_module = forward_module
+        self._original_module = original_module if original_module is not None else forward_module
+        self._strategy = strategy
+        self._precision: Precision = strategy.precision
+        # full precision needs no casting and no autocast: skip that work on every call
+        self._plain = type(self._precision) is Precision
+
+    @property
+    def module(self) -> nn.Module:
+        return self._original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._plain:
+            return self._forward_module(*args, **kwargs)
+        precision = self._precision
+        args, kwargs = precision.convert_input((args, kwargs))
+        with precision.forward_context():
+            output = self._forward_module(*args, **kwargs)
+        return precision.convert_output(output)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._original_module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        return self._original_module.load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = super().__getattr__("_original_module")
+            return getattr(original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WRAPPER_ATTRIBUTES or "_original_module" not in self._modules:
+            super().__setattr__(name, value)
+        elif hasattr(self._original_module, name) and not hasattr(type(self), name):
+            setattr(self._original_module, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __repr__(self) -> str:
+        return f"FabricModule({self._original_module!r})"
+
+
+class _FabricOptimizer:
+    """Your optimizer, whose ``step()`` goes through the strategy (loss scaling, DeepSpeed, ...).
+
+    It is an instance of your optimizer's class too, so LR schedulers and ``isinstance`` checks work.
+    """
+
+    def __init__(self, optimizer: Optimizer, strategy: Any, callbacks: Optional[list] = None) -> None:
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "state_dict", "zero_grad")}
+        self.__class__ = type(f"Fabric{type(optimizer).__name__}", (_FabricOptimizer, type(optimizer)), {})
+        self._optimizer = optimizer
+        self._strategy = strategy
+        self._callbacks = callbacks or []
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._strategy.get_optimizer_state(self._optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Optional[Any] = None) -> Any:
+        kwargs = {"closure": closure} if closure is not None else {}
+        output = self._strategy.optimizer_step(self._optimizer, **kwargs)
+        for callback in self._callbacks:
+            hook = getattr(callback, "on_after_optimizer_step", None)
+            if callable(hook):
+                hook(strategy=self._strategy, optimizer=self._optimizer)
+        return output
+
+    def __repr__(self) -> str:
+        return f"FabricOptimizer({self._optimizer!r})"
+
+
+class _FabricDataLoader:
+    """Iterates your DataLoader, moves each batch to the device, and advances the sampler's epoch."""
+
+    def __init__(self, dataloader: Any, device: Optional[torch.device] = None) -> None:
+        self._dataloader = dataloader
+        self._device = device if device is not None and device.type != "cpu" else None
+        self._num_iter_calls = 0
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self._device
+
+    def __len__(self) -> int:
+        return len(self._dataloader)
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = getattr(self._dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self._num_iter_calls)
+        batch_sampler = getattr(getattr(self._dataloader, "batch_sampler", None), "sampler", None)
+        if batch_sampler is not sampler and hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(self._num_iter_calls)
+        self._num_iter_calls += 1
+        device = self._device
+        if device is None:
+            yield from self._dataloader
+            return
+        for batch in self._dataloader:
+            yield apply_to_collection(batch, Tensor, _to_device, device)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_dataloader":
+            raise AttributeError(name)
+        return getattr(self._dataloader, name)
+
+    def __repr__(self) -> str:
+        return f"FabricDataLoader({self._dataloader!r})"
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    return tensor.to(device, non_blocking=True)
+
+
+def is_wrapped(obj: Any) -> bool:
+    return isinstance(obj, (_FabricModule, _FabricOptimizer, _FabricDataLoader))
