@@ -88,8 +88,15 @@ def _normalise(key: str, value: Any) -> Any:
                 return value
         if isinstance(value, tuple):
             return list(value)
-    if key in ("accelerator", "strategy", "precision") and isinstance(value, (str, int)):
-        return str(value).lower()
+    if key == "precision" and isinstance(value, (str, int)):
+        try:
+            from .precision import normalize_precision  # the connector has imported torch already
+
+            return normalize_precision(value)
+        except (ImportError, ValueError):
+            return str(value).lower()
+    if key in ("accelerator", "strategy") and isinstance(value, str):
+        return value.lower()
     return value
 
 

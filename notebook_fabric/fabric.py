@@ -147,7 +147,7 @@ class Fabric:
                 start_method=start_method,
             )  # fmt: skip
         if needs_ranks and start_method == "popen":
-            from .launch.script import start_script_ranks
+            from .launch.rerun_script import start_script_ranks
 
             start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
         self._launched = True

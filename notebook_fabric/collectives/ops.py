@@ -61,16 +61,20 @@ def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group:
 def all_gather(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
     """Every rank's ``tensor`` stacked on a new first dimension (same shape on every rank)."""
     size = _group_size(group)
-    tensor = tensor.contiguous()
-    output = tensor.new_empty((size, *tensor.shape))
+    flat = tensor.contiguous().reshape(-1)
+    output = flat.new_empty(size * flat.numel())
     tracer = get_tracer()
     if tracer is None:
-        dist.all_gather_into_tensor(output, tensor, group=group)
+        _all_gather_single(output, flat, group=group)
     else:
         meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)]}
         with traced(tracer, "all_gather", meta):
-            dist.all_gather_into_tensor(output, tensor, group=group)
-    return output
+            _all_gather_single(output, flat, group=group)
+    return output.view(size, *tensor.shape)
+
+
+# torch >= 2.11 renamed all_gather_into_tensor; both gather equal-sized flat chunks into one buffer
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather_with_grads(tensor: Tensor, group: Optional[Any] = None) -> Tensor:

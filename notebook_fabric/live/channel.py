@@ -8,6 +8,7 @@ secret can send the pickles this channel carries.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Optional, Tuple
@@ -32,17 +33,13 @@ class EventListener:
     def accept(self) -> Optional[Connection]:
         """The next authenticated connection, or ``None`` once :meth:`wake` or :meth:`close` ran.
 
-        Connections that fail the challenge are dropped and waiting goes on.
+        Connections that fail the challenge (or hang up during it) are dropped and waiting goes on.
         """
-        while not self._closed.is_set():
+        while not (self._waking.is_set() or self._closed.is_set()):
             try:
                 connection = self._listener.accept()
-            except (AuthenticationError, EOFError, ConnectionError):
+            except (AuthenticationError, EOFError, OSError):
                 continue
-            except OSError:
-                if self._closed.is_set():
-                    return None
-                raise
             if self._waking.is_set():
                 connection.close()
                 return None
@@ -50,10 +47,10 @@ class EventListener:
         return None
 
     def wake(self) -> None:
-        """Make a blocked :meth:`accept` return ``None`` (connects to itself with the secret)."""
+        """Make a blocked :meth:`accept` return ``None``: a bare connection that hangs up at once."""
         self._waking.set()
         try:
-            Client(self.address, family="AF_INET", authkey=self.authkey).close()
+            socket.create_connection(self.address, timeout=1.0).close()
         except OSError:
             pass
 

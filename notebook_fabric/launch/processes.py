@@ -1,0 +1,100 @@
+"""Operating-system details of rank processes: dying with the parent, describing exits, reaping trees."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import time
+from typing import Iterable, List, Optional
+
+import psutil
+
+_PR_SET_PDEATHSIG = 1
+
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "killed (by someone, or by the out-of-memory killer)",
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGBUS: "bus error",
+    signal.SIGABRT: "aborted",
+    signal.SIGTERM: "terminated",
+    signal.SIGINT: "interrupted",
+}
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent exits (no-op elsewhere).
+
+    The signal follows the parent *thread* that forked us: start pools from a thread that
+    outlives them (the notebook's main thread does).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """``"exited with code 3"``, ``"killed by signal SIGSEGV (segmentation fault)"``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        sig = signal.Signals(-exitcode)
+    except ValueError:
+        return f"killed by signal {-exitcode}"
+    hint = _SIGNAL_HINTS.get(sig)
+    return f"killed by signal {sig.name}" + (f" ({hint})" if hint else "")
+
+
+def descendants(pid: int) -> List[psutil.Process]:
+    """Every living descendant of ``pid`` (DataLoader workers of a rank, say); empty if it is gone."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def kill_all(processes: Iterable[psutil.Process], timeout: float = 3.0) -> None:
+    """SIGKILL ``processes`` and wait (up to ``timeout``) until they are gone."""
+    alive = []
+    for process in processes:
+        try:
+            process.kill()
+            alive.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    if alive:
+        psutil.wait_procs(alive, timeout=timeout)
+
+
+def kill_own_children() -> None:
+    """Kill this process's descendants (a rank calls this on its way out)."""
+    kill_all(descendants(os.getpid()), timeout=2.0)
+
+
+def signal_process(pid: Optional[int], sig: int) -> bool:
+    """Send ``sig`` to ``pid``; ``False`` when it no longer exists."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

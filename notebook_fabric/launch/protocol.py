@@ -1,0 +1,72 @@
+"""What the notebook tells ranks: the start-up parcel and the control messages.
+
+Events in the other direction (ranks -> notebook) live in :mod:`notebook_fabric.live.events`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class RankBootstrap:
+    """The few plain values a rank needs to reach the notebook; passed as the process argument.
+
+    It pickles with the standard library (spawn and forkserver send it that way); everything
+    else a rank needs comes as a :class:`RankSetup`.
+    """
+
+    rank: int
+    world_size: int
+    address: Tuple[str, int]
+    authkey: bytes
+    parent_pid: int
+    start_method: str
+    env: Dict[str, str]
+    heartbeat_interval: float = 2.0
+    trace_collectives: bool = False
+
+
+@dataclass
+class RankSetup:
+    """What a rank builds and keeps: inherited as is under fork, cloudpickled under spawn/forkserver.
+
+    ``make_fabric(fabric_kwargs)`` returns the rank's launched Fabric (by default
+    ``Fabric(**fabric_kwargs)`` followed by ``fabric.launch()``); ``namespace`` seeds the rank's
+    persistent namespace; ``sys_path`` and ``source_cache`` (``linecache`` entries of notebook
+    cells) make functions and tracebacks from the notebook work in a fresh interpreter.
+    """
+
+    fabric_kwargs: Dict[str, Any]
+    make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None
+    namespace: Dict[str, Any] = field(default_factory=dict)
+    sys_path: List[str] = field(default_factory=list)
+    source_cache: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetupPayload:
+    """A :class:`RankSetup` pickled with cloudpickle (spawn and forkserver only)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Run ``task(fabric, namespace)``; ``payload`` is the task pickled with cloudpickle."""
+
+    task_id: int
+    payload: bytes
+    source_cache: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WhereRequest:
+    """Answer with the main thread's stack (answered by a side thread, even mid-task)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class StopRank:
+    """Leave the task loop and exit."""

@@ -1,0 +1,155 @@
+"""Inside a rank: the side threads that keep the notebook informed while the main thread works.
+
+- the control thread reads the connection: tasks and stop go to the main thread's inbox,
+  ``where`` requests are answered at once from ``sys._current_frames()`` (so they work while a
+  task is stuck in a collective), and a closed connection (the notebook is gone) ends the rank;
+- the heartbeat thread reports memory and the current collective every few seconds;
+- the collective tracer (installed through ``notebook_fabric.collectives.trace``) records which
+  collective the rank is in, cheaply, and optionally sends enter/exit events.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, List, Optional
+
+from ..live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
+from .processes import kill_own_children
+from .protocol import WhereRequest
+from .rank_io import Outbox
+
+LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class RankState:
+    """What the side threads need to know about the main thread."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.main_thread_id = threading.main_thread().ident
+        self.in_task = False
+        self.collectives: List[CollectiveState] = []
+        self.seq = 0
+
+    @property
+    def collective(self) -> Optional[CollectiveState]:
+        stack = self.collectives
+        return stack[-1] if stack else None
+
+
+class CollectiveTracer:
+    """The ``notebook_fabric.collectives.trace`` tracer of a rank."""
+
+    def __init__(self, state: RankState, outbox: Outbox, send_events: bool) -> None:
+        self._state = state
+        self._outbox = outbox
+        self._send_events = send_events
+
+    def enter(self, op: str, meta: dict) -> CollectiveState:
+        state = self._state
+        state.seq += 1
+        entry = CollectiveState(seq=state.seq, op=op, meta=_plain_meta(meta), entered_at=time.time())
+        state.collectives.append(entry)
+        if self._send_events:
+            self._outbox.put(CollectiveEntered(rank=state.rank, time=entry.entered_at, state=entry))
+        return entry
+
+    def exit(self, token: Any, error: Optional[BaseException]) -> None:
+        stack = self._state.collectives
+        if token in stack:
+            stack.remove(token)
+        if self._send_events and isinstance(token, CollectiveState):
+            self._outbox.put(CollectiveExited(rank=self._state.rank, time=time.time(), seq=token.seq,
+                                              error=None if error is None else f"{type(error).__name__}: {error}"))
+
+
+def install_tracer(tracer: CollectiveTracer) -> bool:
+    """Install ``tracer`` if the collective layer is importable; ``False`` when it is not."""
+    try:
+        from ..collectives.trace import set_tracer
+    except ImportError:
+        return False
+    set_tracer(tracer)
+    return True
+
+
+def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]", outbox: Outbox,
+                         state: RankState) -> threading.Thread:
+    """Read the connection until it closes; then end the rank (and its children) at once."""
+
+    def control() -> None:
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):
+                kill_own_children()
+                os._exit(70)
+            if isinstance(message, WhereRequest):
+                outbox.put(WhereReply(rank=state.rank, time=time.time(), request_id=message.request_id,
+                                      stack=main_thread_stack(state), in_task=state.in_task,
+                                      collective=state.collective))
+            else:
+                inbox.put(message)
+
+    thread = threading.Thread(target=control, name="notebook-fabric control", daemon=True)
+    thread.start()
+    return thread
+
+
+def start_heartbeat_thread(outbox: Outbox, state: RankState, interval: float) -> threading.Thread:
+    """Send a :class:`Heartbeat` every ``interval`` seconds."""
+    import psutil
+
+    process = psutil.Process()
+
+    def beat() -> None:
+        while True:
+            try:
+                rss = process.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
+                                 collective=state.collective))
+            time.sleep(interval)
+
+    thread = threading.Thread(target=beat, name="notebook-fabric heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+def main_thread_stack(state: RankState) -> str:
+    """The main thread's Python stack, from the user's task down (launcher frames left out)."""
+    frame = sys._current_frames().get(state.main_thread_id)
+    if frame is None:
+        return "(main thread not found)"
+    frames = traceback.extract_stack(frame)
+    if not state.in_task:
+        return "idle: waiting for the next task"
+    user_start = 0
+    for index, summary in enumerate(frames):
+        if summary.name == "run_task" and summary.filename.startswith(LAUNCH_DIR):
+            user_start = index + 1
+    while user_start < len(frames) - 1 and frames[user_start].filename.startswith(LAUNCH_DIR):
+        user_start += 1
+    frames = frames[user_start:]
+    return "".join(traceback.format_list(frames)).rstrip()
+
+
+def _plain_meta(meta: dict) -> dict:
+    """The tracer's metadata with only plain values (it travels to the notebook)."""
+    plain = {}
+    for key, value in (meta or {}).items():
+        if key in ("shapes",) and value is not None:
+            plain[key] = tuple(tuple(int(d) for d in shape) for shape in value)
+        elif key in ("dtypes",) and value is not None:
+            plain[key] = tuple(str(d) for d in value)
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            plain[key] = value
+        else:
+            plain[key] = str(value)
+    return plain

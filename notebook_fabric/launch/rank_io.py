@@ -1,0 +1,207 @@
+"""Inside a rank: the outbox that owns the channel's sending side, and fd-level output capture.
+
+Only the outbox thread writes to the connection, so a KeyboardInterrupt in the main thread can
+never cut a message in half. Output capture points file descriptors 1 and 2 at pipes read by a
+thread, so C-level writes are seen too; :meth:`OutputCapture.flush` returns only after
+everything written so far was handed to the outbox (results are queued after it).
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import ctypes.util
+import io
+import logging
+import os
+import queue
+import selectors
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Dict, List, Optional
+
+_STOP = object()
+
+
+class Outbox:
+    """A queue drained by one thread into the connection. ``put`` never blocks on the socket."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._drain, name="notebook-fabric outbox", daemon=True)
+        self.broken = False
+
+    def start(self) -> "Outbox":
+        self._thread.start()
+        return self
+
+    def put(self, message: Any) -> None:
+        self._queue.put(message)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _drain(self) -> None:
+        while True:
+            message = self._queue.get()
+            if message is _STOP:
+                return
+            if self.broken:
+                continue
+            try:
+                self._connection.send(message)
+            except (OSError, EOFError, ValueError):
+                self.broken = True  # the notebook is gone; the control thread ends the rank
+
+
+class OutputCapture:
+    """Redirects fds 1 and 2 into pipes; ``emit(stream, text)`` receives what arrives, in order."""
+
+    _MARK = b"\x00nbf-flush:"
+
+    def __init__(self, emit: Callable[[str, str], None]) -> None:
+        self._emit = emit
+        self._readers: Dict[int, str] = {}
+        self._decoders: Dict[int, Any] = {}
+        self._pending: Dict[int, bytes] = {}
+        self._flush_count = 0
+        self._flushed: Dict[str, int] = {"stdout": 0, "stderr": 0}
+        self._cond = threading.Condition()
+        self._keep_alive: List[Any] = []  # the replaced stream objects: never finalised (no stray flushes)
+        self.original_stderr_fd: Optional[int] = None
+
+    def start(self) -> "OutputCapture":
+        _flush_c_stdio()
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            if name == "stderr":
+                self.original_stderr_fd = os.dup(fd)
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._readers[read_end] = name
+            self._decoders[read_end] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self._pending[read_end] = b""
+        self._replace_python_streams()
+        _line_buffer_c_stdout()
+        threading.Thread(target=self._pump, name="notebook-fabric output", daemon=True).start()
+        return self
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Return once everything written to fds 1 and 2 so far reached ``emit``."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        _flush_c_stdio()
+        with self._cond:
+            self._flush_count += 1
+            count = self._flush_count
+        marker = self._MARK + str(count).encode() + b"\x00"
+        for fd in (1, 2):
+            try:
+                os.write(fd, marker)
+            except OSError:
+                return
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while min(self._flushed.values()) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    def _replace_python_streams(self) -> None:
+        old = (sys.stdout, sys.stderr)
+        self._keep_alive.extend([*old, sys.__stdout__, sys.__stderr__])
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                      line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                      write_through=True)
+        sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+        # Logging handlers set up in the notebook (inherited under fork) keep writing where the user expects.
+        for logger in [logging.getLogger(), *[lg for lg in logging.Logger.manager.loggerDict.values()
+                                               if isinstance(lg, logging.Logger)]]:
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream in old:
+                    handler.stream = sys.stdout if handler.stream is old[0] else sys.stderr
+
+    def _pump(self) -> None:
+        selector = selectors.DefaultSelector()
+        for fd in self._readers:
+            selector.register(fd, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                fd = key.fd
+                data = os.read(fd, 65536)
+                if not data:
+                    selector.unregister(fd)
+                    continue
+                self._consume(fd, self._pending[fd] + data)
+
+    def _consume(self, fd: int, data: bytes) -> None:
+        stream = self._readers[fd]
+        while True:
+            start = data.find(self._MARK)
+            if start < 0:
+                keep = _partial_marker_suffix(data, self._MARK)
+                self._pending[fd] = data[len(data) - keep:] if keep else b""
+                self._send(fd, data[:len(data) - keep] if keep else data)
+                return
+            end = data.find(b"\x00", start + len(self._MARK))
+            if end < 0:  # the rest of the marker is still in the pipe
+                self._send(fd, data[:start])
+                self._pending[fd] = data[start:]
+                return
+            self._send(fd, data[:start])
+            count = int(data[start + len(self._MARK):end] or 0)
+            with self._cond:
+                self._flushed[stream] = max(self._flushed[stream], count)
+                self._cond.notify_all()
+            data = data[end + 1:]
+
+    def _send(self, fd: int, data: bytes) -> None:
+        if data:
+            text = self._decoders[fd].decode(data)
+            if text:
+                self._emit(self._readers[fd], text)
+
+
+def _partial_marker_suffix(data: bytes, mark: bytes) -> int:
+    """Length of the longest end of ``data`` that could be the start of ``mark``."""
+    for size in range(min(len(mark) - 1, len(data)), 0, -1):
+        if mark.startswith(data[-size:]):
+            return size
+    return 0
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _flush_c_stdio() -> None:
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.fflush(None)
+        except AttributeError:
+            pass
+
+
+def _line_buffer_c_stdout() -> None:
+    """C ``stdout`` on a pipe is block-buffered; make it line-buffered so C prints arrive live."""
+    libc = _libc()
+    if libc is None:
+        return
+    try:
+        c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+        libc.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
+    except (ValueError, AttributeError):
+        pass

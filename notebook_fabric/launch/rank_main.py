@@ -1,0 +1,173 @@
+"""The life of a rank process, from connecting to the notebook to ``os._exit``.
+
+1. die with the parent (PR_SET_PDEATHSIG), own process group (only the notebook interrupts us),
+2. connect to the notebook's event channel, capture fds 1 and 2,
+3. receive the :class:`RankSetup` (spawn/forkserver) or use the inherited one (fork),
+4. set the torchrun variables, build ``Fabric(**kwargs)`` and ``fabric.launch()``,
+5. run tasks ``task(fabric, namespace)`` until told to stop; every result or exception is
+   queued after the output written before it.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import queue
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from ..live.events import RankReady, RankStarted, StartupFailed, TaskDone, TaskFailed, Output
+from ..live.channel import connect_to_notebook
+from .errors import describe_exception, pickle_for_parent
+from .processes import die_with_parent, kill_own_children
+from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
+from .rank_control import (
+    LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread, start_heartbeat_thread,
+)
+from .rank_io import Outbox, OutputCapture
+
+_SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
+
+
+def rank_entry(bootstrap: RankBootstrap, setup: Optional[RankSetup] = None) -> None:
+    """Process target of every rank; never returns (ends with ``os._exit``)."""
+    code = 1
+    try:
+        code = _live(bootstrap, setup)
+    finally:
+        kill_own_children()
+        os._exit(code)
+
+
+def build_fabric(fabric_kwargs: Dict[str, Any]) -> Any:
+    """The default ``make_fabric``: ``Fabric(**fabric_kwargs)``, then ``launch()`` (init only, as
+    ``LOCAL_RANK`` is set)."""
+    from ..fabric import Fabric
+
+    fabric = Fabric(**fabric_kwargs)
+    fabric.launch()
+    return fabric
+
+
+def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
+    die_with_parent()
+    if bootstrap.start_method != "forkserver" and os.getppid() != bootstrap.parent_pid:
+        return 71  # the notebook died before we could ask to die with it
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    state = RankState(bootstrap.rank)
+    _install_interrupt_handler(state)
+
+    connection = connect_to_notebook(bootstrap.address, bootstrap.authkey)
+    outbox = Outbox(connection).start()
+    rank = bootstrap.rank
+    capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
+                                                                    text=text))).start()
+    outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    try:
+        setup = inherited if inherited is not None else _receive_setup(connection)
+        os.environ.update(bootstrap.env)
+        _adopt_notebook_paths(setup)
+        inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        start_control_thread(connection, inbox, outbox, state)
+        start_heartbeat_thread(outbox, state, bootstrap.heartbeat_interval)
+        install_tracer(CollectiveTracer(state, outbox, bootstrap.trace_collectives))
+        fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
+    except BaseException as error:
+        capture.flush()
+        outbox.put(StartupFailed(rank=rank, time=time.time(), failure=describe_exception(error, _SKIP_IN_TRACEBACKS)))
+        outbox.close()
+        return 1
+    namespace: Dict[str, Any] = dict(setup.namespace)
+    namespace.setdefault("fabric", fabric)
+    outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
+
+    while True:
+        message = _next_message(inbox)
+        if isinstance(message, StopRank):
+            break
+        if isinstance(message, RunTask):
+            event = run_task(message, fabric, namespace, state)
+            capture.flush()
+            outbox.put(event)
+    capture.flush()
+    outbox.close()
+    return 0
+
+
+def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: RankState) -> Any:
+    """Run one task; returns the :class:`TaskDone` or :class:`TaskFailed` event to send."""
+    import cloudpickle
+
+    rank = state.rank
+    interrupted = False
+    try:
+        _install_sources(message.source_cache)
+        task = cloudpickle.loads(message.payload)
+        state.in_task = True
+        try:
+            value = task(fabric, namespace)
+        finally:
+            state.in_task = False
+        payload = pickle_for_parent(_to_cpu(value))
+        if payload is None:
+            raise TypeError(f"the value returned on rank {rank} (a {type(value).__module__}.{type(value).__qualname__}) "
+                            "cannot be pickled to send it back to the notebook")
+        return TaskDone(rank=rank, time=time.time(), task_id=message.task_id, payload=payload)
+    except KeyboardInterrupt as error:
+        interrupted = True
+        failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
+    except BaseException as error:  # SystemExit included: a task must not end the rank
+        failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
+    return TaskFailed(rank=rank, time=time.time(), task_id=message.task_id, failure=failure, interrupted=interrupted)
+
+
+def _next_message(inbox: "queue.SimpleQueue[Any]") -> Any:
+    while True:
+        try:
+            return inbox.get()
+        except KeyboardInterrupt:  # an interrupt that arrived just after a task ended
+            continue
+
+
+def _install_interrupt_handler(state: RankState) -> None:
+    """SIGINT raises KeyboardInterrupt only while a task runs; between tasks it is ignored."""
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if state.in_task:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def _receive_setup(connection: Any) -> RankSetup:
+    import cloudpickle
+
+    message = connection.recv()
+    if not isinstance(message, SetupPayload):
+        raise RuntimeError(f"expected the rank setup from the notebook, got {type(message).__name__}")
+    return cloudpickle.loads(message.payload)
+
+
+def _adopt_notebook_paths(setup: RankSetup) -> None:
+    for path in reversed(setup.sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    _install_sources(setup.source_cache)
+
+
+def _install_sources(source_cache: Dict[str, Any]) -> None:
+    """Register notebook cells' source so tracebacks and stacks show their lines."""
+    for filename, entry in (source_cache or {}).items():
+        linecache.cache.setdefault(filename, entry)
+
+
+def _to_cpu(value: Any) -> Any:
+    import torch
+
+    from ..utilities.apply import apply_to_collection
+
+    return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())
