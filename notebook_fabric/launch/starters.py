@@ -1,0 +1,142 @@
+"""Starting one rank process with fork, forkserver or spawn, behind one small interface.
+
+- ``fork`` and ``forkserver`` are ``multiprocessing``'s; the fork server preloads torch and the
+  rank code, so its ranks start nearly as fast as forked ones without inheriting the notebook's
+  threads or CUDA state.
+- ``spawn`` starts a fresh interpreter with ``subprocess`` running :mod:`.spawn_child`: unlike
+  ``multiprocessing``'s spawn it never re-imports the caller's ``__main__`` (the kernel module in
+  a notebook, the whole script elsewhere), so scripts need no ``if __name__ == "__main__"`` guard
+  and notebook ranks do not import ipykernel. The bootstrap travels on the child's stdin.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from typing import Optional, Protocol
+
+from .protocol import RankBootstrap, RankSetup
+from .rank_main import rank_entry
+
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "notebook_fabric.launch.rank_main", "notebook_fabric.fabric"]
+
+
+class RankProcess(Protocol):
+    """What the pool needs from a rank process."""
+
+    pid: int
+
+    @property
+    def exitcode(self) -> Optional[int]: ...  # None while running; -N when killed by signal N
+
+    @property
+    def sentinel(self) -> Optional[int]: ...  # a descriptor that becomes readable at exit, if any
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MultiprocessingRank:
+    """A rank started by a ``multiprocessing`` context (fork or forkserver)."""
+
+    def __init__(self, method: str, bootstrap: RankBootstrap, setup: Optional[RankSetup]) -> None:
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _preload_forkserver(context)
+        self._process = context.Process(target=rank_entry, args=(bootstrap, setup),
+                                        name=f"notebook-fabric rank {bootstrap.rank}", daemon=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+            self._process.start()
+        self.pid: int = self._process.pid
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self._process.exitcode
+
+    @property
+    def sentinel(self) -> Optional[int]:
+        return self._process.sentinel
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def close(self) -> None:
+        try:
+            self._process.join(timeout=0)
+            self._process.close()
+        except ValueError:
+            pass
+
+
+class SubprocessRank:
+    """A rank in a fresh interpreter (the ``spawn`` start method)."""
+
+    def __init__(self, bootstrap: RankBootstrap) -> None:
+        env = dict(os.environ)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] if env.get("PYTHONPATH") else paths)
+        self._popen = subprocess.Popen(
+            [sys.executable, "-c", "from notebook_fabric.launch.spawn_child import main; main()"],
+            stdin=subprocess.PIPE, env=env, close_fds=True,
+        )
+        self.pid: int = self._popen.pid
+        try:
+            self._popen.stdin.write(pickle.dumps(bootstrap))
+            self._popen.stdin.close()
+        except OSError:  # it died at once; its exit code tells why
+            pass
+        self._pidfd: Optional[int] = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                self._pidfd = None
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self._popen.poll()
+
+    @property
+    def sentinel(self) -> Optional[int]:
+        return self._pidfd
+
+    def terminate(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
+    """Start one rank; ``inherited`` (fork only) is handed over in memory instead of pickled."""
+    if method == "spawn":
+        return SubprocessRank(bootstrap)
+    return MultiprocessingRank(method, bootstrap, inherited if method == "fork" else None)
+
+
+def _preload_forkserver(context) -> None:
+    """Ask the fork server (if it is not running yet) to import torch and our rank code once."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    existing = list(getattr(server, "_preload_modules", []) or [])
+    wanted = existing + [m for m in FORKSERVER_PRELOAD if m not in existing]
+    if wanted != existing:
+        context.set_forkserver_preload(wanted)
