@@ -11,6 +11,7 @@ from .precision import Precision
 from .utilities.apply import apply_to_collection
 
 _WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_precision", "_plain")
+_DELEGATED_OPTIMIZER_ATTRIBUTES = ("step", "state_dict", "zero_grad", "param_groups", "state", "defaults")
 
 
 class _FabricModule(nn.Module):
@@ -74,7 +75,7 @@ class _FabricOptimizer:
     """
 
     def __init__(self, optimizer: Optimizer, strategy: Any, callbacks: Optional[list] = None) -> None:
-        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "state_dict", "zero_grad")}
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in _DELEGATED_OPTIMIZER_ATTRIBUTES}
         self.__class__ = type(f"Fabric{type(optimizer).__name__}", (_FabricOptimizer, type(optimizer)), {})
         self._optimizer = optimizer
         self._strategy = strategy
@@ -83,6 +84,31 @@ class _FabricOptimizer:
     @property
     def optimizer(self) -> Optimizer:
         return self._optimizer
+
+    # ``Optimizer.load_state_dict`` replaces these on the optimizer: read them from it, never from a copy
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, param_groups: list[dict[str, Any]]) -> None:
+        self._optimizer.param_groups = param_groups
+
+    @property
+    def state(self) -> Any:
+        return self._optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self._optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self._optimizer.defaults = defaults
 
     def state_dict(self) -> dict[str, Any]:
         return self._strategy.get_optimizer_state(self._optimizer)

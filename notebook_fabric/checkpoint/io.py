@@ -14,8 +14,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj)`` streamed into a temporary file beside ``path``, then renamed over it.
 
-    A crash or a full disk mid-write leaves the previous checkpoint intact, and nothing is
-    serialised into memory first.
+    A crash or a full disk mid-write leaves the previous checkpoint intact (the rename is atomic),
+    and nothing is serialised into memory first. There is no fsync: it guards against power loss,
+    not process crashes, and would cost more than the write itself for small checkpoints.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -23,8 +24,6 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     try:
         with handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

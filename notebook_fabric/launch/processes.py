@@ -14,7 +14,7 @@ import psutil
 _PR_SET_PDEATHSIG = 1
 
 _SIGNAL_HINTS = {
-    signal.SIGKILL: "killed (by someone, or by the out-of-memory killer)",
+    signal.SIGKILL: "sent by another process, or by the kernel's out-of-memory killer",
     signal.SIGSEGV: "segmentation fault",
     signal.SIGBUS: "bus error",
     signal.SIGABRT: "aborted",

@@ -183,14 +183,15 @@ class Strategy:
         norm_type: Union[float, int, str] = 2.0,
         error_if_nonfinite: bool = True,
     ) -> Tensor:
-        self.precision.unscale_gradients(optimizer)
+        # the scaler tracks the optimizer that steps (the unwrapped one), not Fabric's wrapper
+        self.precision.unscale_gradients(checkpoint_state.unwrap_optimizer(optimizer))
         parameters = _parameters_with_grad(optimizer)
         return torch.nn.utils.clip_grad_norm_(
             parameters, max_norm=max_norm, norm_type=float(norm_type), error_if_nonfinite=error_if_nonfinite
         )
 
     def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: Union[float, int]) -> None:
-        self.precision.unscale_gradients(optimizer)
+        self.precision.unscale_gradients(checkpoint_state.unwrap_optimizer(optimizer))
         torch.nn.utils.clip_grad_value_(_parameters_with_grad(optimizer), clip_value=clip_val)
 
     # ----- collectives (single process: identity) ------------------------------------------------

@@ -1,0 +1,106 @@
+"""``launch(fn)``: run ``fn(fabric, *args)`` on every rank and return rank 0's value.
+
+It is a :class:`~.pool.RankPool` started, given one task, and stopped: the same supervision
+as the ``%%fabric`` magic. Everything that can be checked is checked before a rank starts
+(Fabric arguments, start method, CUDA and fork, picklability under spawn/forkserver).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+from ..live.events import Notice
+from ..live.sinks import EventSink, TextSink
+from .pool import RankPool
+from .preflight import START_METHODS, check_picklable, resolve_start_method
+
+_LAUNCHED = "__notebook_fabric_launched__"
+
+
+def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
+           precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
+           return_all: bool = False, sink: Optional[EventSink] = None, **fabric_kwargs: Any) -> Any:
+    """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
+
+    ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
+    ``Fabric(accelerator=, strategy=, devices=, precision=, **fabric_kwargs)`` with its process
+    group ready. ``start_method``: ``"fork"`` (default where safe: Linux, CUDA not yet
+    initialised here), ``"spawn"`` or ``"forkserver"`` (which send ``fn`` and ``args`` with
+    cloudpickle). ``timeout``: seconds the function may run before the launch ends with a
+    :class:`LaunchTimeoutError` naming the ranks waiting in a collective and where the others are.
+    ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
+
+    Rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
+    rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
+    ``.remote_traceback``); a rank that dies raises :class:`RankDiedError`.
+    """
+    if not callable(fn):
+        raise TypeError(f"launch() needs a function to run on every rank, got {type(fn).__name__}")
+    _check_start_method(start_method)
+    kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
+    num_processes, declared = plan_ranks(kwargs)
+    return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
+                        timeout=timeout, return_all=return_all, sink=sink)
+
+
+def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
+                 num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
+                 return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None,
+                 sink: Optional[EventSink] = None) -> Any:
+    """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
+    ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
+    by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
+    forkserver strategies.
+    """
+    if not callable(fn):
+        raise TypeError(f"expected a function to run on every rank, got {type(fn).__name__}")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    sink = sink if sink is not None else TextSink()
+    method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
+    args, kwargs = tuple(args), dict(kwargs or {})
+    if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
+        check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
+    pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
+                    namespace={_LAUNCHED: (fn, args, kwargs)})
+    try:
+        pool.start()
+        results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5)
+    finally:
+        pool.stop(grace=1.0)
+    return [results[rank] for rank in range(num_processes)] if return_all else results[0]
+
+
+def plan_ranks(fabric_kwargs: Mapping[str, Any]) -> "tuple[int, Optional[str]]":
+    """Build the Fabric here (validating every argument, without touching CUDA) and read off
+    how many ranks it wants and the start method its strategy declares (if a function one)."""
+    from ..fabric import Fabric
+
+    fabric = Fabric(**fabric_kwargs)
+    strategy = fabric.strategy
+    num_nodes = int(getattr(strategy, "num_nodes", 1) or 1)
+    if num_nodes > 1:
+        raise ValueError(f"launch() starts ranks on this machine only, but num_nodes={num_nodes}; "
+                         "use `notebook-fabric run` on every node instead")
+    num_processes = int(getattr(strategy, "num_processes", 1) or 1)
+    declared = getattr(strategy, "start_method", None)
+    return num_processes, declared if declared in START_METHODS else None
+
+
+def _call_launched_function(fabric: Any, namespace: Dict[str, Any]) -> Any:
+    fn, args, kwargs = namespace[_LAUNCHED]
+    return fn(fabric, *args, **kwargs)
+
+
+def _check_start_method(start_method: Optional[str]) -> None:
+    if start_method is not None and start_method not in START_METHODS:
+        raise ValueError(f"start_method={start_method!r} is not one of {', '.join(repr(m) for m in START_METHODS)}")
+
+
+def _shipped_items(fabric_kwargs: Mapping[str, Any], fn: Any, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    items: Dict[str, Any] = {f"the function {name}": fn}
+    items.update({f"argument {i + 1} of {name} (args[{i}])": value for i, value in enumerate(args)})
+    items.update({f"keyword argument {key!r} of {name}": value for key, value in kwargs.items()})
+    items.update({f"the Fabric argument {key}=": value for key, value in fabric_kwargs.items()})
+    return items

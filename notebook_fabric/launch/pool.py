@@ -1,0 +1,360 @@
+"""``RankPool``: N supervised rank processes that run tasks until stopped.
+
+The one process-supervision implementation: ``launch(fn)`` is start + one task + stop, and the
+``%%fabric`` magic keeps a pool alive across cells. A task is ``task(fabric, namespace)`` where
+``namespace`` is the rank's persistent dict (``namespace["fabric"]`` is the rank's Fabric).
+
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2).start()
+    pool.push({"lr": 0.1})
+    pool.run(lambda fabric, ns: ns.setdefault("steps", []).append(fabric.global_rank))
+    pool.pull("steps")            # {0: [0], 1: [1]}
+    pool.where()                  # {0: "File ... in train ...", 1: ...}, even mid-task
+    pool.stop()
+
+Failures inside ``run`` are raised in the caller (see :mod:`.run_loop`); an interrupt of the
+caller is forwarded to the ranks as KeyboardInterrupt, and ranks that do not stop are ended.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import linecache
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from ..live.channel import EventListener
+from ..live.events import CollectiveState, Notice, RankEvent
+from ..live.sinks import EventSink, TextSink
+from .errors import PoolClosedError
+from .preflight import resolve_start_method
+from .processes import descendants, kill_all, signal_process
+from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
+from .rendezvous import RendezvousStore
+from .run_loop import RunLoop, wait_until_ready
+from .starters import start_rank
+from .supervisor import RankHandle, Supervisor
+
+Task = Callable[[Any, Dict[str, Any]], Any]
+
+_LIVE_POOLS: "weakref.WeakSet[RankPool]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One line of ``pool.status()``."""
+
+    rank: int
+    pid: int
+    state: str
+    rss_bytes: Optional[int]
+    collective: Optional[CollectiveState]
+    seconds_since_heartbeat: Optional[float]
+
+
+class RankPool:
+    """A pool of ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched.
+
+    ``start_method``: ``"fork"``, ``"spawn"``, ``"forkserver"`` or ``None`` (fork where safe).
+    ``make_fabric(fabric_kwargs)`` replaces the default ``Fabric(**kw); fabric.launch()``.
+    ``namespace`` seeds every rank's namespace (inherited under fork, cloudpickled otherwise).
+    ``sink`` receives every event (default: a :class:`TextSink` printing ``[rank N] ...``).
+    ``trace_collectives`` sends every collective enter/exit as an event (heartbeats always carry
+    the current collective).
+    """
+
+    def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
+                 start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                 namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
+                 heartbeat_interval: float = 2.0, trace_collectives: bool = False) -> None:
+        if not isinstance(num_processes, int) or num_processes < 1:
+            raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+        self.fabric_kwargs: Dict[str, Any] = dict(fabric_kwargs or {})
+        self.num_processes = num_processes
+        self.requested_start_method = start_method
+        self.start_method: Optional[str] = None
+        self.sink: EventSink = sink if sink is not None else TextSink()
+        self.heartbeat_interval = heartbeat_interval
+        self.trace_collectives = trace_collectives
+        self._setup = RankSetup(fabric_kwargs=self.fabric_kwargs, make_fabric=make_fabric,
+                                namespace=dict(namespace or {}), sys_path=list(sys.path))
+        self._handles: List[RankHandle] = []
+        self._events: "queue.Queue[RankEvent]" = queue.Queue()
+        self._supervisor: Optional[Supervisor] = None
+        self._rendezvous: Optional[RendezvousStore] = None
+        self._state = "new"  # new | running | stopped
+        self._ids = itertools.count(1)
+        self._shipped_sources: set = set()
+        self._lock = threading.RLock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Started, not stopped, and every rank still running."""
+        return self._state == "running" and all(h.alive for h in self._handles)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes
+
+    @property
+    def pids(self) -> List[int]:
+        return [h.pid for h in self._handles]
+
+    def start(self, timeout: float = 120.0) -> "RankPool":
+        """Start the ranks and return once every one has its Fabric launched (or raise why not)."""
+        if self._state != "new":
+            raise PoolClosedError("a RankPool starts once; create a new one to start again")
+        method = resolve_start_method(self.requested_start_method, self._notify)
+        self.start_method = method
+        setup_payload = None
+        if method != "fork":
+            import cloudpickle
+
+            self._setup.source_cache = self._new_sources()
+            setup_payload = cloudpickle.dumps(self._setup)
+        self._state = "running"
+        _LIVE_POOLS.add(self)
+        try:
+            self._rendezvous = RendezvousStore()
+            listener = EventListener(backlog=max(64, self.num_processes))
+            for rank in range(self.num_processes):
+                bootstrap = RankBootstrap(
+                    rank=rank, world_size=self.num_processes, address=listener.address, authkey=listener.authkey,
+                    parent_pid=os.getpid(), start_method=method,
+                    env=self._rendezvous.rank_environment(rank, self.num_processes),
+                    heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
+                )
+                self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
+            self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
+            self._supervisor.start()
+            wait_until_ready(self, timeout)
+            self._supervisor.stop_accepting()
+        except BaseException:
+            self.stop(grace=0.5)
+            raise
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End every rank: ask, then SIGTERM, then SIGKILL; also their children. Idempotent.
+
+        A KeyboardInterrupt while waiting skips straight to killing. Events still queued (the
+        last output) go to the sink first.
+        """
+        with self._lock:
+            if self._state == "stopped":
+                return
+            self._state = "stopped"
+        try:
+            self._end_ranks(grace)
+        finally:
+            if self._supervisor is not None:
+                self._supervisor.stop()
+            for handle in self._handles:
+                if handle.connection is not None:
+                    handle.connection.close()
+                handle.process.close()
+            if self._rendezvous is not None:
+                self._rendezvous.close()
+            _LIVE_POOLS.discard(self)
+            self.drain_events(self.sink)
+            self.sink.flush()
+
+    def _end_ranks(self, grace: float) -> None:
+        living = [h for h in self._handles if h.alive]
+        trees = {h.rank: descendants(h.pid) for h in living}
+        for handle in living:
+            handle.exit_expected = True
+            handle.send(StopRank())
+        try:
+            if not self._wait_exits(grace):
+                for handle in self._handles:
+                    if handle.alive:
+                        handle.process.terminate()
+                self._wait_exits(1.0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for handle in self._handles:
+                if handle.alive:
+                    handle.process.kill()
+            self._wait_exits(3.0)
+            kill_all([p for tree in trees.values() for p in tree])
+
+    def _wait_exits(self, timeout: float) -> bool:
+        if self._supervisor is None:
+            return all(h.process.exitcode is not None for h in self._handles)
+        deadline = time.monotonic() + timeout
+        with self._supervisor.changed:
+            while any(h.alive for h in self._handles):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._supervisor.changed.wait(min(remaining, 0.05))
+        return True
+
+    def __enter__(self) -> "RankPool":
+        return self.start() if self._state == "new" else self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def run(self, task: Task, ranks: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
+            sink: Optional[EventSink] = None, recover: bool = True, failure_grace: float = 1.0,
+            interrupt_grace: float = 3.0) -> Dict[int, Any]:
+        """Run ``task(fabric, namespace)`` on ``ranks`` (default all); return ``{rank: value}``.
+
+        Events (output first) go to ``sink`` while the task runs. Raises the rank's exception
+        (original type, ``.rank``/``.ranks``/``.remote_traceback``), :class:`RankDiedError`,
+        :class:`LaunchTimeoutError` after ``timeout`` seconds, or ``KeyboardInterrupt`` when the
+        caller was interrupted. With ``recover`` the pool survives failures whenever the other
+        ranks can be interrupted; ranks that cannot (stuck in a collective) end the pool.
+        """
+        self._require_alive()
+        selected = self._select(ranks)
+        loop = RunLoop(self, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
+                       failure_grace=failure_grace, interrupt_grace=interrupt_grace)
+        return loop.run(task)
+
+    def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:
+        """Put ``values`` into the namespace of ``ranks`` (default all)."""
+        items = dict(values)
+        self.run(lambda fabric, namespace: namespace.update(items), ranks)
+
+    def pull(self, name: str, ranks: Optional[Iterable[int]] = None) -> Dict[int, Any]:
+        """``{rank: namespace[name]}`` (tensors on CPU); ``KeyError`` if a rank lacks it."""
+        return self.run(lambda fabric, namespace: namespace[name], ranks)
+
+    def interrupt(self, ranks: Optional[Iterable[int]] = None) -> List[int]:
+        """Send SIGINT (KeyboardInterrupt in the running task) to ``ranks``; returns who got it."""
+        chosen = self._select(ranks) if ranks is not None else range(len(self._handles))
+        return [r for r in chosen if self._handles[r].alive and signal_process(self._handles[r].pid, signal.SIGINT)]
+
+    # -- inspection -----------------------------------------------------------------------------
+    def where(self, timeout: float = 3.0) -> Dict[int, str]:
+        """Every rank's current Python stack (main thread), answered even while a task is stuck."""
+        replies = self.where_replies(timeout)
+        stacks = {}
+        for handle in self._handles:
+            reply = replies.get(handle.rank)
+            if reply is None:
+                stacks[handle.rank] = (f"(no answer within {timeout:.1f} s)" if handle.alive
+                                       else f"(rank ended: {handle.state})")
+            else:
+                prefix = f"in {reply.collective.describe(time.time())}\n" if reply.collective else ""
+                stacks[handle.rank] = prefix + reply.stack
+        return stacks
+
+    def where_replies(self, timeout: float = 3.0) -> Dict[int, Any]:
+        """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered."""
+        if self._supervisor is None:
+            return {}
+        request_id = next(self._ids)
+        self._supervisor.expect_where(request_id)
+        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id))]
+        return self._supervisor.where_replies(request_id, asked, timeout)
+
+    def status(self) -> Dict[int, RankStatus]:
+        """Per rank: pid, state, resident memory (rank and its children), current collective."""
+        import psutil
+
+        result = {}
+        now = time.time()
+        for handle in self._handles:
+            rss = None
+            if handle.alive:
+                try:
+                    process = psutil.Process(handle.pid)
+                    rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+                except psutil.Error:
+                    pass
+            beat = handle.heartbeat
+            collective = beat.collective if beat is not None and handle.alive else None
+            state = handle.state
+            if handle.state == "running" and collective is not None:
+                state = f"in {collective.describe(now)}"
+            result[handle.rank] = RankStatus(rank=handle.rank, pid=handle.pid, state=state, rss_bytes=rss,
+                                             collective=collective,
+                                             seconds_since_heartbeat=None if beat is None else now - beat.time)
+        return result
+
+    # -- used by RunLoop ------------------------------------------------------------------------
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def handle(self, rank: int) -> RankHandle:
+        return self._handles[rank]
+
+    @property
+    def handles(self) -> List[RankHandle]:
+        return self._handles
+
+    def next_event(self, timeout: float) -> Optional[RankEvent]:
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain_events(self, sink: EventSink) -> None:
+        """Hand queued events (output between runs) to ``sink``."""
+        while True:
+            try:
+                sink.handle(self._events.get_nowait())
+            except queue.Empty:
+                return
+
+    def new_sources(self) -> Dict[str, Any]:
+        return self._new_sources()
+
+    def _new_sources(self) -> Dict[str, Any]:
+        """``linecache`` entries of notebook cells not yet sent (files that do not exist on disk)."""
+        if self.start_method == "fork":
+            return {}
+        fresh = {}
+        for filename, entry in list(linecache.cache.items()):
+            if filename in self._shipped_sources or not isinstance(entry, tuple) or len(entry) != 4:
+                continue
+            if filename.startswith("<") or not os.path.exists(filename):
+                fresh[filename] = entry
+                self._shipped_sources.add(filename)
+        return fresh
+
+    def _notify(self, text: str) -> None:
+        self.sink.handle(Notice(rank=-1, time=time.time(), text=text))
+
+    def _select(self, ranks: Optional[Iterable[int]]) -> List[int]:
+        if ranks is None:
+            return list(range(self.num_processes))
+        selected = sorted(set(int(r) for r in ranks))
+        bad = [r for r in selected if not 0 <= r < self.num_processes]
+        if bad or not selected:
+            raise ValueError(f"ranks must be a non-empty subset of 0..{self.num_processes - 1}, got {list(ranks)}")
+        return selected
+
+    def _require_alive(self) -> None:
+        if self._state != "running":
+            raise PoolClosedError(f"the pool is {self._state}; start a new one")
+        dead = [h for h in self._handles if not h.alive]
+        if dead:
+            raise PoolClosedError(f"rank {dead[0].rank} of the pool has ended ({dead[0].state}); stop and start a new pool")
+
+    def __repr__(self) -> str:
+        return (f"RankPool(num_processes={self.num_processes}, start_method={self.start_method or self.requested_start_method!r}, "
+                f"state={self._state!r})")
+
+
+@atexit.register
+def _stop_live_pools() -> None:
+    """Interpreter exit: end every pool still running (multiprocessing would wait for them)."""
+    for pool in list(_LIVE_POOLS):
+        try:
+            pool.stop(grace=1.0)
+        except Exception:
+            pass

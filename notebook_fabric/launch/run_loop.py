@@ -1,0 +1,282 @@
+"""Waiting for a pool: until every rank is ready, and until a task finished on every chosen rank.
+
+The waiting happens in the caller's thread (a notebook cell), so the events' output prints in
+the cell and a kernel interrupt arrives here as KeyboardInterrupt. Policy on trouble:
+
+- a rank raised: wait ``failure_grace`` seconds for the others (identical failures are grouped),
+  then re-raise; ranks still busy are interrupted (``recover``) or left to the caller's stop;
+- a rank died: collect other deaths for a moment, stop the pool, raise :class:`RankDiedError`;
+- ``timeout`` passed: ask every rank where it is, then raise :class:`LaunchTimeoutError` naming
+  the ranks waiting in a collective and the stacks of the others;
+- the caller was interrupted: SIGINT to busy ranks, wait ``interrupt_grace``, stop the pool if
+  some do not stop (a second interrupt stops it at once), re-raise KeyboardInterrupt.
+"""
+from __future__ import annotations
+
+import pickle
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from ..live.events import (
+    Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
+)
+from ..live.sinks import EventSink
+from .errors import (
+    LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
+)
+from .protocol import RunTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pool import RankPool
+
+DEATH_GRACE = 0.3  # seconds to gather ranks that die together ("ranks 0-1 exited with code 3")
+
+
+def wait_until_ready(pool: "RankPool", timeout: float) -> None:
+    """Block until every rank sent ``RankReady``; raise what went wrong otherwise."""
+    pending = set(range(pool.num_processes))
+    failures: Dict[int, RemoteFailure] = {}
+    arrival: List[int] = []
+    deaths: Dict[int, RankExited] = {}
+    deadline = time.monotonic() + timeout
+    first_problem: Optional[float] = None
+    while pending:
+        now = time.monotonic()
+        if first_problem is not None and now - first_problem > 1.0:
+            break
+        if now > deadline:
+            raise LaunchTimeoutError(
+                f"{format_ranks(sorted(pending))} not ready {timeout:.0f} s after start "
+                "(building Fabric or joining the process group)", waiting={}, elsewhere={}, stacks={})
+        event = pool.next_event(0.05)
+        if event is None:
+            continue
+        if isinstance(event, RankReady):
+            pending.discard(event.rank)
+        elif isinstance(event, StartupFailed):
+            failures[event.rank] = event.failure
+            arrival.append(event.rank)
+            pending.discard(event.rank)
+            first_problem = first_problem or now
+        elif isinstance(event, RankExited):
+            if event.rank not in failures:
+                deaths[event.rank] = event
+                first_problem = first_problem or now
+            pending.discard(event.rank)
+        else:
+            pool.sink.handle(event)
+    if failures:
+        exc = rebuild_exception(failures, arrival)
+        _note(exc, "while starting the rank (building Fabric and joining the process group)")
+        raise exc
+    if deaths:
+        raise _death_error(deaths, "while starting")
+
+
+class RunLoop:
+    """One task on a set of ranks, from sending it to its outcome (see the module docstring)."""
+
+    def __init__(self, pool: "RankPool", ranks: List[int], sink: EventSink, *, timeout: Optional[float],
+                 recover: bool, failure_grace: float, interrupt_grace: float) -> None:
+        self.pool = pool
+        self.ranks = ranks
+        self.sink = sink
+        self.timeout = timeout
+        self.recover = recover
+        self.failure_grace = failure_grace
+        self.interrupt_grace = interrupt_grace
+        self.task_id = 0
+        self.pending = set(ranks)
+        self.results: Dict[int, Any] = {}
+        self.failures: Dict[int, RemoteFailure] = {}
+        self.arrival: List[int] = []
+        self.interrupted: List[int] = []
+        self.deaths: Dict[int, RankExited] = {}
+        self._we_interrupted = False
+
+    def run(self, task: Any) -> Dict[int, Any]:
+        import cloudpickle
+
+        payload = _pickle_task(task, cloudpickle)
+        self.pool.drain_events(self.sink)
+        self.task_id = self.pool.next_id()
+        message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources())
+        for rank in self.ranks:
+            handle = self.pool.handle(rank)
+            handle.state = "running"
+            handle.send(message)
+        try:
+            outcome = self._wait()
+        except KeyboardInterrupt:
+            self._on_interrupt()
+            raise
+        finally:
+            self.pool.drain_events(self.sink)
+            self.sink.flush()
+        if outcome == "died":
+            self._on_death()
+        if outcome == "timeout":
+            self._on_timeout()
+        if self.failures:
+            self._settle_stragglers()
+            raise rebuild_exception(self.failures, self.arrival)
+        return {rank: self.results[rank] for rank in self.ranks}
+
+    # -- waiting --------------------------------------------------------------------------------
+    def _wait(self, until: Optional[float] = None, settle_on_failure: bool = True) -> str:
+        started = time.monotonic()
+        first_failure: Optional[float] = None
+        while self.pending:
+            now = time.monotonic()
+            if self.deaths:
+                return "died"
+            if until is not None and now > until:
+                return "grace"
+            if self.failures and settle_on_failure:
+                first_failure = first_failure or now
+                if now - first_failure > self.failure_grace:
+                    return "failed"
+            if self.timeout is not None and now - started > self.timeout:
+                return "timeout"
+            event = self.pool.next_event(0.05)
+            if event is not None:
+                self._dispatch(event)
+        return "done"
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
+            self.pending.discard(event.rank)
+            try:
+                self.results[event.rank] = pickle.loads(event.payload)
+            except Exception as error:
+                self._fail(event.rank, RemoteFailure(
+                    type_name=type(error).__name__, module=type(error).__module__,
+                    message=f"the value returned on rank {event.rank} cannot be unpickled in the notebook: {error}",
+                    traceback=""))
+        elif isinstance(event, TaskFailed) and event.task_id == self.task_id and event.rank in self.pending:
+            self.pending.discard(event.rank)
+            if event.interrupted:
+                self.interrupted.append(event.rank)
+                if self._we_interrupted:  # the consequence of our own interrupt: say where it stopped
+                    frames = [l.strip() for l in event.failure.traceback.splitlines() if l.strip().startswith("File ")]
+                    self._notice(f"rank {event.rank} interrupted" + (f" at {frames[-1]}" if frames else ""))
+                    return
+            self._fail(event.rank, event.failure)
+        elif isinstance(event, RankExited):
+            if not event.expected:
+                self.deaths[event.rank] = event
+                self.pending.discard(event.rank)
+        elif isinstance(event, (TaskDone, TaskFailed)):
+            pass  # a late answer to an earlier, abandoned task
+        else:
+            self.sink.handle(event)
+
+    def _fail(self, rank: int, failure: RemoteFailure) -> None:
+        self.failures[rank] = failure
+        self.arrival.append(rank)
+
+    # -- trouble --------------------------------------------------------------------------------
+    def _on_interrupt(self) -> None:
+        """The caller was interrupted: interrupt the busy ranks; stop the pool if they stay busy."""
+        busy = sorted(self.pending)
+        self._we_interrupted = True
+        self.pool.interrupt(busy)
+        try:
+            self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
+        except KeyboardInterrupt:  # a second interrupt: stop now
+            pass
+        if self.pending or self.deaths or not self.recover:
+            stuck = sorted(self.pending)
+            if stuck:
+                self._notice(f"interrupted; {format_ranks(stuck)} did not stop within "
+                             f"{self.interrupt_grace:.0f} s{self._collective_hint(stuck)} and were terminated")
+            self.pool.stop(grace=0.2)
+
+    def _on_death(self) -> None:
+        deadline = time.monotonic() + DEATH_GRACE
+        while time.monotonic() < deadline:
+            event = self.pool.next_event(0.05)
+            if event is not None:
+                self._dispatch(event)
+        survivors = [h.rank for h in self.pool.handles if h.alive]
+        self.pool.stop(grace=0.2)
+        error = _death_error(self.deaths, "while running the task")
+        if survivors:
+            _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
+        if self.failures:
+            _note(error, "before that: " + "; ".join(f"rank {r}: {f.summary}" for r, f in sorted(self.failures.items())))
+        raise error
+
+    def _on_timeout(self) -> None:
+        replies: Dict[int, WhereReply] = self.pool.where_replies(timeout=2.0)
+        now = time.time()
+        waiting = {r: replies[r].collective for r in sorted(self.pending) if r in replies and replies[r].collective}
+        elsewhere = {r: replies[r].stack for r in sorted(self.pending) if r in replies and not replies[r].collective}
+        silent = [r for r in sorted(self.pending) if r not in replies]
+        lines = [f"the task did not finish within timeout={self.timeout:g} s on {format_ranks(sorted(self.pending))}"]
+        by_collective: Dict[str, List[int]] = {}
+        for rank, state in waiting.items():
+            by_collective.setdefault(f"{state.op} #{state.seq}", []).append(rank)
+        for label, ranks in by_collective.items():
+            since = max(now - waiting[r].entered_at for r in ranks)
+            verb = "waits" if len(ranks) == 1 else "wait"
+            lines.append(f"  {format_ranks(ranks)} {verb} in {waiting[ranks[0]].describe()} (for {since:.1f} s)")
+        for rank, stack in elsewhere.items():
+            last = [line for line in stack.splitlines() if line.strip()][-2:]
+            lines.append(f"  rank {rank} is elsewhere, not in a collective:\n      " + "\n      ".join(l.strip() for l in last))
+        if silent:
+            lines.append(f"  {format_ranks(silent)} did not answer (busy in native code?)")
+        finished = sorted(set(self.ranks) - self.pending)
+        if finished:
+            lines.append(f"  {format_ranks(finished)} finished")
+        stacks = {r: reply.stack for r, reply in replies.items()}
+        error = LaunchTimeoutError("\n".join(lines), waiting=waiting, elsewhere=elsewhere, stacks=stacks)
+        self._settle_stragglers()
+        raise error
+
+    def _settle_stragglers(self) -> None:
+        """After a failure or timeout: interrupt ranks still busy (``recover``), else leave them to stop()."""
+        if not self.pending:
+            return
+        if not self.recover:
+            self.pool.stop(grace=0.2)
+            return
+        self._we_interrupted = True
+        self.pool.interrupt(sorted(self.pending))
+        try:
+            outcome = self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        if outcome != "done":
+            self.pool.stop(grace=0.2)
+
+    def _collective_hint(self, ranks: List[int]) -> str:
+        states = [self.pool.handle(r).heartbeat for r in ranks]
+        described = [f"rank {r} in {b.collective.describe()}" for r, b in zip(ranks, states) if b and b.collective]
+        return f" ({'; '.join(described)})" if described else ""
+
+    def _notice(self, text: str) -> None:
+        self.sink.handle(Notice(rank=-1, time=time.time(), text=text, level="warning"))
+
+
+def _pickle_task(task: Any, cloudpickle: Any) -> bytes:
+    try:
+        return cloudpickle.dumps(task)
+    except Exception as error:
+        raise TypeError(f"the task {task!r} cannot be sent to the ranks: cloudpickle fails with "
+                        f"{type(error).__name__}: {error}") from error
+
+
+def _death_error(deaths: Dict[int, RankExited], when: str) -> RankDiedError:
+    groups: Dict[str, List[int]] = {}
+    for rank, event in sorted(deaths.items()):
+        groups.setdefault(event.description, []).append(rank)
+    parts = [f"{format_ranks(ranks)} {description}" for description, ranks in groups.items()]
+    first = min(deaths)
+    return RankDiedError("; ".join(parts) + f" {when}, without raising an exception", rank=first,
+                         exitcode=deaths[first].exitcode, ranks=sorted(deaths))
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
