@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -23,6 +25,7 @@ FLAGS = ("--accelerator", "--strategy", "--devices", "--num-nodes", "--node-rank
          "--main-port", "--precision")  # fmt: skip
 _INHERITED_PREFIXES = ("NOTEBOOK_FABRIC_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "MV2_")
 _INHERITED = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+_MARKER = "NOTEBOOK_FABRIC_CLI_TEST_JOB"
 DEFAULTS = {"accelerator": "auto", "strategy": "auto", "devices": "auto", "num_nodes": 1, "precision": "32-true"}
 
 
@@ -35,18 +38,22 @@ def command() -> list[str]:
     return [sys.executable, "-c", "import sys; from notebook_fabric.cli import main; sys.exit(main())"]
 
 
-def job_environment() -> dict[str, str]:
-    """This environment minus any rank/scheduler variables, with the repository importable."""
+def job_environment(marker: str = "") -> dict[str, str]:
+    """This environment minus any rank/scheduler variables, with the repository importable.
+
+    Every process of the job inherits ``marker`` in its environment, so survivors can be found.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES) and k not in _INHERITED}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
+    env[_MARKER] = marker or uuid.uuid4().hex
     return env
 
 
-def start(*arguments: str, module: bool = False) -> subprocess.Popen:
+def start(*arguments: str, module: bool = False, marker: str = "") -> subprocess.Popen:
     prefix = [sys.executable, "-m", "notebook_fabric"] if module else command()
     return subprocess.Popen(
-        [*prefix, "run", *arguments], env=job_environment(), cwd=str(REPO), text=True,
+        [*prefix, "run", *arguments], env=job_environment(marker), cwd=str(REPO), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -55,10 +62,45 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, s
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        tree = _describe_tree(process.pid)
+        _kill_tree(process.pid)
         out, err = process.communicate()
-        pytest.fail(f"notebook-fabric run did not finish in {timeout}s\n{out}\n{err}")
+        pytest.fail(f"notebook-fabric run did not finish in {timeout}s; its processes:\n{tree}\n{out}\n{err}")
     return process.returncode, out, err
+
+
+def _describe_tree(pid: int) -> str:
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return "\n".join(f"  {p.pid} {p.status()} {' '.join(p.cmdline())[:160]}" for p in processes)
+    except psutil.Error:
+        return "  (gone)"
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+
+
+def survivors(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker`` (re-parented orphans included)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE \
+                    and process.environ().get(_MARKER) == marker:
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 def results(out: str) -> list[dict[str, str]]:
@@ -68,10 +110,15 @@ def results(out: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-def clean_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No CLI settings or RANK while the test runs; the environment is restored afterwards."""
     for name in list(os.environ):
         if name.startswith("NOTEBOOK_FABRIC_") or name == "RANK":
             monkeypatch.delenv(name)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ----- the parser ---------------------------------------------------------------------------------
@@ -265,25 +312,18 @@ def test_two_nodes_of_two_ranks_on_loopback() -> None:
 
 
 def test_a_failing_rank_ends_the_job_and_is_named(tmp_path: Path) -> None:
-    code, out, err = finish(start("--accelerator", "cpu", "--devices", "2", ALLREDUCE, "--fail-rank", "1",
-                                  "--pid-dir", str(tmp_path)))  # fmt: skip
+    marker = uuid.uuid4().hex
+    process = start("--accelerator", "cpu", "--devices", "2", ALLREDUCE, "--fail-rank", "1", "--pid-dir", str(tmp_path),
+                    marker=marker)  # fmt: skip
+    code, out, err = finish(process)
     assert code == 3, err
     assert "notebook-fabric run: rank 1 (local rank 1 on node 0) exited with code 3" in err
-    pids = [int(path.read_text()) for path in tmp_path.glob("rank*.pid")]
-    assert len(pids) == 2
+    assert len(list(tmp_path.glob("rank*.pid"))) == 2  # both ranks were running when rank 1 failed
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while survivors(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(pid) for pid in pids), "a rank outlived the failed job"
-    stragglers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
-    assert not stragglers
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    left = survivors(marker)
+    assert not left, f"processes outlived the failed job: {_describe_tree(left[0])}"
 
 
 def test_spec_002_fabric_run_example() -> None:

@@ -59,9 +59,13 @@ def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group:
 
 
 def all_gather(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
-    """Every rank's ``tensor`` stacked on a new first dimension (same shape on every rank)."""
+    """Every rank's ``tensor`` stacked on a new first dimension (same shape on every rank).
+
+    The result carries no autograd history (use :func:`all_gather_with_grads` for that); the input
+    may require grad, e.g. a model's output.
+    """
     size = _group_size(group)
-    flat = tensor.contiguous().reshape(-1)
+    flat = tensor.detach().contiguous().reshape(-1)
     output = flat.new_empty(size * flat.numel())
     tracer = get_tracer()
     if tracer is None:

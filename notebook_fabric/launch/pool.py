@@ -34,7 +34,7 @@ from ..live.events import CollectiveState, Notice, RankEvent
 from ..live.sinks import EventSink, TextSink
 from .errors import PoolClosedError
 from .preflight import resolve_start_method
-from .processes import descendants, kill_all, signal_process
+from .processes import descendants, kill_all, kill_process_group, signal_process
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
 from .rendezvous import RendezvousStore
 from .run_loop import RunLoop, wait_until_ready
@@ -167,16 +167,19 @@ class RankPool:
             self.sink.flush()
 
     def _end_ranks(self, grace: float) -> None:
+        if self._supervisor is not None:
+            self._supervisor.finish_when_all_exited()
         living = [h for h in self._handles if h.alive]
-        trees = {h.rank: descendants(h.pid) for h in living}
         for handle in living:
             handle.exit_expected = True
             handle.send(StopRank())
+        trees: List[Any] = []
         try:
             if not self._wait_exits(grace):
-                for handle in self._handles:
-                    if handle.alive:
-                        handle.process.terminate()
+                stuck = [h for h in self._handles if h.alive]
+                trees = [p for h in stuck for p in descendants(h.pid)]  # before they are re-parented
+                for handle in stuck:
+                    handle.process.terminate()
                 self._wait_exits(1.0)
         except KeyboardInterrupt:
             pass
@@ -185,7 +188,9 @@ class RankPool:
                 if handle.alive:
                     handle.process.kill()
             self._wait_exits(3.0)
-            kill_all([p for tree in trees.values() for p in tree])
+            for handle in self._handles:
+                kill_process_group(handle.pid)  # a rank leads its group; its children (workers) stay in it
+            kill_all(trees)
 
     def _wait_exits(self, timeout: float) -> bool:
         if self._supervisor is None:

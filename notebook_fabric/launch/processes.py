@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import signal
 import sys
@@ -31,11 +31,21 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
+    libc = libc_handle()
+    if libc is not None:
+        try:
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except AttributeError:
+            pass
+
+
+@functools.lru_cache(maxsize=1)
+def libc_handle() -> Optional[ctypes.CDLL]:
+    """The C library of this process (``CDLL(None)``: no ``find_library``, which runs subprocesses)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def describe_exit(exitcode: Optional[int]) -> str:
@@ -75,7 +85,27 @@ def kill_all(processes: Iterable[psutil.Process], timeout: float = 3.0) -> None:
 
 def kill_own_children() -> None:
     """Kill this process's descendants (a rank calls this on its way out)."""
+    if has_children() is False:
+        return
     kill_all(descendants(os.getpid()), timeout=2.0)
+
+
+def has_children() -> Optional[bool]:
+    """Whether this process has living children, from ``/proc/self/task/*/children`` (cheap);
+    ``None`` where that file does not exist."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+        return any(open(f"/proc/self/task/{tid}/children").read().strip() for tid in tasks)
+    except OSError:
+        return None
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL every process left in group ``pgid`` (a rank's group: its children stay in it)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
 
 
 def signal_process(pid: Optional[int], sig: int) -> bool:

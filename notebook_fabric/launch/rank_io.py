@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import ctypes.util
 import io
 import logging
 import os
 import queue
+import select
 import selectors
 import sys
 import threading
@@ -71,6 +71,7 @@ class OutputCapture:
         self._flush_count = 0
         self._flushed: Dict[str, int] = {"stdout": 0, "stderr": 0}
         self._cond = threading.Condition()
+        self._reading = threading.Lock()
         self._keep_alive: List[Any] = []  # the replaced stream objects: never finalised (no stray flushes)
         self.original_stderr_fd: Optional[int] = None
 
@@ -98,6 +99,9 @@ class OutputCapture:
             except (AttributeError, ValueError, OSError):
                 pass
         _flush_c_stdio()
+        with self._reading:  # the reader emits what it read before releasing this
+            if not select.select(list(self._readers), [], [], 0)[0]:
+                return  # nothing unread: everything written so far was emitted already
         with self._cond:
             self._flush_count += 1
             count = self._flush_count
@@ -135,13 +139,15 @@ class OutputCapture:
         for fd in self._readers:
             selector.register(fd, selectors.EVENT_READ)
         while True:
-            for key, _ in selector.select():
-                fd = key.fd
-                data = os.read(fd, 65536)
-                if not data:
-                    selector.unregister(fd)
-                    continue
-                self._consume(fd, self._pending[fd] + data)
+            ready = selector.select()
+            with self._reading:
+                for key, _ in ready:
+                    fd = key.fd
+                    data = os.read(fd, 65536)
+                    if not data:
+                        selector.unregister(fd)
+                        continue
+                    self._consume(fd, self._pending[fd] + data)
 
     def _consume(self, fd: int, data: bytes) -> None:
         stream = self._readers[fd]
@@ -180,10 +186,9 @@ def _partial_marker_suffix(data: bytes, mark: bytes) -> int:
 
 
 def _libc() -> Optional[ctypes.CDLL]:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
+    from .processes import libc_handle
+
+    return libc_handle()
 
 
 def _flush_c_stdio() -> None:

@@ -25,6 +25,7 @@ from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
 from .protocol import RunTask
+from .rank_control import LAUNCH_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
@@ -158,7 +159,8 @@ class RunLoop:
             if event.interrupted:
                 self.interrupted.append(event.rank)
                 if self._we_interrupted:  # the consequence of our own interrupt: say where it stopped
-                    frames = [l.strip() for l in event.failure.traceback.splitlines() if l.strip().startswith("File ")]
+                    frames = [line.strip() for line in event.failure.traceback.splitlines()
+                              if line.strip().startswith("File ") and LAUNCH_DIR not in line]
                     self._notice(f"rank {event.rank} interrupted" + (f" at {frames[-1]}" if frames else ""))
                     return
             self._fail(event.rank, event.failure)
@@ -188,8 +190,9 @@ class RunLoop:
         if self.pending or self.deaths or not self.recover:
             stuck = sorted(self.pending)
             if stuck:
+                verb = "was" if len(stuck) == 1 else "were"
                 self._notice(f"interrupted; {format_ranks(stuck)} did not stop within "
-                             f"{self.interrupt_grace:.0f} s{self._collective_hint(stuck)} and were terminated")
+                             f"{self.interrupt_grace:g} s{self._collective_hint(stuck)} and {verb} terminated")
             self.pool.stop(grace=0.2)
 
     def _on_death(self) -> None:
@@ -251,8 +254,13 @@ class RunLoop:
             self.pool.stop(grace=0.2)
 
     def _collective_hint(self, ranks: List[int]) -> str:
-        states = [self.pool.handle(r).heartbeat for r in ranks]
-        described = [f"rank {r} in {b.collective.describe()}" for r, b in zip(ranks, states) if b and b.collective]
+        """``" (rank 0 in barrier #3)"``: asked of the ranks themselves (their side thread answers)."""
+        try:
+            replies = self.pool.where_replies(timeout=0.5)
+        except Exception:  # noqa: BLE001 - a hint only
+            return ""
+        described = [f"rank {r} in {replies[r].collective.describe()}" for r in ranks
+                     if r in replies and replies[r].collective is not None]
         return f" ({'; '.join(described)})" if described else ""
 
     def _notice(self, text: str) -> None:

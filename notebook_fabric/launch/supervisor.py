@@ -71,6 +71,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         self._stopping = threading.Event()
+        self._finishing = threading.Event()
         self._where: Dict[int, Dict[int, WhereReply]] = {}
         self.changed = threading.Condition()
         self._acceptor = threading.Thread(target=self._accept, name="notebook-fabric acceptor", daemon=True)
@@ -82,15 +83,21 @@ class Supervisor:
 
     def stop_accepting(self) -> None:
         """All ranks connected (or gave up): release the listening port."""
-        self._listener.wake()
-        self._acceptor.join(timeout=5)
+        if self._acceptor.is_alive():
+            self._listener.wake()
+            self._acceptor.join(timeout=5)
         self._listener.close()
+
+    def finish_when_all_exited(self) -> None:
+        """The pool is ending: the reader thread may leave as soon as no rank is left."""
+        self._finishing.set()
 
     def stop(self) -> None:
         self._stopping.set()
         self.stop_accepting()
-        os.write(self._wake_write, b"x")
-        self._reader.join(timeout=5)
+        if self._reader.is_alive():
+            os.write(self._wake_write, b"x")
+            self._reader.join(timeout=5)
         os.close(self._wake_read)
         os.close(self._wake_write)
 
@@ -135,6 +142,8 @@ class Supervisor:
                 if not self._drain(connection):
                     connections.remove(connection)
             self._reap(connections)
+            if self._finishing.is_set() and not any(h.alive for h in self.handles):
+                return
             if any(isinstance(r, int) and r in sentinels and sentinels[r].alive for r in ready):
                 time.sleep(0.01)  # exited but not yet reapable: do not spin
 

@@ -25,13 +25,13 @@ if options.pid_dir:
         handle.write(str(os.getpid()))
 total = fabric.all_reduce(torch.tensor(float(fabric.global_rank + 1)), reduce_op="sum")
 environment = fabric.strategy.cluster_environment
-print(
+sys.stdout.write(  # one write per line, so the ranks' lines never interleave
     f"RESULT global_rank={fabric.global_rank} world_size={fabric.world_size}"
     f" local_rank={fabric.local_rank} node_rank={fabric.node_rank} sum={total.item():g}"
     f" env={type(environment).__name__} external={environment.creates_processes_externally}"
-    f" strategy={type(fabric.strategy).__name__} devices={fabric.strategy.num_processes}",
-    flush=True,
+    f" strategy={type(fabric.strategy).__name__} devices={fabric.strategy.num_processes}\n"
 )
+sys.stdout.flush()
 if options.fail_rank is not None:
     if fabric.global_rank == options.fail_rank:
         print(f"rank {fabric.global_rank} fails on purpose", file=sys.stderr, flush=True)

@@ -1,0 +1,139 @@
+"""The IPython face of the magics: argument parsing and registration. The work is in :mod:`.session`."""
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any, List, Optional
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .session import CellOptions, FabricSession, FabricUsageError
+
+LINE_USAGE = """\
+%fabric status                       ranks, pids, state, device, memory
+%fabric where                        every rank's current Python stack (works while a cell is stuck,
+                                     from a kernel subshell), then where ranks were at the last
+                                     interrupt or stall report
+%fabric stop                         end the pool
+%fabric restart                      end the pool and start it again with the same settings
+%fabric pull NAME [--rank R | --all] copy a rank's variable (default rank 0; --all: list by rank)
+%fabric push NAME [NAME ...] [--rank R]
+                                     send notebook variables to the ranks (default every rank)"""
+
+
+@magics_class
+class FabricMagics(Magics):
+    """``%%fabric`` runs a cell on every rank of a persistent pool; ``%fabric`` manages the pool."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.session = FabricSession(shell.user_ns)
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("--devices", "-n", type=int, default=None, metavar="N",
+              help="number of ranks (default 2, or the running pool's)")
+    @argument("--accelerator", default=None, help="cpu, cuda, gpu, mps, tpu or auto (default auto)")
+    @argument("--strategy", default=None, help="the Fabric strategy (default ddp)")
+    @argument("--precision", default=None, help="e.g. 32-true, bf16-mixed, 16-mixed")
+    @argument("--start-method", dest="start_method", default=None, choices=["fork", "spawn", "forkserver"],
+              help="how ranks start (default: fork where safe, else spawn)")
+    @argument("--debug", dest="debug", action="store_true", default=None,
+              help="Fabric debug mode: ranks compare collective signatures before each collective")
+    @argument("--no-debug", dest="debug", action="store_false", help="switch debug mode off again")
+    @argument("--ranks", default=None, metavar="0,2",
+              help="run the cell on these ranks only (collectives in such a cell are refused, not hung)")
+    @argument("--timeout", type=float, default=None, metavar="S",
+              help="give up after S seconds: report which ranks wait in which collective and where the rest are")
+    @argument("--stall", type=float, default=10.0, metavar="S",
+              help="report every rank's stack when some ranks have waited S seconds in a collective that others "
+                   "have not entered (default 10; 0: off)")
+    @argument("--show", default=None, metavar="all|R",
+              help="whose output to show: 'all', or ranks like 1 or 0,2 (default rank 0; with --ranks, those ranks)")
+    @argument("--out", action="append", default=[], metavar="NAME",
+              help="after the cell, set NAME in the notebook to its value on rank 0 (the first rank that ran)")
+    @argument("--out-all", dest="out_all", action="append", default=[], metavar="NAME",
+              help="after the cell, set NAME in the notebook to a list of every running rank's value, by rank")
+    def fabric(self, line: str, cell: Optional[str] = None) -> Any:
+        """Run the cell on every rank of a persistent pool of Fabric ranks; or manage the pool.
+
+        In each rank ``fabric`` is that rank's launched Fabric; names a rank defines stay for the
+        next cell. Notebook variables the cell reads are sent along. The value of the last
+        expression is shown per rank. Options a cell leaves out keep the running pool's settings;
+        a different setting restarts the pool.
+        """
+        if cell is None:
+            return self._line(line)
+        args = parse_argstring(self.fabric, line)
+        options = CellOptions(
+            settings={"devices": args.devices, "accelerator": args.accelerator, "strategy": args.strategy,
+                      "precision": args.precision, "start_method": args.start_method, "debug": args.debug},
+            ranks=args.ranks, timeout=args.timeout, stall=args.stall, show=args.show,
+            outs=args.out, out_all=args.out_all,
+        )
+        try:
+            return self.session.run_cell(cell, options, getattr(self.shell, "execution_count", None))
+        except FabricUsageError as error:
+            raise UsageError(str(error)) from None
+
+    def _line(self, line: str) -> Any:
+        words = shlex.split(line)
+        command, rest = (words[0], words[1:]) if words else ("status", [])
+        session = self.session
+        try:
+            if command == "status":
+                print(session.status())
+            elif command == "where":
+                print(session.where())
+            elif command == "stop":
+                print(session.stop())
+            elif command == "restart":
+                print(session.restart())
+            elif command == "pull":
+                parsed = _parse(rest, "pull", [("name", {}), ("--rank", {"type": int, "default": None}),
+                                               ("--all", {"action": "store_true"})])
+                print(session.pull(parsed.name, parsed.rank, parsed.all))
+            elif command == "push":
+                parsed = _parse(rest, "push", [("names", {"nargs": "+"}), ("--rank", {"type": int, "action": "append"})])
+                print(session.push(parsed.names, parsed.rank))
+            elif command in ("help", "-h", "--help"):
+                print(LINE_USAGE)
+            else:
+                raise UsageError(f"unknown %fabric command {command!r}; use one of:\n{LINE_USAGE}")
+        except FabricUsageError as error:
+            raise UsageError(str(error)) from None
+        return None
+
+
+def _parse(words: List[str], command: str, spec: List[Any]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"%fabric {command}", add_help=False)
+    for name, kwargs in spec:
+        parser.add_argument(name, **kwargs)
+    try:
+        return parser.parse_args(words)
+    except SystemExit:
+        raise UsageError(f"usage: {parser.format_usage().strip()}") from None
+
+
+FabricMagics.fabric.__doc__ = (FabricMagics.fabric.__doc__ or "") + "\nline form:\n" + LINE_USAGE
+
+
+def register(shell: Any) -> FabricMagics:
+    """Register the magics on ``shell`` (``%load_ext notebook_fabric``)."""
+    magics = FabricMagics(shell)
+    shell.register_magics(magics)
+    shell._notebook_fabric_magics = magics
+    return magics
+
+
+def unregister(shell: Any) -> None:
+    """Stop the pool and remove the magics (``%unload_ext notebook_fabric``)."""
+    magics = getattr(shell, "_notebook_fabric_magics", None)
+    if magics is None:
+        return
+    magics.session.shutdown()
+    for kind in ("line", "cell"):
+        shell.magics_manager.magics[kind].pop("fabric", None)
+    del shell._notebook_fabric_magics

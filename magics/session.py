@@ -1,0 +1,364 @@
+"""In the notebook: the magic's state (one pool, its settings, what the ranks hold) and each command.
+
+:class:`FabricSession` owns at most one :class:`~notebook_fabric.launch.pool.RankPool`. It starts
+the pool on the first cell, reuses it while the settings match, restarts it (and says why) when
+they change or the pool ended, ships the notebook values a cell reads, runs the cell, and turns
+every outcome into a value to display or an exception that renders per rank. It takes the
+notebook namespace as a plain dict and never imports IPython (:mod:`.ipython_magics` does that).
+
+Ranks are tied to the thread that starts them (they die with it), so pools start and cells run
+only on the main thread; ``status`` and ``where`` answer from any thread, e.g. a kernel subshell
+while a cell is stuck.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from notebook_fabric.launch.errors import LaunchTimeoutError, RankDiedError, format_ranks
+from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launch.processes import describe_exit
+from notebook_fabric.live.sinks import NullSink, TextSink
+
+from .analysis import analyze_cell
+from .cell_sink import CellSink
+from .cell_task import CellTask
+from .probe import PoolProbe, set_nodelay_in_notebook
+from .render import (
+    RankValues, format_bytes, format_failures, format_stacks, format_table, last_cell_frame,
+)
+from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
+from .settings import PoolSettings, parse_ranks
+from .shipping import UnpicklableVariableError, ValueTracker
+
+RESTART_NOTE = "variables from earlier %%fabric cells are gone"
+
+
+class FabricUsageError(ValueError):
+    """A magic was used in a way that cannot work; the message says what to do instead."""
+
+
+@dataclass
+class CellOptions:
+    """The per-cell options of ``%%fabric`` (pool settings are in ``settings``, ``None`` = keep)."""
+
+    settings: Dict[str, Any] = field(default_factory=dict)
+    ranks: Optional[str] = None
+    timeout: Optional[float] = None
+    stall: Optional[float] = 10.0
+    show: Optional[str] = None
+    outs: Sequence[str] = ()
+    out_all: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Where the ranks were at the last interrupt or stall, for ``%fabric where`` afterwards."""
+
+    what: str
+    time: float
+    text: str
+
+
+def notify(text: str) -> None:
+    """A launcher message in the cell: ``[notebook-fabric] text`` on stderr."""
+    sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
+    sys.stderr.flush()
+
+
+def with_render(error: BaseException, lines: List[str]) -> BaseException:
+    """Make IPython show ``lines`` instead of a local traceback for ``error`` (its type is kept)."""
+    text = [line.rstrip("\n") for line in lines]
+    try:
+        error._render_traceback_ = lambda: text  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # pragma: no cover - exceptions with __slots__
+        pass
+    return error
+
+
+class FabricSession:
+    """One notebook's pool and everything the magics do with it (see the module docstring)."""
+
+    def __init__(self, user_ns: Dict[str, Any], heartbeat_interval: float = 1.0) -> None:
+        self.user_ns = user_ns
+        self.heartbeat_interval = heartbeat_interval
+        self.pool: Optional[RankPool] = None
+        self.settings: Optional[PoolSettings] = None
+        self.tracker = ValueTracker()
+        self.devices: Dict[int, str] = {}
+        self.cell_running = False
+        self.ended: Optional[str] = None
+        self.snapshot: Optional[Snapshot] = None
+        self._names: set = set()
+
+    # -- the pool -------------------------------------------------------------------------------
+    def ensure_pool(self, requested: Dict[str, Any]) -> RankPool:
+        """The running pool if it matches ``requested``; otherwise a new one (saying why)."""
+        wanted = (self.settings or PoolSettings()).merged(requested)
+        if self.pool is not None:
+            if self.pool.alive and wanted == self.settings:
+                return self.pool
+            if not self.pool.alive:
+                notify(f"the previous pool ended ({self._why_ended()}); starting a new one: {RESTART_NOTE}")
+            else:
+                notify(f"settings changed ({', '.join(wanted.changes_from(self.settings))}); "
+                       f"restarting the pool: {RESTART_NOTE}")
+            self._stop_pool()
+        return self._start(wanted)
+
+    def _start(self, settings: PoolSettings) -> RankPool:
+        self._require_main_thread("starting ranks")
+        started = time.monotonic()
+        pool = RankPool(settings.fabric_kwargs(), num_processes=settings.devices, start_method=settings.start_method,
+                        sink=TextSink(), heartbeat_interval=self.heartbeat_interval)
+        try:
+            pool.start()
+        except BaseException as error:
+            self.pool, self.settings = None, settings
+            raise with_render(error, [f"{type(error).__name__}: could not start {settings.describe()}:",
+                                      *str(error).splitlines(), *_notes(error),
+                                      *_remote_traceback(error)]) from None
+        self.pool, self.settings, self.ended, self.snapshot = pool, settings, None, None
+        self.tracker.reset()
+        ports = set_nodelay_in_notebook(h.connection for h in pool.handles)
+        info = pool.run(PoolProbe(ports), sink=NullSink())
+        self.devices = {rank: str(value["device"]) for rank, value in info.items()}
+        notify(f"started {settings.describe()}, start_method={pool.start_method!r} "
+               f"in {time.monotonic() - started:.1f} s")
+        return pool
+
+    def _stop_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+        self.pool = None
+        self.tracker.reset()
+
+    def _why_ended(self) -> str:
+        if self.ended:
+            return self.ended
+        dead = [h for h in self.pool.handles if not h.alive] if self.pool is not None else []
+        if dead:
+            return "; ".join(f"rank {h.rank} {describe_exit(h.exitcode)}" for h in dead)
+        return "it was stopped"
+
+    # -- %%fabric -------------------------------------------------------------------------------
+    def run_cell(self, source: str, options: CellOptions, number: Optional[int] = None) -> Optional[RankValues]:
+        """Run ``source`` on the pool's ranks; the per-rank values to display (``None``: nothing)."""
+        self._require_main_thread("%%fabric cells")
+        filename = self._filename(number)
+        analysis = analyze_cell(source, filename)
+        pool = self.ensure_pool(options.settings)
+        try:
+            running = parse_ranks(options.ranks, pool.world_size)
+            show = self._show(options.show, running, pool.world_size)
+        except ValueError as error:
+            raise FabricUsageError(str(error)) from None
+        ranks = running if running is not None else list(range(pool.world_size))
+        try:
+            shipment = self.tracker.collect(analysis.reads, self.user_ns)
+        except UnpicklableVariableError as error:
+            raise with_render(error, [f"{type(error).__name__}: {error}"]) from None
+        task = CellTask(filename=filename, source=source, values=shipment.values, rebind=shipment.rebind,
+                        outs=tuple(dict.fromkeys([*options.outs, *options.out_all])), display=analysis.display,
+                        running=None if running is None else tuple(running))
+        sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall)
+        record = RunRecord()
+        self.cell_running = True
+        try:
+            results = run_on_pool(pool, task, running, sink, options.timeout, record)
+        except KeyboardInterrupt as error:
+            self.tracker.forget(shipment.values)
+            raise self._interrupted(error, record, ranks, sink.notices) from None
+        except Exception as error:
+            self.tracker.forget(shipment.values)
+            raise self._failed(error, record, ranks) from None
+        finally:
+            self.cell_running = False
+            if sink.stall_report is not None:
+                self.snapshot = Snapshot("stall", sink.stall_report.time, sink.stall_report.text)
+        self.tracker.commit(shipment)
+        self.tracker.mark_rank_bound(analysis.binds, self.user_ns)
+        self._deliver_outs(results, options)
+        values = {rank: outcome.value for rank, outcome in results.items() if outcome.value is not None}
+        return RankValues(values) if values else None
+
+    def _deliver_outs(self, results: Dict[int, Any], options: CellOptions) -> None:
+        import pickle
+
+        first = min(results)
+        for name in options.outs:
+            self.user_ns[name] = pickle.loads(results[first].outs[name])
+        for name in options.out_all:
+            self.user_ns[name] = [pickle.loads(results[rank].outs[name]) for rank in sorted(results)]
+        self.tracker.mark_rank_bound([*options.outs, *options.out_all], self.user_ns)
+
+    def _filename(self, number: Optional[int]) -> str:
+        base = f"<fabric-cell-{number}>" if number is not None else f"<fabric-cell-{len(self._names) + 1}>"
+        name, suffix = base, 1
+        while name in self._names:
+            suffix += 1
+            name = f"{base[:-1]}.{suffix}>"
+        self._names.add(name)
+        return name
+
+    @staticmethod
+    def _show(text: Optional[str], running: Optional[List[int]], world_size: int) -> Optional[List[int]]:
+        if text is None:
+            return running if running is not None else [0]
+        if text.strip().lower() == "all":
+            return None
+        chosen = parse_ranks(text, world_size)
+        return chosen  # None when the list names every rank
+
+    # -- outcomes -------------------------------------------------------------------------------
+    def _pool_state_line(self) -> str:
+        if self.pool is not None and self.pool.alive:
+            return "The pool is still running; variables from earlier cells are kept."
+        self.ended = self.ended or "stopped after the failure above"
+        return f"The pool was stopped; the next %%fabric cell starts a new one ({RESTART_NOTE})."
+
+    def _failed(self, error: Exception, record: RunRecord, ranks: List[int]) -> BaseException:
+        lines: List[str] = []
+        if isinstance(error, RankDiedError):
+            self.ended = str(error)
+            lines.append(f"{type(error).__name__}: {error}")
+            lines += _notes(error)
+            lines += format_failures(record.failures, record.arrival, ranks, skip_interrupts=True)
+        elif isinstance(error, LaunchTimeoutError):
+            lines.append(f"{type(error).__name__}: {error}")
+            lines += [f"  {line}" for line in format_stacks(error.stacks).splitlines()] if error.stacks else []
+        elif record.failures:
+            groups = format_failures(record.failures, record.arrival, ranks, skip_interrupts=True)
+            lines.append(f"{type(error).__name__} on {format_ranks(getattr(error, 'ranks', None) or sorted(record.failures))} "
+                         "while running the cell:")
+            lines += groups
+        else:
+            lines.append(f"{type(error).__name__}: {error}")
+            lines += _notes(error)
+        lines.append(self._pool_state_line())
+        return with_render(error, lines)
+
+    def _interrupted(self, error: KeyboardInterrupt, record: RunRecord, ranks: List[int],
+                     notices: List[str]) -> BaseException:
+        stopped = sorted(record.interrupted)
+        lines = ["KeyboardInterrupt: the %%fabric cell was interrupted."]
+        if stopped:
+            lines.append(f"{format_ranks(stopped)} stopped with KeyboardInterrupt (where: the lines above; "
+                         "%fabric where shows them again).")
+        if notices:
+            self.snapshot = Snapshot("interrupt", time.time(), "\n".join(notices))
+        failed = {r: f for r, f in record.failures.items() if f.type_name != "KeyboardInterrupt"}
+        if failed:
+            lines += format_failures(failed, [r for r in record.arrival if r in failed], sorted(failed))
+        if self.pool is not None and not self.pool.alive:
+            stuck = sorted(set(ranks) - set(stopped) - set(record.finished) - set(record.failures))
+            if stuck:
+                lines.append(f"{format_ranks(stuck)} did not stop within {INTERRUPT_GRACE:g} s (or the kernel was "
+                             "interrupted twice) and {} terminated.".format("was" if len(stuck) == 1 else "were"))
+            self.ended = "it was stopped after an interrupt"
+        lines.append(self._pool_state_line())
+        return with_render(error, lines)
+
+    # -- line magics ----------------------------------------------------------------------------
+    def status(self) -> str:
+        """The pool's settings and, per rank: pid, state, device, memory, last heartbeat."""
+        if self.pool is None:
+            settings = self.settings or PoolSettings()
+            return f"no pool is running; the next %%fabric cell starts one with {settings.describe()}"
+        state = "running" if self.pool.alive else "ended"
+        busy = " (a cell is running)" if self.cell_running else ""
+        rows = []
+        for rank, line in sorted(self.pool.status().items()):
+            beat = "-" if line.seconds_since_heartbeat is None else f"{line.seconds_since_heartbeat:.1f} s ago"
+            rows.append((str(rank), str(line.pid), line.state, self.devices.get(rank, "-"), format_bytes(line.rss_bytes), beat))
+        header = f"pool: {self.settings.describe()}, start_method={self.pool.start_method!r}: {state}{busy}"
+        return header + "\n" + format_table(("rank", "pid", "state", "device", "memory (RSS)", "heartbeat"), rows)
+
+    def where(self, timeout: float = 3.0) -> str:
+        """Every rank's current stack (answered even while a cell is stuck), and the last snapshot."""
+        if self.pool is None:
+            text = "no pool is running"
+        else:
+            text = format_stacks(self.pool.where(timeout))
+        if self.snapshot is not None and not self.cell_running:
+            age = time.time() - self.snapshot.time
+            text += f"\n\nAt the last {self.snapshot.what} ({age:.0f} s ago):\n{self.snapshot.text}"
+        return text
+
+    def stop(self) -> str:
+        self._require_idle("%fabric stop")
+        if self.pool is None:
+            return "no pool is running"
+        count = self.pool.world_size
+        self._stop_pool()
+        self.ended = "it was stopped with %fabric stop"
+        return f"stopped the pool ({count} ranks)"
+
+    def restart(self) -> str:
+        self._require_idle("%fabric restart")
+        settings = self.settings or PoolSettings()
+        self._stop_pool()
+        self._start(settings)
+        return f"restarted the pool: {RESTART_NOTE}"
+
+    def pull(self, name: str, rank: Optional[int] = None, every: bool = False) -> str:
+        """``user_ns[name]`` = rank ``rank``'s value (default 0), or the list of every rank's."""
+        pool = self._idle_pool("%fabric pull")
+        ranks = None if every else [rank or 0]
+        try:
+            values = pool.pull(name, ranks)
+        except KeyError:
+            raise FabricUsageError(f"{format_ranks(ranks or range(pool.world_size))} {'has' if ranks else 'have'} no "
+                                   f"variable {name!r} (define it in a %%fabric cell first)") from None
+        self.user_ns[name] = [values[r] for r in sorted(values)] if every else values[ranks[0]]
+        self.tracker.mark_rank_bound([name], self.user_ns)
+        source = "every rank (a list indexed by rank)" if every else f"rank {ranks[0]}"
+        return f"{name} <- {source}"
+
+    def push(self, names: Sequence[str], ranks: Optional[Sequence[int]] = None) -> str:
+        """Send the notebook's ``names`` to the ranks (even if they seem unchanged)."""
+        pool = self._idle_pool("%fabric push")
+        missing = [n for n in names if n not in self.user_ns]
+        if missing:
+            raise FabricUsageError(f"the notebook has no variable {', '.join(repr(n) for n in missing)} to push")
+        shipment = self.tracker.collect(names, self.user_ns, force=True)
+        task = CellTask(filename="<fabric-push>", source="", values=shipment.values, rebind=shipment.rebind,
+                        display=False)
+        pool.run(task, ranks)
+        if ranks is None:
+            self.tracker.commit(shipment)
+        return f"pushed {', '.join(names)} to {format_ranks(ranks if ranks is not None else range(pool.world_size))}"
+
+    def shutdown(self) -> None:
+        """End the pool (extension unloaded, kernel exiting)."""
+        self._stop_pool()
+
+    # -- guards ---------------------------------------------------------------------------------
+    def _require_main_thread(self, what: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise FabricUsageError(f"{what} must run in the notebook's main shell: ranks die with the thread that "
+                                   "starts them. From a subshell, use %fabric where or %fabric status.")
+
+    def _require_idle(self, what: str) -> None:
+        self._require_main_thread(what)
+        if self.cell_running:
+            raise FabricUsageError(f"a %%fabric cell is running; {what} waits for it (interrupt it first). "
+                                   "%fabric where and %fabric status work meanwhile.")
+
+    def _idle_pool(self, what: str) -> RankPool:
+        self._require_idle(what)
+        if self.pool is None or not self.pool.alive:
+            raise FabricUsageError(f"{what}: no pool is running; run a %%fabric cell first")
+        return self.pool
+
+
+def _notes(error: BaseException) -> List[str]:
+    return [str(n) for n in getattr(error, "__notes__", []) or []]
+
+
+def _remote_traceback(error: BaseException) -> List[str]:
+    text = getattr(error, "remote_traceback", None)
+    return ["Traceback on the rank:", *text.rstrip().splitlines()] if text else []

@@ -1,0 +1,133 @@
+"""The persistent RankPool behind the %%fabric magic: namespaces, push/pull, where, interrupt, status."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from helpers_launch import pid_alive, touch, wait_for_file, wait_no_children
+from notebook_fabric.launch import PoolClosedError, RankDiedError
+from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.live.events import Heartbeat, Output
+from notebook_fabric.live.sinks import RecordingSink
+
+pytestmark = pytest.mark.timeout(120)
+CPU_DDP = {"accelerator": "cpu", "strategy": "ddp", "devices": 2}
+
+
+@pytest.fixture
+def pool(clean_environment):
+    sink = RecordingSink()
+    pool = RankPool(CPU_DDP, num_processes=2, sink=sink, heartbeat_interval=0.2).start()
+    yield pool
+    pool.stop()
+    assert wait_no_children() == []
+
+
+def test_namespace_persists_between_tasks_and_push_pull(pool):
+    pool.push({"scale": 3})
+    pool.run(lambda fabric, ns: ns.__setitem__("weights", torch.full((2,), float(fabric.global_rank)) * ns["scale"]))
+    assert pool.run(lambda fabric, ns: ns["weights"].sum().item()) == {0: 0.0, 1: 6.0}
+    pulled = pool.pull("weights")
+    assert pulled[1].tolist() == [3.0, 3.0] and pulled[1].device.type == "cpu"
+    assert list(pool.pull("weights", ranks=[1])) == [1]
+    assert pool.run(lambda fabric, ns: ns["fabric"] is fabric) == {0: True, 1: True}
+
+
+def test_subset_of_ranks_and_collectives_across_tasks(pool):
+    assert pool.run(lambda fabric, ns: fabric.global_rank, ranks=[1]) == {1: 1}
+    reduced = pool.run(lambda fabric, ns: fabric.all_reduce(torch.ones(1), reduce_op="sum").item())
+    assert reduced == {0: 2.0, 1: 2.0}
+
+
+def test_python_exception_leaves_the_pool_usable(pool):
+    with pytest.raises(ZeroDivisionError) as caught:
+        pool.run(lambda fabric, ns: 1 / 0)
+    assert caught.value.ranks == [0, 1]
+    assert pool.alive
+    assert pool.run(lambda fabric, ns: "still here") == {0: "still here", 1: "still here"}
+
+
+def test_interrupt_raises_keyboard_interrupt_in_ranks_and_the_pool_survives(pool, tmp_path):
+    marker = str(tmp_path / "sleeping")
+
+    def sleep_long(fabric, ns):
+        touch(f"{marker}{fabric.global_rank}")
+        time.sleep(300)
+
+    def interrupt_us():
+        if wait_for_file(f"{marker}0") and wait_for_file(f"{marker}1"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_us, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pool.run(sleep_long)
+    assert time.monotonic() - started < 60
+    assert pool.alive
+    assert pool.run(lambda fabric, ns: fabric.global_rank) == {0: 0, 1: 1}
+
+
+def test_where_answers_while_a_task_is_stuck_in_a_barrier(pool, tmp_path):
+    marker = str(tmp_path / "waiting")
+
+    def rank_one_lags(fabric, ns):
+        if fabric.global_rank == 1:
+            touch(marker)
+            time.sleep(300)
+        fabric.barrier(name="sync-point")
+
+    stacks = {}
+
+    def ask_where():
+        wait_for_file(marker)
+        time.sleep(0.5)
+        stacks.update(pool.where())
+        pool.interrupt()
+
+    asker = threading.Thread(target=ask_where)
+    asker.start()
+    with pytest.raises(KeyboardInterrupt):  # rank 1's, re-raised here; rank 0 (stuck in gloo) was ended
+        pool.run(rank_one_lags, timeout=60)
+    asker.join()
+    assert "barrier #1 (name='sync-point')" in stacks[0] and "in rank_one_lags" in stacks[0]
+    assert "time.sleep(300)" in stacks[1]
+
+
+def test_status_reports_pids_memory_and_heartbeats(pool):
+    time.sleep(0.5)
+    status = pool.status()
+    assert sorted(status) == [0, 1]
+    for rank, line in status.items():
+        assert line.pid == pool.pids[rank] and pid_alive(line.pid)
+        assert line.state == "idle"
+        assert line.rss_bytes and line.rss_bytes > 10_000_000
+        assert line.seconds_since_heartbeat is not None and line.seconds_since_heartbeat < 5
+    assert any(isinstance(e, Heartbeat) for e in pool.sink.events)
+
+
+def test_output_between_tasks_is_not_lost(pool):
+    pool.run(lambda fabric, ns: print(f"last words of {fabric.global_rank}", end=""))
+    assert pool.sink.output(0) == "last words of 0"
+    assert all(isinstance(e, Output) for e in pool.sink.events if getattr(e, "text", None))
+
+
+def test_stop_kills_rank_children_and_the_pool_refuses_more_work(clean_environment):
+    pool = RankPool(CPU_DDP, num_processes=2, sink=RecordingSink()).start()
+    grandchildren = pool.run(lambda fabric, ns: ns.setdefault("child", __import__("subprocess").Popen(["sleep", "300"])).pid)
+    pool.stop()
+    assert not any(pid_alive(pid) for pid in grandchildren.values())
+    assert not any(pid_alive(pid) for pid in pool.pids)
+    with pytest.raises(PoolClosedError):
+        pool.run(lambda fabric, ns: None)
+
+
+def test_a_rank_killed_between_tasks_is_reported_on_the_next_run(pool):
+    os.kill(pool.pids[1], signal.SIGKILL)
+    time.sleep(1.0)
+    with pytest.raises(PoolClosedError, match="rank 1"):
+        pool.run(lambda fabric, ns: None)
