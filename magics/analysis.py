@@ -31,12 +31,17 @@ class IPythonSyntaxError(SyntaxError):
     """The cell uses IPython-only syntax (``%magic``, ``!shell``), which ranks cannot run."""
 
 
-def analyze_cell(source: str, filename: str = "<fabric-cell>") -> CellAnalysis:
-    """Parse ``source``; raise :class:`SyntaxError` (with the cell's file name) if it does not parse."""
+def analyze_cell(source: str, filename: str = "<fabric-cell>", line_offset: int = 0) -> CellAnalysis:
+    """Parse ``source``; raise :class:`SyntaxError` (with the cell's file name, and line numbers
+    shifted by ``line_offset`` to count the ``%%fabric`` line) if it does not parse."""
     try:
         tree = ast.parse(source, filename=filename, mode="exec")
     except SyntaxError as error:
-        _explain_ipython_syntax(source, filename, error)
+        _explain_ipython_syntax(source, filename, error, line_offset)
+        if error.lineno is not None:
+            error.lineno += line_offset
+            if getattr(error, "end_lineno", None) is not None:
+                error.end_lineno += line_offset
         raise
     reads, bound = _sequential(tree.body, set())
     display = bool(tree.body) and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(source)
@@ -214,8 +219,8 @@ def _ends_with_semicolon(source: str) -> bool:
     return last is not None and last.type == tokenize.OP and last.string == ";"
 
 
-def _explain_ipython_syntax(source: str, filename: str, error: SyntaxError) -> None:
-    for number, line in enumerate(source.splitlines(), start=1):
+def _explain_ipython_syntax(source: str, filename: str, error: SyntaxError, line_offset: int) -> None:
+    for number, line in enumerate(source.splitlines(), start=1 + line_offset):
         stripped = line.lstrip()
         if stripped.startswith(("%", "!")) and not stripped.startswith("%="):
             raise IPythonSyntaxError(

@@ -50,6 +50,7 @@ class CellSink:
         self.hidden_output: Dict[int, int] = {}
         self.stall_report: Optional[StallReport] = None
         self.notices: List[str] = []
+        self._wrote = False
 
     def handle(self, event: RankEvent) -> None:
         if isinstance(event, Output) and self.show is not None and event.rank not in self.show:
@@ -61,10 +62,14 @@ class CellSink:
             return
         if isinstance(event, Notice):
             self.notices.append(event.text)
+        self._wrote = True
         self._text.handle(event)
 
     def flush(self) -> None:
-        self._text.flush()
+        """Print held partial lines and flush the streams, if the cell printed anything (a kernel's
+        stream flush is a round trip to its I/O thread: not worth paying for nothing)."""
+        if self._wrote:
+            self._text.flush()
 
     # -- the watchdog ---------------------------------------------------------------------------
     def _check_stall(self, now: float) -> None:
@@ -98,6 +103,7 @@ class CellSink:
         text = "\n".join(lines + ["  " + line for line in format_stacks(stacks).splitlines()])
         self.stall_report = StallReport(time=now, text=text, stacks=stacks)
         self.flush()
+        self._wrote = True
         sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
         sys.stderr.write("[notebook-fabric] (interrupt the kernel to stop the cell; --stall 0 turns this report off)\n")
 

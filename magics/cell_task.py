@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 MAX_VALUE_BYTES = 32 * 1024 * 1024  # larger values come back as their repr only
-_COMPILED: "OrderedDict[Tuple[str, str], Tuple[types.CodeType, Optional[types.CodeType]]]" = OrderedDict()
+_COMPILED: "OrderedDict[Tuple[str, str, int], Tuple[types.CodeType, Optional[types.CodeType]]]" = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class CellTask:
     ``values`` maps names to cloudpickled notebook values; ``rebind`` names the functions among
     them to re-bind to the rank's namespace; ``outs`` names variables to send back; ``display``
     is false when the cell ends with ``;``; ``running`` lists the ranks that run the cell when it
-    is only some of them (``None``: every rank).
+    is only some of them (``None``: every rank). ``header`` is the cell's first line as the user
+    sees it (``%%fabric ...``): with it, line numbers in tracebacks match the notebook's cell.
     """
 
     filename: str
@@ -62,13 +63,15 @@ class CellTask:
     outs: Tuple[str, ...] = ()
     display: bool = True
     running: Optional[Tuple[int, ...]] = None
+    header: Optional[str] = None
 
     def __call__(self, fabric: Any, namespace: Dict[str, Any]) -> CellOutcome:
-        register_source(self.filename, self.source)
+        offset = 0 if self.header is None else 1
+        register_source(self.filename, self.source if self.header is None else f"{self.header}\n{self.source}")
         namespace.setdefault("__name__", "__main__")
         if self.values:
             load_values(self.values, self.rebind, namespace, fabric.global_rank)
-        body, last = compile_cell(self.source, self.filename)
+        body, last = compile_cell(self.source, self.filename, offset)
         guard = nullcontext() if self.running is None else _subset_guard(self.running, fabric.world_size)
         with guard:
             exec(body, namespace)
@@ -89,14 +92,17 @@ def register_source(filename: str, source: str) -> None:
     linecache.cache[filename] = (len(source), None, lines, filename)
 
 
-def compile_cell(source: str, filename: str) -> Tuple[types.CodeType, Optional[types.CodeType]]:
+def compile_cell(source: str, filename: str, line_offset: int = 0) -> Tuple[types.CodeType, Optional[types.CodeType]]:
     """The cell's statements (``exec``) and its last expression (``eval``), or ``None`` if it ends
-    with a statement. Cached: re-running a cell does not compile it again."""
-    key = (filename, source)
+    with a statement; line numbers shifted by ``line_offset``. Cached: re-running a cell does not
+    compile it again."""
+    key = (filename, source, line_offset)
     cached = _COMPILED.get(key)
     if cached is not None:
         return cached
     tree = ast.parse(source, filename=filename, mode="exec")
+    if line_offset:
+        ast.increment_lineno(tree, line_offset)
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = compile(ast.Expression(tree.body.pop().value), filename, "eval")

@@ -74,7 +74,8 @@ class FabricMagics(Magics):
             outs=args.out, out_all=args.out_all,
         )
         try:
-            return self.session.run_cell(cell, options, getattr(self.shell, "execution_count", None))
+            return self.session.run_cell(cell, options, getattr(self.shell, "execution_count", None),
+                                         header=f"%%fabric {line}".rstrip())
         except FabricUsageError as error:
             raise UsageError(str(error)) from None
 

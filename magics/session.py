@@ -92,7 +92,7 @@ class FabricSession:
         self.cell_running = False
         self.ended: Optional[str] = None
         self.snapshot: Optional[Snapshot] = None
-        self._names: set = set()
+        self._names: Dict[int, int] = {}
 
     # -- the pool -------------------------------------------------------------------------------
     def ensure_pool(self, requested: Dict[str, Any]) -> RankPool:
@@ -145,11 +145,15 @@ class FabricSession:
         return "it was stopped"
 
     # -- %%fabric -------------------------------------------------------------------------------
-    def run_cell(self, source: str, options: CellOptions, number: Optional[int] = None) -> Optional[RankValues]:
-        """Run ``source`` on the pool's ranks; the per-rank values to display (``None``: nothing)."""
+    def run_cell(self, source: str, options: CellOptions, number: Optional[int] = None,
+                 header: Optional[str] = None) -> Optional[RankValues]:
+        """Run ``source`` on the pool's ranks; the per-rank values to display (``None``: nothing).
+
+        ``header`` is the cell's ``%%fabric ...`` line: given, line numbers count it, as the notebook does.
+        """
         self._require_main_thread("%%fabric cells")
         filename = self._filename(number)
-        analysis = analyze_cell(source, filename)
+        analysis = analyze_cell(source, filename, 0 if header is None else 1)
         pool = self.ensure_pool(options.settings)
         try:
             running = parse_ranks(options.ranks, pool.world_size)
@@ -163,7 +167,7 @@ class FabricSession:
             raise with_render(error, [f"{type(error).__name__}: {error}"]) from None
         task = CellTask(filename=filename, source=source, values=shipment.values, rebind=shipment.rebind,
                         outs=tuple(dict.fromkeys([*options.outs, *options.out_all])), display=analysis.display,
-                        running=None if running is None else tuple(running))
+                        running=None if running is None else tuple(running), header=header)
         sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall)
         record = RunRecord()
         self.cell_running = True
@@ -196,13 +200,12 @@ class FabricSession:
         self.tracker.mark_rank_bound([*options.outs, *options.out_all], self.user_ns)
 
     def _filename(self, number: Optional[int]) -> str:
-        base = f"<fabric-cell-{number}>" if number is not None else f"<fabric-cell-{len(self._names) + 1}>"
-        name, suffix = base, 1
-        while name in self._names:
-            suffix += 1
-            name = f"{base[:-1]}.{suffix}>"
-        self._names.add(name)
-        return name
+        """``<fabric-cell-N>`` after the notebook's ``In [N]``; ``<fabric-cell-N.2>`` if N ran twice."""
+        key = number if number is not None else -1
+        count = self._names.get(key, 0) + 1
+        self._names[key] = count
+        label = str(number) if number is not None else f"x{count}"
+        return f"<fabric-cell-{label}>" if count == 1 or number is None else f"<fabric-cell-{label}.{count}>"
 
     @staticmethod
     def _show(text: Optional[str], running: Optional[List[int]], world_size: int) -> Optional[List[int]]:

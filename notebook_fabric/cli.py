@@ -232,6 +232,7 @@ def share_cpu_threads(processes: int) -> None:
 
 def launch_torchrun(argv: list[str], node_rank: int = 0) -> int:
     """Run ``torch.distributed.run`` in this process; report a failed rank by name."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import main as torchrun_main
@@ -244,6 +245,10 @@ def launch_torchrun(argv: list[str], node_rank: int = 0) -> int:
         print(f"{PROG} run: {describe_failure(rank, failure.local_rank, node_rank, failure.exitcode)}",
               file=sys.stderr, flush=True)
         return failure.exitcode if 0 < failure.exitcode < 256 else 1
+    except SignalException as error:
+        name = signal.Signals(error.sigval).name
+        print(f"{PROG} run: stopped by {name}; torchrun ended every rank of this node.", file=sys.stderr, flush=True)
+        return 128 + int(error.sigval)
     except RendezvousError as error:
         print(
             f"{PROG} run: the ranks could not meet ({type(error).__name__}: {error}). Every node must run"

@@ -70,7 +70,9 @@ class Connector:
                 " or pass an Accelerator instance."
             )
         if not isinstance(accelerator, (str, Accelerator)):
-            raise ValueError(f"accelerator={accelerator!r} must be a string or an Accelerator instance")
+            raise ValueError(
+                f"accelerator={accelerator!r} must be one of {list(ACCELERATOR_CHOICES)} or an Accelerator instance"
+            )
         if isinstance(strategy, str) and strategy in ("dp",) and accelerator == "auto" and CUDAAccelerator.is_available():
             return CUDAAccelerator()
         return resolve_accelerator(accelerator)
@@ -91,7 +93,10 @@ class Connector:
                 )
             instance = STRATEGY_REGISTRY.create(name)
         else:
-            raise ValueError(f"strategy={strategy!r} must be a registered name or a Strategy instance")
+            raise ValueError(
+                f"strategy={strategy!r} must be a registered name (one of"
+                f" {['auto', *STRATEGY_REGISTRY.available_strategies()]}) or a Strategy instance"
+            )
         return instance
 
     def _auto_strategy_name(self) -> str:

@@ -147,7 +147,10 @@ def test_each_rank_reads_its_own_shard_and_the_order_changes_each_epoch(basics) 
 # ----- collectives ---------------------------------------------------------------------------------
 def test_all_reduce_by_value_without_touching_the_input(basics) -> None:
     result, _, _ = basics
-    for record in both(result, "all_reduce"):
+    zero, one = both(result, "all_reduce")
+    assert zero["spec_logging"] == {"loss": 2.0, "sync_loss": 3.0, "grad": [[1.0, 1.0]]}
+    assert one["spec_logging"] == {"loss": 4.0, "sync_loss": 3.0, "grad": [[2.0, 2.0]]}
+    for record in (zero, one):
         assert record["reduced"] == {"sum": [3.0, 30.0], "mean": [1.5, 15.0], "max": [2.0, 20.0], "min": [1.0, 10.0]}
         assert record["unchanged"] and not record["same_object"]
         assert record["default_mean"] == 0.5

@@ -331,6 +331,23 @@ def test_no_backward_sync_is_a_silent_no_op_on_one_device(fabric: Fabric) -> Non
         fabric.no_backward_sync(linear)
 
 
+class CannotSkipSync(SingleDeviceStrategy):
+    """A strategy with no gradient synchronisation to skip (like dp, deepspeed, xla)."""
+
+    def backward_sync(self, module, enabled):
+        return None
+
+
+def test_no_backward_sync_warns_where_the_strategy_cannot_skip_the_sync() -> None:
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=CannotSkipSync())
+    model = fabric.setup(nn.Linear(2, 1))
+    with pytest.warns(UserWarning, match="CannotSkipSync cannot skip gradient synchronisation"):
+        context = fabric.no_backward_sync(model)
+    with context:
+        fabric.backward(model(torch.ones(1, 2)).sum())
+    assert model.weight.grad is not None
+
+
 def test_rank_zero_first_runs_the_block(fabric: Fabric) -> None:
     ran = []
     for local in (False, True):

@@ -83,7 +83,8 @@ def test_os_exit_is_reported_with_rank_and_exit_code():
     assert type(error) is RankDiedError
     assert error.rank == 1 and error.exitcode == 3
     assert "rank 1 exited with code 3" in str(error)
-    assert any("other ranks (rank 0) were stopped" in note for note in error.__notes__)
+    notes = "\n".join(error.__notes__)  # rank 0 was stopped, or failed in the barrier first
+    assert "other ranks (rank 0) were stopped" in notes or "meanwhile on the other ranks: rank 0" in notes
 
 
 def killed_on_rank_one(fabric):
@@ -156,5 +157,6 @@ def test_interrupt_while_ranks_wait_in_a_collective_returns_control_and_next_lau
     assert wait_no_children() == []
     err = capsys.readouterr().err
     assert "rank 1 interrupted at" in err and "in waits_in_barrier_while_rank_one_sleeps" in err
-    assert "rank 0 did not stop" in err and "rank 0 in barrier #1" in err  # stuck in gloo: terminated instead
+    # rank 0 is stuck in gloo: it stops once rank 1 has left, or is terminated
+    assert "rank 0 interrupted at" in err or ("rank 0 did not stop" in err and "rank 0 in barrier #1" in err)
     assert launch(lambda fabric: fabric.world_size, accelerator="cpu") == 2

@@ -45,7 +45,7 @@ class Kernel:
     """An ipykernel running this venv's Python, with a blocking client."""
 
     def __init__(self) -> None:
-        self.km = KernelManager(kernel_cmd=None, kernel_name="python3")
+        self.km = KernelManager(kernel_name="python3")
         # run the kernel with this interpreter, whatever the installed kernelspec says
         self.km.kernel_spec.argv = [PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         self.km.start_kernel(env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -65,7 +65,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
                     namespace={_LAUNCHED: (fn, args, kwargs)})
     try:
         pool.start()
-        results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5)
+        results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True)
     finally:
         pool.stop(grace=1.0)
     return [results[rank] for rank in range(num_processes)] if return_all else results[0]

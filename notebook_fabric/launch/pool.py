@@ -130,6 +130,7 @@ class RankPool:
                     parent_pid=os.getpid(), start_method=method,
                     env=self._rendezvous.rank_environment(rank, self.num_processes),
                     heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
+                    close_ports=(listener.address[1], self._rendezvous.port) if method == "fork" else (),
                 )
                 self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
@@ -213,7 +214,7 @@ class RankPool:
     # -- tasks ----------------------------------------------------------------------------------
     def run(self, task: Task, ranks: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
             sink: Optional[EventSink] = None, recover: bool = True, failure_grace: float = 1.0,
-            interrupt_grace: float = 3.0) -> Dict[int, Any]:
+            interrupt_grace: float = 3.0, last: bool = False) -> Dict[int, Any]:
         """Run ``task(fabric, namespace)`` on ``ranks`` (default all); return ``{rank: value}``.
 
         Events (output first) go to ``sink`` while the task runs. Raises the rank's exception
@@ -221,11 +222,12 @@ class RankPool:
         :class:`LaunchTimeoutError` after ``timeout`` seconds, or ``KeyboardInterrupt`` when the
         caller was interrupted. With ``recover`` the pool survives failures whenever the other
         ranks can be interrupted; ranks that cannot (stuck in a collective) end the pool.
+        ``last``: ranks exit as soon as they answered (``launch`` does this; call :meth:`stop` after).
         """
         self._require_alive()
         selected = self._select(ranks)
         loop = RunLoop(self, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
-                       failure_grace=failure_grace, interrupt_grace=interrupt_grace)
+                       failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
         return loop.run(task)
 
     def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:

@@ -128,3 +128,31 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def close_inherited_listeners(ports: Iterable[int]) -> None:
+    """Close listening sockets on ``ports`` that this (forked) process inherited from the notebook,
+    so the ports are released when the notebook closes its own copies."""
+    import socket
+
+    wanted = set(ports)
+    if not wanted:
+        return
+    try:
+        descriptors = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in descriptors:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            port = sock.getsockname()[1] if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        except OSError:
+            listening, port = 0, None
+        finally:
+            sock.detach()
+        if listening and port in wanted:
+            os.close(fd)

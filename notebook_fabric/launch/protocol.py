@@ -25,6 +25,7 @@ class RankBootstrap:
     env: Dict[str, str]
     heartbeat_interval: float = 2.0
     trace_collectives: bool = False
+    close_ports: Tuple[int, ...] = ()  # the notebook's listening sockets a forked rank inherits and closes
 
 
 @dataclass
@@ -58,6 +59,7 @@ class RunTask:
     task_id: int
     payload: bytes
     source_cache: Dict[str, Any] = field(default_factory=dict)
+    exit_after: bool = False  # one-shot launch: exit right after answering (overlaps exit with the reply)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 - the control thread reads the connection: tasks and stop go to the main thread's inbox,
   ``where`` requests are answered at once from ``sys._current_frames()`` (so they work while a
   task is stuck in a collective), and a closed connection (the notebook is gone) ends the rank;
-- the heartbeat thread reports memory and the current collective every few seconds;
+  between messages it sends heartbeats (memory, current collective) every few seconds;
 - the collective tracer (installed through ``notebook_fabric.collectives.trace``) records which
   collective the rank is in, cheaply, and optionally sends enter/exit events.
 """
@@ -24,6 +24,7 @@ from .protocol import WhereRequest
 from .rank_io import Outbox
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(LAUNCH_DIR)
 
 
 class RankState:
@@ -79,12 +80,31 @@ def install_tracer(tracer: CollectiveTracer) -> bool:
 
 
 def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]", outbox: Outbox,
-                         state: RankState) -> threading.Thread:
-    """Read the connection until it closes; then end the rank (and its children) at once."""
+                         state: RankState, heartbeat_interval: float) -> threading.Thread:
+    """Read the connection until it closes (then end the rank and its children at once); answer
+    ``where`` requests; send a :class:`Heartbeat` every ``heartbeat_interval`` seconds."""
+    import psutil
+
+    process = psutil.Process()
+
+    def beat() -> None:
+        try:
+            rss = process.memory_info().rss
+        except psutil.Error:
+            rss = 0
+        outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
+                             collective=state.collective))
 
     def control() -> None:
+        next_beat = time.monotonic()
         while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                beat()
+                next_beat = now + heartbeat_interval
             try:
+                if not connection.poll(max(0.0, next_beat - now)):
+                    continue
                 message = connection.recv()
             except (EOFError, OSError):
                 kill_own_children()
@@ -97,27 +117,6 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
                 inbox.put(message)
 
     thread = threading.Thread(target=control, name="notebook-fabric control", daemon=True)
-    thread.start()
-    return thread
-
-
-def start_heartbeat_thread(outbox: Outbox, state: RankState, interval: float) -> threading.Thread:
-    """Send a :class:`Heartbeat` every ``interval`` seconds."""
-    import psutil
-
-    process = psutil.Process()
-
-    def beat() -> None:
-        while True:
-            try:
-                rss = process.memory_info().rss
-            except psutil.Error:
-                rss = 0
-            outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
-                                 collective=state.collective))
-            time.sleep(interval)
-
-    thread = threading.Thread(target=beat, name="notebook-fabric heartbeat", daemon=True)
     thread.start()
     return thread
 
@@ -138,6 +137,20 @@ def main_thread_stack(state: RankState) -> str:
         user_start += 1
     frames = frames[user_start:]
     return "".join(traceback.format_list(frames)).rstrip()
+
+
+def innermost_user_frame(traceback_text: str) -> str:
+    """The deepest ``File ..., line N, in f`` line of ``traceback_text`` outside the standard
+    library, site-packages and notebook-fabric itself (else the deepest line)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    library = tuple({paths["stdlib"], paths["purelib"], paths["platlib"], PACKAGE_DIR})
+    frames = [line.strip() for line in traceback_text.splitlines() if line.strip().startswith('File "')]
+    for frame in reversed(frames):
+        if not frame[len('File "'):].startswith(library):
+            return frame
+    return frames[-1] if frames else ""
 
 
 def _plain_meta(meta: dict) -> dict:

@@ -25,10 +25,20 @@ _STOP = object()
 
 
 class Outbox:
-    """A queue drained by one thread into the connection. ``put`` never blocks on the socket."""
+    """A queue drained by one thread into the connection. ``put`` never blocks on the socket.
 
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
+    The thread first connects (``connect()``) so the rank's main thread can go on building its
+    Fabric meanwhile; messages put before that wait in the queue. ``on_connected(connection)``
+    runs in the thread once connected (the rank starts its control thread there). A rank that
+    cannot reach the notebook exits.
+    """
+
+    def __init__(self, connect: Callable[[], Connection],
+                 on_connected: Callable[[Connection], None] = lambda connection: None) -> None:
+        self._connect = connect
+        self._on_connected = on_connected
+        self.connection: Optional[Connection] = None
+        self.connected = threading.Event()
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name="notebook-fabric outbox", daemon=True)
         self.broken = False
@@ -40,12 +50,24 @@ class Outbox:
     def put(self, message: Any) -> None:
         self._queue.put(message)
 
+    def wait_connected(self, timeout: float = 60.0) -> Connection:
+        if not self.connected.wait(timeout) or self.connection is None:
+            raise ConnectionError(f"could not connect to the notebook within {timeout:.0f} s")
+        return self.connection
+
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop the thread."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
     def _drain(self) -> None:
+        try:
+            self.connection = self._connect()
+            self.connected.set()
+            self._on_connected(self.connection)
+        except BaseException as error:  # without the channel a rank is of no use to anyone
+            os.write(2, f"notebook-fabric rank: cannot reach the notebook: {error!r}\n".encode())
+            os._exit(72)
         while True:
             message = self._queue.get()
             if message is _STOP:
@@ -53,7 +75,7 @@ class Outbox:
             if self.broken:
                 continue
             try:
-                self._connection.send(message)
+                self.connection.send(message)
             except (OSError, EOFError, ValueError):
                 self.broken = True  # the notebook is gone; the control thread ends the rank
 

@@ -1,7 +1,7 @@
 """The life of a rank process, from connecting to the notebook to ``os._exit``.
 
 1. die with the parent (PR_SET_PDEATHSIG), own process group (only the notebook interrupts us),
-2. connect to the notebook's event channel, capture fds 1 and 2,
+2. capture fds 1 and 2, connect to the notebook's event channel (in the background),
 3. receive the :class:`RankSetup` (spawn/forkserver) or use the inherited one (fork),
 4. set the torchrun variables, build ``Fabric(**kwargs)`` and ``fabric.launch()``,
 5. run tasks ``task(fabric, namespace)`` until told to stop; every result or exception is
@@ -20,11 +20,9 @@ from typing import Any, Dict, Optional
 from ..live.events import RankReady, RankStarted, StartupFailed, TaskDone, TaskFailed, Output
 from ..live.channel import connect_to_notebook
 from .errors import describe_exception, pickle_for_parent
-from .processes import die_with_parent, kill_own_children
+from .processes import close_inherited_listeners, die_with_parent, kill_own_children
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
-from .rank_control import (
-    LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread, start_heartbeat_thread,
-)
+from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
 from .rank_io import Outbox, OutputCapture
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
@@ -55,25 +53,28 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     if bootstrap.start_method != "forkserver" and os.getppid() != bootstrap.parent_pid:
         return 71  # the notebook died before we could ask to die with it
     try:
-        os.setpgid(0, 0)
+        os.setpgid(0, 0)  # only the notebook interrupts us; our children stay in our group
     except OSError:
         pass
-    state = RankState(bootstrap.rank)
-    _install_interrupt_handler(state)
-
-    connection = connect_to_notebook(bootstrap.address, bootstrap.authkey)
-    outbox = Outbox(connection).start()
     rank = bootstrap.rank
+    state = RankState(rank)
+    _install_interrupt_handler(state)
+    inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+
+    def on_connected(connection: Any) -> None:
+        close_inherited_listeners(bootstrap.close_ports)
+        start_control_thread(connection, inbox, outbox, state, bootstrap.heartbeat_interval)
+
+    # Connecting runs in the outbox thread while this thread builds the Fabric.
+    outbox = Outbox(lambda: connect_to_notebook(bootstrap.address, bootstrap.authkey), on_connected)
+    outbox.start()
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
                                                                     text=text))).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
     try:
-        setup = inherited if inherited is not None else _receive_setup(connection)
+        setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
         _adopt_notebook_paths(setup)
-        inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        start_control_thread(connection, inbox, outbox, state)
-        start_heartbeat_thread(outbox, state, bootstrap.heartbeat_interval)
         install_tracer(CollectiveTracer(state, outbox, bootstrap.trace_collectives))
         fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
     except BaseException as error:
@@ -93,6 +94,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
             event = run_task(message, fabric, namespace, state)
             capture.flush()
             outbox.put(event)
+            if message.exit_after:
+                break
     capture.flush()
     outbox.close()
     return 0
@@ -143,10 +146,11 @@ def _install_interrupt_handler(state: RankState) -> None:
     signal.signal(signal.SIGINT, on_interrupt)
 
 
-def _receive_setup(connection: Any) -> RankSetup:
+def _receive_setup(inbox: "queue.SimpleQueue[Any]", timeout: float = 120.0) -> RankSetup:
+    """The cloudpickled setup (spawn, forkserver): the first message the notebook sends."""
     import cloudpickle
 
-    message = connection.recv()
+    message = inbox.get(timeout=timeout)
     if not isinstance(message, SetupPayload):
         raise RuntimeError(f"expected the rank setup from the notebook, got {type(message).__name__}")
     return cloudpickle.loads(message.payload)

@@ -25,7 +25,7 @@ from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
 from .protocol import RunTask
-from .rank_control import LAUNCH_DIR
+from .rank_control import innermost_user_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
@@ -78,7 +78,7 @@ class RunLoop:
     """One task on a set of ranks, from sending it to its outcome (see the module docstring)."""
 
     def __init__(self, pool: "RankPool", ranks: List[int], sink: EventSink, *, timeout: Optional[float],
-                 recover: bool, failure_grace: float, interrupt_grace: float) -> None:
+                 recover: bool, failure_grace: float, interrupt_grace: float, last: bool = False) -> None:
         self.pool = pool
         self.ranks = ranks
         self.sink = sink
@@ -86,6 +86,7 @@ class RunLoop:
         self.recover = recover
         self.failure_grace = failure_grace
         self.interrupt_grace = interrupt_grace
+        self.last = last
         self.task_id = 0
         self.pending = set(ranks)
         self.results: Dict[int, Any] = {}
@@ -101,10 +102,12 @@ class RunLoop:
         payload = _pickle_task(task, cloudpickle)
         self.pool.drain_events(self.sink)
         self.task_id = self.pool.next_id()
-        message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources())
+        message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
+                          exit_after=self.last)
         for rank in self.ranks:
             handle = self.pool.handle(rank)
             handle.state = "running"
+            handle.exit_expected = handle.exit_expected or self.last
             handle.send(message)
         try:
             outcome = self._wait()
@@ -142,7 +145,7 @@ class RunLoop:
             event = self.pool.next_event(0.05)
             if event is not None:
                 self._dispatch(event)
-        return "done"
+        return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
         if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
@@ -159,13 +162,12 @@ class RunLoop:
             if event.interrupted:
                 self.interrupted.append(event.rank)
                 if self._we_interrupted:  # the consequence of our own interrupt: say where it stopped
-                    frames = [line.strip() for line in event.failure.traceback.splitlines()
-                              if line.strip().startswith("File ") and LAUNCH_DIR not in line]
-                    self._notice(f"rank {event.rank} interrupted" + (f" at {frames[-1]}" if frames else ""))
+                    frame = innermost_user_frame(event.failure.traceback)
+                    self._notice(f"rank {event.rank} interrupted" + (f" at {frame}" if frame else ""))
                     return
             self._fail(event.rank, event.failure)
         elif isinstance(event, RankExited):
-            if not event.expected:
+            if event.rank in self.pending or not event.expected:  # an exit before answering is a death
                 self.deaths[event.rank] = event
                 self.pending.discard(event.rank)
         elif isinstance(event, (TaskDone, TaskFailed)):
@@ -207,7 +209,8 @@ class RunLoop:
         if survivors:
             _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
         if self.failures:
-            _note(error, "before that: " + "; ".join(f"rank {r}: {f.summary}" for r, f in sorted(self.failures.items())))
+            _note(error, "meanwhile on the other ranks: "
+                  + "; ".join(f"rank {r}: {f.summary}" for r, f in sorted(self.failures.items())))
         raise error
 
     def _on_timeout(self) -> None:

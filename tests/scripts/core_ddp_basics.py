@@ -112,8 +112,16 @@ try:
     bad_op = None
 except ValueError as error:
     bad_op = str(error)
+# spec/000's logging loop: all_reduce(loss) for the log, then backward(loss) on this rank's own loss
+net = nn.Linear(2, 1, bias=False)
+with torch.no_grad():
+    net.weight.fill_(1.0)
+loss = net(torch.full((1, 2), float(rank + 1))).sum()  # 2.0 on rank 0, 4.0 on rank 1
+sync_loss = fabric.all_reduce(loss, reduce_op="mean")
+fabric.backward(loss)
+spec_logging = {"loss": loss.item(), "sync_loss": sync_loss.item(), "grad": net.weight.grad.tolist()}
 emit(
-    rank, "all_reduce", reduced=reduced, unchanged=torch.equal(tensor, before), same_object=returned is tensor,
+    rank, "all_reduce", reduced=reduced, spec_logging=spec_logging, unchanged=torch.equal(tensor, before), same_object=returned is tensor,
     default_mean=fabric.all_reduce(torch.tensor(float(rank))).item(),
     int_mean=fabric.all_reduce(torch.tensor(rank + 1), reduce_op="mean").item(),
     list_max=[t.tolist() for t in fabric.all_reduce([torch.tensor([rank, -rank]), torch.tensor(rank * 2.5)], reduce_op="max")],

@@ -1,7 +1,7 @@
 """spec/002's migration loop ("AFTER: same loop with Fabric") on 2 CPU ranks, with a model and data of its own.
 
 The loop is the article's, line for line; only the accelerator (cpu), the device count (2), the
-epoch count, the learning rate and two reporting lines (marked) are ours.
+epoch count, the learning rate and the reporting lines (marked "ours") are ours.
 """
 
 import torch
