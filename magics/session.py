@@ -98,6 +98,8 @@ class FabricSession:
     def ensure_pool(self, requested: Dict[str, Any]) -> RankPool:
         """The running pool if it matches ``requested``; otherwise a new one (saying why)."""
         wanted = (self.settings or PoolSettings()).merged(requested)
+        if self.pool is None and self.ended:
+            notify(f"the previous pool ended ({self.ended}); starting a new one: {RESTART_NOTE}")
         if self.pool is not None:
             if self.pool.alive and wanted == self.settings:
                 return self.pool
@@ -223,9 +225,31 @@ class FabricSession:
         self.ended = self.ended or "stopped after the failure above"
         return f"The pool was stopped; the next %%fabric cell starts a new one ({RESTART_NOTE})."
 
+    def _dead_ranks(self) -> Dict[int, str]:
+        """``{rank: "killed by signal SIGKILL ..."}`` for rank processes that have ended (asked directly,
+        so a death is seen even before the pool's watcher reported it)."""
+        dead = {}
+        for handle in self.pool.handles if self.pool is not None else []:
+            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
+            if code is not None and not handle.exit_expected:
+                dead[handle.rank] = describe_exit(code)
+        return dead
+
     def _failed(self, error: Exception, record: RunRecord, ranks: List[int]) -> BaseException:
         lines: List[str] = []
-        if isinstance(error, RankDiedError):
+        dead = {} if isinstance(error, RankDiedError) else self._dead_ranks()
+        if dead:  # another rank's error (e.g. a collective's peer hung up) arrived before the death itself
+            self.ended = "; ".join(f"rank {r} {text}" for r, text in sorted(dead.items()))
+            lines.append(f"RankDiedError: {self.ended} while running the cell; the other ranks' errors follow from it:")
+            first = min(dead)
+            cause = error
+            error = RankDiedError(f"{self.ended} while running the cell", rank=first, ranks=sorted(dead),
+                                  exitcode=self.pool.handles[first].process.exitcode if self.pool else None)
+            error.__context__ = cause
+            self._stop_pool()
+        if dead:
+            lines += format_failures(record.failures, record.arrival, ranks, skip_interrupts=True)
+        elif isinstance(error, RankDiedError):
             self.ended = str(error)
             lines.append(f"{type(error).__name__}: {error}")
             lines += _notes(error)
@@ -297,7 +321,7 @@ class FabricSession:
             return "no pool is running"
         count = self.pool.world_size
         self._stop_pool()
-        self.ended = "it was stopped with %fabric stop"
+        self.ended = None
         return f"stopped the pool ({count} ranks)"
 
     def restart(self) -> str:

@@ -59,7 +59,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         " Left out: the script's Fabric(accelerator=...), and 'auto' for counting --devices.",
     )
     run.add_argument(
-        "--strategy", default=None,
+        "--strategy", default=None, metavar="NAME",
         help="distributed strategy, e.g. ddp, fsdp, deepspeed. Left out: the script's choice."
         " Strategies that start their own processes (ddp_spawn, ddp_fork, ddp_notebook, any *_spawn,"
         " *_fork, *_notebook) and dp are refused: this command already starts one process per device.",
@@ -70,18 +70,18 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         " One process is started per device; with --accelerator cpu a device is a process. Default: 1.",
     )
     run.add_argument(
-        "--num-nodes", type=int, default=1, help="number of machines in the job. Default: 1.",
+        "--num-nodes", type=int, default=1, metavar="N", help="number of machines in the job. Default: 1.",
     )
     run.add_argument(
-        "--node-rank", type=int, default=0,
+        "--node-rank", type=int, default=0, metavar="N",
         help="index of this machine, 0 .. num-nodes-1; run the command once per machine. Default: 0.",
     )
     run.add_argument(
-        "--main-address", default="127.0.0.1",
+        "--main-address", default="127.0.0.1", metavar="HOST",
         help="address of the machine with --node-rank 0, reachable from every node. Default: 127.0.0.1.",
     )
     run.add_argument(
-        "--main-port", type=int, default=None,
+        "--main-port", type=int, default=None, metavar="PORT",
         help="port on the main machine for the rendezvous, the same on every node. Default: a free"
         f" port on one node; {MULTI_NODE_DEFAULT_PORT} with several nodes.",
     )
@@ -140,7 +140,10 @@ def resolve_devices(accelerator: Optional[str], devices: str) -> tuple[int, str]
             "--accelerator tpu: TPU ranks are started by torch_xla, not torchrun. Run the script with"
             " plain `python` and Fabric(accelerator='tpu')."
         )
-    indices = resolve_accelerator(name).parse_devices(devices)
+    try:
+        indices = resolve_accelerator(name).parse_devices(devices)
+    except ValueError as error:
+        raise ValueError(f"--devices {devices}: {error}") from None
     explicit_indices = "," in devices or devices.strip().startswith("[")
     handed = ",".join(map(str, indices)) if explicit_indices else str(len(indices))
     return len(indices), handed

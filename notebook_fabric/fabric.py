@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import io as checkpoint_io
 from .collectives.collections import map_tensors, tensors_to_device
+from .collectives.ops import normalize_reduce_op
 from .connector import Connector
 from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
@@ -306,6 +307,7 @@ class Fabric:
 
     def all_reduce(self, data: Any, group: Optional[Any] = None, reduce_op: Union[str, Any] = "mean") -> Any:
         """The reduction (sum, mean, max, min) over ranks; the caller's tensors are not modified."""
+        normalize_reduce_op(reduce_op)  # the same error on one process as on many
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))

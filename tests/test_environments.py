@@ -143,6 +143,7 @@ def test_slurm_reads_srun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (8, 5, 1, 1)
     assert env.main_address == "gpu007"  # the first host of the node list
     assert env.hosts == ["gpu007", "gpu008"]
+    assert env.local_world_size() == 4
     assert env.creates_processes_externally is True
     env.validate_settings(num_devices=4, num_nodes=2)
 

@@ -108,11 +108,14 @@ def segfaults_on_rank_zero(fabric):
     fabric.barrier()
 
 
-def test_segfault_is_reported(capsys):
+def test_segfault_is_reported_with_the_python_stack_of_the_crash():
     error = timed_launch(segfaults_on_rank_zero)
     assert type(error) is RankDiedError
     assert error.rank == 0 and error.signal == signal.SIGSEGV
-    assert "segmentation fault" in str(error)
+    message = str(error)
+    assert "rank 0 killed by signal SIGSEGV (segmentation fault)" in message
+    assert "Fatal Python error: Segmentation fault" in message
+    assert "in segfaults_on_rank_zero" in message  # faulthandler's stack, read from the dead rank's pipe
 
 
 def never_reaches_the_barrier(fabric):

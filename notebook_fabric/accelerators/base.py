@@ -48,7 +48,7 @@ class Accelerator(ABC):
         return f"{type(self).__name__}()"
 
 
-def parse_count_or_indices(devices: Any, available: int, kind: str) -> list[int]:
+def parse_count_or_indices(devices: Any, available: int, kind: str, limit_note: str = "") -> list[int]:
     """Shared parsing of ``devices``: an int, ``"auto"``, ``-1``/``"-1"`` (all), a list of indices,
     or a string like ``"2"`` or ``"0,1"``. Raises ``ValueError`` naming the limit."""
     if isinstance(devices, str):
@@ -70,7 +70,7 @@ def parse_count_or_indices(devices: Any, available: int, kind: str) -> list[int]
             raise ValueError(f"devices={devices} must be at least 1 (or -1 / 'auto' for all {kind} devices)")
         if devices > available:
             raise ValueError(
-                f"devices={devices} asks for more {kind} devices than this machine has ({available})."
+                f"devices={devices} asks for more {kind} devices than this machine has ({available}{limit_note})."
                 f" Use devices={available} or fewer."
             )
         return list(range(devices))

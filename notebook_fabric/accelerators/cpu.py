@@ -19,9 +19,13 @@ class CPUAccelerator(Accelerator):
 
     @staticmethod
     def parse_devices(devices: Any) -> list[int]:
-        if devices in ("auto",):
+        if devices == "auto":
             return [0]
-        return parse_count_or_indices(devices, MAX_CPU_PROCESSES, "CPU")
+        if devices in (-1, "-1"):  # "all CPU devices": one rank per core
+            devices = os.cpu_count() or 1
+        return parse_count_or_indices(
+            devices, MAX_CPU_PROCESSES, "CPU", limit_note=" (the limit of CPU ranks; raise it with NOTEBOOK_FABRIC_MAX_CPU_RANKS)"
+        )
 
     @staticmethod
     def get_parallel_devices(indices: list[int]) -> list[torch.device]:

@@ -23,7 +23,7 @@ REDUCE_OPS = {
 }
 
 
-def _normalize_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[str, Any]:
+def normalize_reduce_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[str, Any]:
     if reduce_op is None:
         return "mean", dist.ReduceOp.SUM
     if isinstance(reduce_op, str):
@@ -42,7 +42,7 @@ def _group_size(group: Optional[Any]) -> int:
 
 def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group: Optional[Any] = None) -> Tensor:
     """A new tensor holding the reduction of ``tensor`` over ``group``; the input is left untouched."""
-    name, op = _normalize_op(reduce_op)
+    name, op = normalize_reduce_op(reduce_op)
     result = tensor.clone()
     if name == "mean" and not result.is_floating_point() and not result.is_complex():
         result = result.to(torch.get_default_dtype())
@@ -82,17 +82,28 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 def all_gather_with_grads(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
-    """Like :func:`all_gather`, but gradients flow back to every rank's input."""
-    from torch.distributed.nn.functional import all_gather as differentiable_all_gather
+    """Like :func:`all_gather`, but differentiable: each rank's input receives the sum over ranks of the
+    gradient flowing into its slice of the result."""
+    return _AllGatherWithGrads.apply(tensor, group)
 
-    tracer = get_tracer()
-    if tracer is None:
-        parts = differentiable_all_gather(tensor, group=group or dist.group.WORLD)
-    else:
-        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)]}
-        with traced(tracer, "all_gather", meta):
-            parts = differentiable_all_gather(tensor, group=group or dist.group.WORLD)
-    return torch.stack(parts)
+
+class _AllGatherWithGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Optional[Any]) -> Tensor:  # noqa: ANN401
+        ctx.group = group
+        return all_gather(tensor, group=group)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ANN401
+        grad = grad_output.contiguous().clone()
+        tracer = get_tracer()
+        if tracer is None:
+            dist.all_reduce(grad, group=ctx.group)
+        else:
+            meta = {"shapes": [tuple(grad.shape)], "dtypes": [str(grad.dtype)], "reduce_op": "sum"}
+            with traced(tracer, "all_reduce", meta):
+                dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
 
 
 def broadcast_tensor(tensor: Tensor, src: int = 0, group: Optional[Any] = None) -> Tensor:

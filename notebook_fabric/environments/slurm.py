@@ -174,6 +174,12 @@ class SLURMEnvironment(ClusterEnvironment):
     def node_rank(self) -> int:
         return self._node_rank
 
+    def local_world_size(self) -> int:
+        """Tasks on this node (``SLURM_TASKS_PER_NODE``; else the tasks spread evenly over the hosts)."""
+        if self._local_world_size is not None:
+            return self._local_world_size
+        return max(1, self._world_size // len(self._hosts))
+
     def validate_settings(self, num_devices: int, num_nodes: int) -> None:
         """``ValueError`` when Fabric's devices/num_nodes differ from what the SLURM job allocated."""
         if num_nodes != len(self._hosts):

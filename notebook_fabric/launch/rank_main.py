@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import faulthandler
 import linecache
 import os
 import queue
@@ -28,9 +29,16 @@ from .rank_io import Outbox, OutputCapture
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
 
-def rank_entry(bootstrap: RankBootstrap, setup: Optional[RankSetup] = None) -> None:
-    """Process target of every rank; never returns (ends with ``os._exit``)."""
+def rank_entry(bootstrap: RankBootstrap, setup: Optional[RankSetup] = None, crash_pipe: Any = None) -> None:
+    """Process target of every rank; never returns (ends with ``os._exit``).
+
+    ``crash_pipe`` (or ``bootstrap.crash_fd``) is the write end of a pipe the notebook reads when
+    the rank dies: faulthandler writes the Python stacks there on a segfault or abort.
+    """
     code = 1
+    crash_fd = crash_pipe.fileno() if crash_pipe is not None else bootstrap.crash_fd
+    if crash_fd is not None:
+        faulthandler.enable(file=crash_fd, all_threads=False)
     try:
         code = _live(bootstrap, setup)
     finally:

@@ -76,7 +76,12 @@ def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, envir
     command = script_command()
     children: list[subprocess.Popen] = []
     for local_rank in range(1, num_processes):
-        env = {**os.environ, "LOCAL_RANK": str(local_rank), "RANK": str(node_rank * num_processes + local_rank)}
+        env = {
+            **os.environ,
+            "LOCAL_RANK": str(local_rank),
+            "RANK": str(node_rank * num_processes + local_rank),
+            "PYTHONUNBUFFERED": "1",  # a rank stopped because another failed must not lose what it printed
+        }
         children.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent))
     os.environ["LOCAL_RANK"] = "0"
     os.environ["RANK"] = str(node_rank * num_processes)

@@ -25,7 +25,7 @@ from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
 from .protocol import RunTask
-from .rank_control import innermost_user_frame
+from .rank_control import LAUNCH_DIR, innermost_user_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
@@ -284,8 +284,22 @@ def _death_error(deaths: Dict[int, RankExited], when: str) -> RankDiedError:
         groups.setdefault(event.description, []).append(rank)
     parts = [f"{format_ranks(ranks)} {description}" for description, ranks in groups.items()]
     first = min(deaths)
-    return RankDiedError("; ".join(parts) + f" {when}, without raising an exception", rank=first,
-                         exitcode=deaths[first].exitcode, ranks=sorted(deaths))
+    message = "; ".join(parts) + f" {when}, without raising an exception"
+    for rank, event in sorted(deaths.items()):
+        if event.last_words.strip():
+            message += f"\n\nrank {rank}, as it crashed (faulthandler):\n{_trim_crash_report(event.last_words)}"
+    return RankDiedError(message, rank=first, exitcode=deaths[first].exitcode, ranks=sorted(deaths))
+
+
+def _trim_crash_report(text: str) -> str:
+    """faulthandler's stack, most recent call first, cut where the launcher's own frames begin."""
+    kept = []
+    for line in text.rstrip().splitlines():
+        if line.strip().startswith(f'File "{LAUNCH_DIR}'):
+            kept.append("  ...")
+            break
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _note(exc: BaseException, text: str) -> None:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import pickle
@@ -41,6 +42,23 @@ class RankProcess(Protocol):
 
     def close(self) -> None: ...
 
+    def last_words(self) -> str: ...  # what the dead rank's faulthandler wrote, if anything
+
+
+def read_available(fd: int, limit: int = 65536) -> str:
+    """What can be read from ``fd`` right now (never blocks; the writer may be a dead rank's child)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while sum(map(len, chunks)) < limit:
+            data = os.read(fd, limit)
+            if not data:
+                break
+            chunks.append(data)
+    except (BlockingIOError, OSError):
+        pass
+    return b"".join(chunks).decode("utf-8", "replace")
+
 
 class MultiprocessingRank:
     """A rank started by a ``multiprocessing`` context (fork or forkserver)."""
@@ -49,12 +67,17 @@ class MultiprocessingRank:
         context = multiprocessing.get_context(method)
         if method == "forkserver":
             _preload_forkserver(context)
-        self._process = context.Process(target=rank_entry, args=(bootstrap, setup),
+        self._crash_read, crash_write = context.Pipe(duplex=False)
+        self._process = context.Process(target=rank_entry, args=(bootstrap, setup, crash_write),
                                         name=f"notebook-fabric rank {bootstrap.rank}", daemon=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
             self._process.start()
+        crash_write.close()
         self.pid: int = self._process.pid
+
+    def last_words(self) -> str:
+        return read_available(self._crash_read.fileno())
 
     @property
     def exitcode(self) -> Optional[int]:
@@ -71,6 +94,7 @@ class MultiprocessingRank:
         self._process.kill()
 
     def close(self) -> None:
+        self._crash_read.close()
         try:
             self._process.join(timeout=0)
             self._process.close()
@@ -85,10 +109,15 @@ class SubprocessRank:
         env = dict(os.environ)
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] if env.get("PYTHONPATH") else paths)
-        self._popen = subprocess.Popen(
-            [sys.executable, "-c", "from notebook_fabric.launch.spawn_child import main; main()"],
-            stdin=subprocess.PIPE, env=env, close_fds=True,
-        )
+        self._crash_read, crash_write = os.pipe()
+        bootstrap = dataclasses.replace(bootstrap, crash_fd=crash_write)
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", "from notebook_fabric.launch.spawn_child import main; main()"],
+                stdin=subprocess.PIPE, env=env, close_fds=True, pass_fds=(crash_write,),
+            )
+        finally:
+            os.close(crash_write)
         self.pid: int = self._popen.pid
         try:
             self._popen.stdin.write(pickle.dumps(bootstrap))
@@ -118,7 +147,13 @@ class SubprocessRank:
         if self._popen.poll() is None:
             self._popen.kill()
 
+    def last_words(self) -> str:
+        return read_available(self._crash_read)
+
     def close(self) -> None:
+        if self._crash_read is not None:
+            os.close(self._crash_read)
+            self._crash_read = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

@@ -192,6 +192,7 @@ class Supervisor:
             handle.exitcode = exitcode
             handle.state = "exited"
             self.events.put(RankExited(rank=handle.rank, time=time.time(), exitcode=exitcode,
-                                       description=describe_exit(exitcode), expected=handle.exit_expected))
+                                       description=describe_exit(exitcode), expected=handle.exit_expected,
+                                       last_words=handle.process.last_words() if exitcode != 0 else ""))
             with self.changed:
                 self.changed.notify_all()

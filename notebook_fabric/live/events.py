@@ -157,6 +157,7 @@ class RankExited(RankEvent):
     exitcode: Optional[int]
     description: str
     expected: bool = False
+    last_words: str = ""  # what faulthandler wrote as it crashed (segfault, abort), if anything
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Rebuilding a DataLoader so that each rank reads its own shard."""
 from __future__ import annotations
 
+import copy
 import os
 from functools import partial
 from typing import Any
@@ -61,5 +62,6 @@ def with_seeded_workers(loader: DataLoader, rank: int) -> DataLoader:
     """Give ``loader``'s workers a per-worker, per-rank seed when ``seed_everything(workers=True)`` was called."""
     if not workers_should_be_seeded() or loader.num_workers == 0 or loader.worker_init_fn is not None:
         return loader
+    loader = copy.copy(loader)  # the user's own DataLoader stays as it was
     loader.worker_init_fn = partial(worker_init_function, rank=rank)
     return loader
