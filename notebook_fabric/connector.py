@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from .accelerators import ACCELERATOR_CHOICES, Accelerator, CUDAAccelerator, resolve_accelerator
-from .environments.base import ClusterEnvironment
+from .cli_settings import apply_cli_settings
+from .environments import ClusterEnvironment, detect_environment
 from .precision import Precision, resolve_precision
 from .strategies import STRATEGY_REGISTRY, ParallelStrategy, SingleDeviceStrategy, Strategy
 
@@ -44,9 +45,14 @@ class Connector:
         plugin_precision, environment, checkpoint_io = _sort_plugins(plugins)
         self.accelerator = self._resolve_accelerator(given["accelerator"], given["strategy"])
         self.num_nodes = _validate_num_nodes(given["num_nodes"])
-        self.device_indices = self.accelerator.parse_devices(given["devices"])
+        self.environment = environment if environment is not None else detect_environment()
+        devices = given["devices"]
+        if devices == "auto" and self.environment.creates_processes_externally:
+            # under torchrun / srun / mpirun the scheduler already decided how many ranks share this node
+            local_world_size = getattr(self.environment, "local_world_size", None)
+            devices = local_world_size() if callable(local_world_size) else devices
+        self.device_indices = self.accelerator.parse_devices(devices)
         self.parallel_devices = self.accelerator.get_parallel_devices(self.device_indices)
-        self.environment = environment if environment is not None else _detect_environment()
         self.strategy = self._resolve_strategy(given["strategy"])
         self._validate_strategy_fits()
         self.strategy.accelerator = self.strategy.accelerator or self.accelerator
@@ -159,19 +165,5 @@ def _sort_plugins(plugins: Any) -> tuple[Optional[Precision], Optional[ClusterEn
     return precision, environment, checkpoint_io
 
 
-def _detect_environment() -> ClusterEnvironment:
-    try:
-        from .environments import detect_environment
-    except ImportError:  # the scheduler-specific environments are optional pieces
-        from .environments.local import LocalEnvironment
-
-        return LocalEnvironment()
-    return detect_environment()
-
-
 def _apply_command_line(given: dict[str, Any]) -> dict[str, Any]:
-    try:
-        from .cli_settings import apply_cli_settings
-    except ImportError:
-        return given
     return apply_cli_settings(given, DEFAULTS)

@@ -1,6 +1,7 @@
 """DistributedDataParallel: one process per device, gradients all-reduced during backward."""
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import nullcontext
 from datetime import timedelta
@@ -99,6 +100,8 @@ class DDPStrategy(ParallelStrategy):
             timeout=self._timeout,
             **kwargs,
         )
+        # a rank that exits with its group alive can abort in torch's C++ teardown (SIGABRT at exit)
+        atexit.register(_destroy_process_group)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         device_ids = self._device_ids()
@@ -128,3 +131,8 @@ class DDPStrategy(ParallelStrategy):
 
     def __repr__(self) -> str:
         return f"DDPStrategy(backend={self._process_group_backend or 'auto'}, start_method={self.start_method})"
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
