@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -132,9 +132,30 @@ def variants(only: Optional[str]) -> Dict[str, Dict[str, Optional[Callable[[], o
     return {method: row for method, row in table.items() if only in (None, method)}
 
 
+@contextlib.contextmanager
+def silenced_descriptors() -> Iterator[None]:
+    """Send fds 1 and 2 to /dev/null (the peers' spawned ranks print banners straight to them)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def quietly(call: Callable[[], object]) -> float:
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+    with silenced_descriptors(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
         call()

@@ -9,7 +9,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .session import CellOptions, FabricSession, FabricUsageError
+from .commands import FabricUsageError
+from .session import CellOptions, FabricSession
 
 LINE_USAGE = """\
 %fabric status                       ranks, pids, state, device, memory
@@ -32,7 +33,7 @@ class FabricMagics(Magics):
         self.session = FabricSession(shell.user_ns)
 
     @line_cell_magic
-    @magic_arguments()
+    @magic_arguments("%fabric")  # shown as %%fabric in the usage line
     @argument("--devices", "-n", type=int, default=None, metavar="N",
               help="number of ranks (default 2, or the running pool's)")
     @argument("--accelerator", default=None, help="cpu, cuda, gpu, mps, tpu or auto (default auto)")

@@ -109,16 +109,6 @@ def format_failures(failures: Dict[int, RemoteFailure], arrival: Sequence[int], 
     return lines
 
 
-def last_cell_frame(traceback_text: str) -> str:
-    """The innermost ``File ... line ... in ...`` frame of a traceback, with its source line."""
-    lines = clean_traceback(traceback_text).splitlines()
-    for index in range(len(lines) - 1, -1, -1):
-        if _FRAME.match(lines[index]):
-            source = lines[index + 1].strip() if index + 1 < len(lines) and lines[index + 1].startswith("    ") else ""
-            return lines[index].strip() + (f"\n      {source}" if source else "")
-    return "(no frame)"
-
-
 def format_stacks(stacks: Dict[int, str]) -> str:
     """Every rank's stack, one block per rank (identical idle ranks grouped)."""
     groups: Dict[str, List[int]] = {}

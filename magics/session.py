@@ -1,4 +1,4 @@
-"""In the notebook: the magic's state (one pool, its settings, what the ranks hold) and each command.
+"""In the notebook: the magic's state (one pool, its settings, what the ranks hold) and ``%%fabric``.
 
 :class:`FabricSession` owns at most one :class:`~notebook_fabric.launch.pool.RankPool`. It starts
 the pool on the first cell, reuses it while the settings match, restarts it (and says why) when
@@ -12,12 +12,11 @@ while a cell is stuck.
 """
 from __future__ import annotations
 
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
+from notebook_fabric.launch.api import plan_ranks
 from notebook_fabric.launch.errors import LaunchTimeoutError, RankDiedError, format_ranks
 from notebook_fabric.launch.pool import RankPool
 from notebook_fabric.launch.processes import describe_exit
@@ -26,19 +25,12 @@ from notebook_fabric.live.sinks import NullSink, TextSink
 from .analysis import analyze_cell
 from .cell_sink import CellSink
 from .cell_task import CellTask
+from .commands import RESTART_NOTE, FabricUsageError, PoolCommands, Snapshot, notify, with_render
 from .probe import PoolProbe, set_nodelay_in_notebook
-from .render import (
-    RankValues, format_bytes, format_failures, format_stacks, format_table, last_cell_frame,
-)
+from .render import RankValues, format_failures, format_stacks
 from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
 from .settings import PoolSettings, parse_ranks
 from .shipping import UnpicklableVariableError, ValueTracker
-
-RESTART_NOTE = "variables from earlier %%fabric cells are gone"
-
-
-class FabricUsageError(ValueError):
-    """A magic was used in a way that cannot work; the message says what to do instead."""
 
 
 @dataclass
@@ -54,33 +46,12 @@ class CellOptions:
     out_all: Sequence[str] = ()
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Where the ranks were at the last interrupt or stall, for ``%fabric where`` afterwards."""
+class FabricSession(PoolCommands):
+    """One notebook's pool and everything the magics do with it (see the module docstring).
 
-    what: str
-    time: float
-    text: str
-
-
-def notify(text: str) -> None:
-    """A launcher message in the cell: ``[notebook-fabric] text`` on stderr."""
-    sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
-    sys.stderr.flush()
-
-
-def with_render(error: BaseException, lines: List[str]) -> BaseException:
-    """Make IPython show ``lines`` instead of a local traceback for ``error`` (its type is kept)."""
-    text = [line.rstrip("\n") for line in lines]
-    try:
-        error._render_traceback_ = lambda: text  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):  # pragma: no cover - exceptions with __slots__
-        pass
-    return error
-
-
-class FabricSession:
-    """One notebook's pool and everything the magics do with it (see the module docstring)."""
+    The ``%fabric`` line commands (status, where, stop, restart, pull, push) come from
+    :class:`~.commands.PoolCommands`.
+    """
 
     def __init__(self, user_ns: Dict[str, Any], heartbeat_interval: float = 1.0) -> None:
         self.user_ns = user_ns
@@ -97,7 +68,10 @@ class FabricSession:
     # -- the pool -------------------------------------------------------------------------------
     def ensure_pool(self, requested: Dict[str, Any]) -> RankPool:
         """The running pool if it matches ``requested``; otherwise a new one (saying why)."""
-        wanted = (self.settings or PoolSettings()).merged(requested)
+        try:
+            wanted = (self.settings or PoolSettings()).merged(requested)
+        except ValueError as error:
+            raise FabricUsageError(str(error)) from None
         if self.pool is None and self.ended:
             notify(f"the previous pool ended ({self.ended}); starting a new one: {RESTART_NOTE}")
         if self.pool is not None:
@@ -114,12 +88,18 @@ class FabricSession:
     def _start(self, settings: PoolSettings) -> RankPool:
         self._require_main_thread("starting ranks")
         started = time.monotonic()
-        pool = RankPool(settings.fabric_kwargs(), num_processes=settings.devices, start_method=settings.start_method,
-                        sink=TextSink(), heartbeat_interval=self.heartbeat_interval)
+        try:  # build the Fabric here first: bad settings fail at once, before any process starts
+            num_processes, declared = plan_ranks(settings.fabric_kwargs())
+        except (ValueError, TypeError) as error:
+            raise with_render(error, [f"{type(error).__name__}: cannot start {settings.describe()}: {error}",
+                                      "Nothing was started; fix the option and run the cell again."]) from None
+        pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes,
+                        start_method=settings.start_method or declared, sink=TextSink(),
+                        heartbeat_interval=self.heartbeat_interval)
         try:
             pool.start()
         except BaseException as error:
-            self.pool, self.settings = None, settings
+            self.pool = None
             raise with_render(error, [f"{type(error).__name__}: could not start {settings.describe()}:",
                                       *str(error).splitlines(), *_notes(error),
                                       *_remote_traceback(error)]) from None
@@ -288,98 +268,6 @@ class FabricSession:
             self.ended = "it was stopped after an interrupt"
         lines.append(self._pool_state_line())
         return with_render(error, lines)
-
-    # -- line magics ----------------------------------------------------------------------------
-    def status(self) -> str:
-        """The pool's settings and, per rank: pid, state, device, memory, last heartbeat."""
-        if self.pool is None:
-            settings = self.settings or PoolSettings()
-            return f"no pool is running; the next %%fabric cell starts one with {settings.describe()}"
-        state = "running" if self.pool.alive else "ended"
-        busy = " (a cell is running)" if self.cell_running else ""
-        rows = []
-        for rank, line in sorted(self.pool.status().items()):
-            beat = "-" if line.seconds_since_heartbeat is None else f"{line.seconds_since_heartbeat:.1f} s ago"
-            rows.append((str(rank), str(line.pid), line.state, self.devices.get(rank, "-"), format_bytes(line.rss_bytes), beat))
-        header = f"pool: {self.settings.describe()}, start_method={self.pool.start_method!r}: {state}{busy}"
-        return header + "\n" + format_table(("rank", "pid", "state", "device", "memory (RSS)", "heartbeat"), rows)
-
-    def where(self, timeout: float = 3.0) -> str:
-        """Every rank's current stack (answered even while a cell is stuck), and the last snapshot."""
-        if self.pool is None:
-            text = "no pool is running"
-        else:
-            text = format_stacks(self.pool.where(timeout))
-        if self.snapshot is not None and not self.cell_running:
-            age = time.time() - self.snapshot.time
-            text += f"\n\nAt the last {self.snapshot.what} ({age:.0f} s ago):\n{self.snapshot.text}"
-        return text
-
-    def stop(self) -> str:
-        self._require_idle("%fabric stop")
-        if self.pool is None:
-            return "no pool is running"
-        count = self.pool.world_size
-        self._stop_pool()
-        self.ended = None
-        return f"stopped the pool ({count} ranks)"
-
-    def restart(self) -> str:
-        self._require_idle("%fabric restart")
-        settings = self.settings or PoolSettings()
-        self._stop_pool()
-        self._start(settings)
-        return f"restarted the pool: {RESTART_NOTE}"
-
-    def pull(self, name: str, rank: Optional[int] = None, every: bool = False) -> str:
-        """``user_ns[name]`` = rank ``rank``'s value (default 0), or the list of every rank's."""
-        pool = self._idle_pool("%fabric pull")
-        ranks = None if every else [rank or 0]
-        try:
-            values = pool.pull(name, ranks)
-        except KeyError:
-            raise FabricUsageError(f"{format_ranks(ranks or range(pool.world_size))} {'has' if ranks else 'have'} no "
-                                   f"variable {name!r} (define it in a %%fabric cell first)") from None
-        self.user_ns[name] = [values[r] for r in sorted(values)] if every else values[ranks[0]]
-        self.tracker.mark_rank_bound([name], self.user_ns)
-        source = "every rank (a list indexed by rank)" if every else f"rank {ranks[0]}"
-        return f"{name} <- {source}"
-
-    def push(self, names: Sequence[str], ranks: Optional[Sequence[int]] = None) -> str:
-        """Send the notebook's ``names`` to the ranks (even if they seem unchanged)."""
-        pool = self._idle_pool("%fabric push")
-        missing = [n for n in names if n not in self.user_ns]
-        if missing:
-            raise FabricUsageError(f"the notebook has no variable {', '.join(repr(n) for n in missing)} to push")
-        shipment = self.tracker.collect(names, self.user_ns, force=True)
-        task = CellTask(filename="<fabric-push>", source="", values=shipment.values, rebind=shipment.rebind,
-                        display=False)
-        pool.run(task, ranks)
-        if ranks is None:
-            self.tracker.commit(shipment)
-        return f"pushed {', '.join(names)} to {format_ranks(ranks if ranks is not None else range(pool.world_size))}"
-
-    def shutdown(self) -> None:
-        """End the pool (extension unloaded, kernel exiting)."""
-        self._stop_pool()
-
-    # -- guards ---------------------------------------------------------------------------------
-    def _require_main_thread(self, what: str) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise FabricUsageError(f"{what} must run in the notebook's main shell: ranks die with the thread that "
-                                   "starts them. From a subshell, use %fabric where or %fabric status.")
-
-    def _require_idle(self, what: str) -> None:
-        self._require_main_thread(what)
-        if self.cell_running:
-            raise FabricUsageError(f"a %%fabric cell is running; {what} waits for it (interrupt it first). "
-                                   "%fabric where and %fabric status work meanwhile.")
-
-    def _idle_pool(self, what: str) -> RankPool:
-        self._require_idle(what)
-        if self.pool is None or not self.pool.alive:
-            raise FabricUsageError(f"{what}: no pool is running; run a %%fabric cell first")
-        return self.pool
 
 
 def _notes(error: BaseException) -> List[str]:

@@ -45,13 +45,11 @@ class PoolSettings:
                 for f in fields(self) if getattr(old, f.name) != getattr(self, f.name)]
 
     def describe(self) -> str:
-        """``"2 ranks, accelerator='cpu', strategy='ddp'"``."""
+        """``"2 ranks, accelerator='cpu', strategy='ddp'"`` (the start method is the pool's to tell)."""
         parts = [f"{self.devices} rank{'s' if self.devices != 1 else ''}", f"accelerator={self.accelerator!r}",
                  f"strategy={self.strategy!r}"]
         if self.precision is not None:
             parts.append(f"precision={self.precision!r}")
-        if self.start_method is not None:
-            parts.append(f"start_method={self.start_method!r}")
         if self.debug:
             parts.append("debug=True")
         return ", ".join(parts)

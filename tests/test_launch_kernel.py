@@ -141,6 +141,8 @@ def test_ranks_of_a_pool_end_with_the_kernel(kernel):
                       "pool.pids")
     assert cell["status"] == "ok", cell["stderr"]
     ranks = [psutil.Process(pid) for pid in json.loads(cell["result"])]
+    later = kernel.run("pool.run(lambda fabric, ns: fabric.global_rank)")  # the pool outlives its cell
+    assert later["result"] == "{0: 0, 1: 1}", later["stderr"]
     kernel.manager.shutdown_kernel(now=True)  # SIGKILL: no atexit, only the parent-death signal
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert alive == []

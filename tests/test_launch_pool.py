@@ -131,3 +131,19 @@ def test_a_rank_killed_between_tasks_is_reported_on_the_next_run(pool):
     time.sleep(1.0)
     with pytest.raises(PoolClosedError, match="rank 1"):
         pool.run(lambda fabric, ns: None)
+
+
+def test_a_pool_started_from_a_short_lived_thread_outlives_it(clean_environment):
+    """The parent-death signal follows the starting thread: pools started off the main thread
+    are started by a long-lived starter thread instead."""
+    started = []
+    starter = threading.Thread(target=lambda: started.append(RankPool(CPU_DDP, 2, sink=RecordingSink()).start()))
+    starter.start()
+    starter.join()
+    pool = started[0]
+    try:
+        time.sleep(0.5)
+        assert pool.alive
+        assert pool.run(lambda fabric, ns: fabric.global_rank) == {0: 0, 1: 1}
+    finally:
+        pool.stop()

@@ -109,6 +109,19 @@ def test_output_shows_rank_zero_unless_asked(kernel: Kernel) -> None:
     assert kernel.ok("%%fabric\n7;").result == ""  # a trailing semicolon hides the value, as in IPython
 
 
+def test_output_is_live_while_the_cell_runs(kernel: Kernel, tmp_path) -> None:
+    go = tmp_path / "go"
+    kernel.ok(f"{POOL}\nimport os, time\ngo_file = {str(go)!r}")
+    # rank 0 prints, then waits for a file that the test creates only after it has seen the print:
+    # if output were held until the cell ends, this would never finish
+    msg = kernel.send("%%fabric\nprint('waiting for go', flush=True)\nwhile not os.path.exists(go_file):\n"
+                      "    time.sleep(0.05)\nprint('went')")
+    kernel.wait_for_output(msg, "[rank 0] waiting for go", timeout=30)
+    go.write_text("go")
+    reply = kernel.collect(msg, timeout=30)
+    assert reply.status == "ok" and reply.stdout.index("waiting for go") < reply.stdout.index("went")
+
+
 def test_python_errors_show_per_rank_and_pool_survives(kernel: Kernel) -> None:
     kernel.ok(f"{POOL}\nkept = 'yes'")
     before = pids(kernel)
@@ -130,13 +143,13 @@ def test_python_errors_show_per_rank_and_pool_survives(kernel: Kernel) -> None:
 def test_interrupt_raises_in_ranks_and_pool_survives(kernel: Kernel) -> None:
     kernel.ok(f"{POOL}\nimport time\nkept = 'still here'")
     before = pids(kernel)
-    msg = kernel.send("%%fabric\nfor _ in range(600):\n    time.sleep(0.05)")
-    time.sleep(1.5)
+    msg = kernel.send("%%fabric\nprint('looping', flush=True)\nfor _ in range(600):\n    time.sleep(0.05)")
+    kernel.wait_for_output(msg, "[rank 0] looping")
     kernel.interrupt()
     reply = kernel.collect(msg, timeout=60)
     assert reply.ename == "KeyboardInterrupt"
     assert "ranks 0-1 stopped with KeyboardInterrupt" in reply.error_text
-    assert re.search(r'rank 0 interrupted at File "<fabric-cell-\d+>", line 3', reply.stderr)
+    assert re.search(r'rank 0 interrupted at File "<fabric-cell-\d+>", line 4', reply.stderr)
     assert "The pool is still running" in reply.error_text
     assert kernel.ok("%%fabric\nkept").result == "[ranks 0-1] 'still here'"
     assert pids(kernel) == before
@@ -147,9 +160,10 @@ def test_second_interrupt_ends_stuck_ranks_and_next_cell_restarts(kernel: Kernel
     kernel.ok(f"{POOL}\nimport time")
     before = pids(kernel)
     # rank 0 waits in a barrier (native code: KeyboardInterrupt cannot reach it), rank 1 sleeps
-    msg = kernel.send("%%fabric --stall 0\nif fabric.global_rank == 0:\n    fabric.barrier('stuck')\n"
-                      "else:\n    time.sleep(60)")
-    time.sleep(1.5)
+    msg = kernel.send("%%fabric --stall 0\nprint('in', flush=True)\nif fabric.global_rank == 0:\n"
+                      "    fabric.barrier('stuck')\nelse:\n    time.sleep(60)")
+    kernel.wait_for_output(msg, "[rank 0] in")
+    time.sleep(0.5)  # let rank 0 reach the barrier
     kernel.interrupt()
     time.sleep(0.5)
     kernel.interrupt()

@@ -110,6 +110,27 @@ class Kernel:
         reply.status = "error" if reply.ename else "ok"
         return reply
 
+    def wait_for_output(self, msg_id: str, snippet: str, timeout: float = 60.0) -> None:
+        """Block until ``msg_id`` (still running) has published stream text containing ``snippet``.
+
+        The messages read meanwhile are kept for :meth:`collect`.
+        """
+        deadline = time.monotonic() + timeout
+        seen = ""
+        while snippet not in seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{snippet!r} not published within {timeout} s; saw {seen!r}")
+            try:
+                msg = self.client.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            parent = msg["parent_header"].get("msg_id")
+            if parent:
+                self._held.setdefault(parent, []).append(msg)
+            if parent == msg_id and msg["msg_type"] == "stream":
+                seen += msg["content"]["text"]
+
     def run(self, code: str, timeout: float = 120.0) -> Reply:
         return self.collect(self.send(code), timeout)
 

@@ -34,7 +34,7 @@ from ..live.events import CollectiveState, Notice, RankEvent
 from ..live.sinks import EventSink, TextSink
 from .errors import PoolClosedError
 from .preflight import resolve_start_method
-from .processes import descendants, kill_all, kill_process_group, signal_process
+from .processes import descendants, kill_all, kill_process_group, signal_process, wait_until
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
 from .rendezvous import RendezvousStore
 from .run_loop import RunLoop, wait_until_ready
@@ -88,6 +88,7 @@ class RankPool:
         self._events: "queue.Queue[RankEvent]" = queue.Queue()
         self._supervisor: Optional[Supervisor] = None
         self._rendezvous: Optional[RendezvousStore] = None
+        self._listener: Optional[EventListener] = None
         self._state = "new"  # new | running | stopped
         self._ids = itertools.count(1)
         self._shipped_sources: set = set()
@@ -123,7 +124,7 @@ class RankPool:
         _LIVE_POOLS.add(self)
         try:
             self._rendezvous = RendezvousStore()
-            listener = EventListener(backlog=max(64, self.num_processes))
+            self._listener = listener = EventListener(backlog=max(64, self.num_processes))
             for rank in range(self.num_processes):
                 bootstrap = RankBootstrap(
                     rank=rank, world_size=self.num_processes, address=listener.address, authkey=listener.authkey,
@@ -157,6 +158,8 @@ class RankPool:
         finally:
             if self._supervisor is not None:
                 self._supervisor.stop()
+            elif self._listener is not None:
+                self._listener.close()
             for handle in self._handles:
                 if handle.connection is not None:
                     handle.connection.close()
@@ -194,8 +197,14 @@ class RankPool:
             kill_all(trees)
 
     def _wait_exits(self, timeout: float) -> bool:
-        if self._supervisor is None:
-            return all(h.process.exitcode is not None for h in self._handles)
+        if self._supervisor is None:  # start failed before anything watched the ranks
+            def all_exited() -> bool:
+                for handle in self._handles:
+                    if handle.alive:
+                        handle.exitcode = handle.process.exitcode
+                return not any(h.alive for h in self._handles)
+
+            return wait_until(all_exited, timeout)
         deadline = time.monotonic() + timeout
         with self._supervisor.changed:
             while any(h.alive for h in self._handles):

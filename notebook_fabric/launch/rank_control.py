@@ -96,7 +96,7 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
                              collective=state.collective))
 
     def control() -> None:
-        next_beat = time.monotonic()
+        next_beat = time.monotonic() + heartbeat_interval
         while True:
             now = time.monotonic()
             if now >= next_beat:

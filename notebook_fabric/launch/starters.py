@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Protocol
 
 from .protocol import RankBootstrap, RankSetup
@@ -160,10 +163,25 @@ class SubprocessRank:
 
 
 def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
-    """Start one rank; ``inherited`` (fork only) is handed over in memory instead of pickled."""
+    """Start one rank; ``inherited`` (fork only) is handed over in memory instead of pickled.
+
+    The parent-death signal of a rank fires when the *thread* that started it ends, so ranks are
+    started from the main thread, or else from one long-lived starter thread.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return _start_rank(method, bootstrap, inherited)
+    return _starter_thread().submit(_start_rank, method, bootstrap, inherited).result()
+
+
+def _start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
     if method == "spawn":
         return SubprocessRank(bootstrap)
     return MultiprocessingRank(method, bootstrap, inherited if method == "fork" else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _starter_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="notebook-fabric starter")
 
 
 def _preload_forkserver(context) -> None:
