@@ -134,7 +134,25 @@ def lagging(fabric):
     assert after["result"] == "105.0"
 
 
-def test_ranks_of_a_pool_end_with_the_kernel(kernel):
+DATALOADER_WORKERS = """
+import os, torch
+
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+    def __getitem__(self, index):
+        return os.getpid()
+
+def start_workers(fabric, ns):
+    loader = torch.utils.data.DataLoader(WorkerPids(), batch_size=1, num_workers=2, persistent_workers=True)
+    ns["batches"] = iter(loader)  # keep the workers alive
+    return sorted({int(next(ns["batches"])) for _ in range(2)})
+
+[pids for rank, pids in sorted(pool.run(start_workers).items())]
+"""
+
+
+def test_ranks_and_their_dataloader_workers_end_with_the_kernel(kernel):
     kernel.run(DEFINE)
     cell = kernel.run("from notebook_fabric.launch.pool import RankPool\n"
                       "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2).start()\n"
@@ -143,6 +161,10 @@ def test_ranks_of_a_pool_end_with_the_kernel(kernel):
     ranks = [psutil.Process(pid) for pid in json.loads(cell["result"])]
     later = kernel.run("pool.run(lambda fabric, ns: fabric.global_rank)")  # the pool outlives its cell
     assert later["result"] == "{0: 0, 1: 1}", later["stderr"]
+    workers = kernel.run(DATALOADER_WORKERS)
+    assert workers["status"] == "ok", workers["stderr"]
+    ranks += [psutil.Process(pid) for pids in json.loads(workers["result"]) for pid in pids]
+    assert len(ranks) == 2 + 4
     kernel.manager.shutdown_kernel(now=True)  # SIGKILL: no atexit, only the parent-death signal
-    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    gone, alive = psutil.wait_procs(ranks, timeout=15)  # ranks at once; workers notice their rank is gone
     assert alive == []

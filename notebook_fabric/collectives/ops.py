@@ -1,11 +1,11 @@
 """Tensor collectives over ``torch.distributed``: the only place that calls it, so every call is traced.
 
 Each function adds nothing torch.distributed does not need: no barrier, no extra copy beyond the
-one that keeps the caller's tensor untouched.
+one that keeps the caller's tensor untouched. With no tracer installed, tracing costs one lookup.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,12 @@ REDUCE_OPS = {
     "product": dist.ReduceOp.PRODUCT,
 }
 
+# torch >= 2.11 renamed all_gather_into_tensor; both gather equal-sized flat chunks into one buffer
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def normalize_reduce_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[str, Any]:
+    """``(name, torch ReduceOp)`` for ``reduce_op``; ``ValueError`` lists the supported names."""
     if reduce_op is None:
         return "mean", dist.ReduceOp.SUM
     if isinstance(reduce_op, str):
@@ -40,19 +44,28 @@ def _group_size(group: Optional[Any]) -> int:
     return dist.get_world_size(group)
 
 
+def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -> dict:
+    shapes = [tuple(tensor.shape)] if tensor is not None else []
+    dtypes = [str(tensor.dtype)] if tensor is not None else ["object"]
+    return {"group_size": _group_size(group), "shapes": shapes, "dtypes": dtypes, **extra}
+
+
+def _run(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:
+    """``call()``, between the tracer's enter and exit when one is installed (``meta`` is built only then)."""
+    tracer = get_tracer()
+    if tracer is None:
+        return call()
+    with traced(tracer, op, meta()):
+        return call()
+
+
 def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group: Optional[Any] = None) -> Tensor:
     """A new tensor holding the reduction of ``tensor`` over ``group``; the input is left untouched."""
     name, op = normalize_reduce_op(reduce_op)
     result = tensor.clone()
     if name == "mean" and not result.is_floating_point() and not result.is_complex():
         result = result.to(torch.get_default_dtype())
-    tracer = get_tracer()
-    if tracer is None:
-        dist.all_reduce(result, op=op, group=group)
-    else:
-        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)], "reduce_op": name}
-        with traced(tracer, "all_reduce", meta):
-            dist.all_reduce(result, op=op, group=group)
+    _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group), lambda: _meta(group, tensor, reduce_op=name))
     if name == "mean":
         result.div_(_group_size(group))
     return result
@@ -67,18 +80,8 @@ def all_gather(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
     size = _group_size(group)
     flat = tensor.detach().contiguous().reshape(-1)
     output = flat.new_empty(size * flat.numel())
-    tracer = get_tracer()
-    if tracer is None:
-        _all_gather_single(output, flat, group=group)
-    else:
-        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)]}
-        with traced(tracer, "all_gather", meta):
-            _all_gather_single(output, flat, group=group)
+    _run("all_gather", lambda: _all_gather_single(output, flat, group=group), lambda: _meta(group, tensor))
     return output.view(size, *tensor.shape)
-
-
-# torch >= 2.11 renamed all_gather_into_tensor; both gather equal-sized flat chunks into one buffer
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather_with_grads(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
@@ -96,59 +99,37 @@ class _AllGatherWithGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:  # noqa: ANN401
         grad = grad_output.contiguous().clone()
-        tracer = get_tracer()
-        if tracer is None:
-            dist.all_reduce(grad, group=ctx.group)
-        else:
-            meta = {"shapes": [tuple(grad.shape)], "dtypes": [str(grad.dtype)], "reduce_op": "sum"}
-            with traced(tracer, "all_reduce", meta):
-                dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        group = ctx.group
+        _run("all_reduce", lambda: dist.all_reduce(grad, group=group), lambda: _meta(group, grad, reduce_op="sum"))
+        return grad[dist.get_rank(group)], None
 
 
 def broadcast_tensor(tensor: Tensor, src: int = 0, group: Optional[Any] = None) -> Tensor:
     """``src``'s tensor on every rank (a new tensor; the caller's is untouched on non-source ranks)."""
     result = tensor.clone() if dist.get_rank() != src else tensor
-    tracer = get_tracer()
-    if tracer is None:
-        dist.broadcast(result, src, group=group)
-    else:
-        meta = {"shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)], "src": src}
-        with traced(tracer, "broadcast", meta):
-            dist.broadcast(result, src, group=group)
+    _run("broadcast", lambda: dist.broadcast(result, src, group=group), lambda: _meta(group, tensor, src=src))
     return result
 
 
 def broadcast_object(obj: Any, src: int = 0, group: Optional[Any] = None, device: Optional[torch.device] = None) -> Any:
     """Any picklable object from ``src`` to every rank."""
     box = [obj]
-    tracer = get_tracer()
-    if tracer is None:
-        dist.broadcast_object_list(box, src, group=group, device=device)
-    else:
-        with traced(tracer, "broadcast", {"shapes": [], "dtypes": ["object"], "src": src}):
-            dist.broadcast_object_list(box, src, group=group, device=device)
+    _run(
+        "broadcast",
+        lambda: dist.broadcast_object_list(box, src, group=group, device=device),
+        lambda: _meta(group, src=src),
+    )
     return box[0]
 
 
 def all_gather_object(obj: Any, group: Optional[Any] = None) -> list:
     """Every rank's picklable ``obj``, as a list indexed by rank."""
     out: list = [None] * _group_size(group)
-    tracer = get_tracer()
-    if tracer is None:
-        dist.all_gather_object(out, obj, group=group)
-    else:
-        with traced(tracer, "all_gather", {"shapes": [], "dtypes": ["object"]}):
-            dist.all_gather_object(out, obj, group=group)
+    _run("all_gather", lambda: dist.all_gather_object(out, obj, group=group), lambda: _meta(group))
     return out
 
 
 def barrier(name: Optional[str] = None, group: Optional[Any] = None, device_ids: Optional[list[int]] = None) -> None:
     """Wait until every rank of ``group`` arrives. ``name`` shows in traces and stall reports."""
     kwargs = {"device_ids": device_ids} if device_ids else {}
-    tracer = get_tracer()
-    if tracer is None:
-        dist.barrier(group=group, **kwargs)
-    else:
-        with traced(tracer, "barrier", {"name": name, "shapes": [], "dtypes": []}):
-            dist.barrier(group=group, **kwargs)
+    _run("barrier", lambda: dist.barrier(group=group, **kwargs), lambda: {**_meta(group), "dtypes": [], "name": name})
