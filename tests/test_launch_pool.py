@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers_launch import pid_alive, touch, wait_for_file, wait_no_children
-from notebook_fabric.launch import PoolClosedError, RankDiedError
+from notebook_fabric.launch import PoolClosedError
 from notebook_fabric.launch.pool import RankPool
 from notebook_fabric.live.events import Heartbeat, Output
 from notebook_fabric.live.sinks import RecordingSink
@@ -99,7 +99,7 @@ def test_where_answers_while_a_task_is_stuck_in_a_barrier(pool, tmp_path):
 
 
 def test_status_reports_pids_memory_and_heartbeats(pool):
-    time.sleep(0.5)
+    pool.run(lambda fabric, ns: time.sleep(0.5))  # heartbeats reach the sink while a task runs
     status = pool.status()
     assert sorted(status) == [0, 1]
     for rank, line in status.items():

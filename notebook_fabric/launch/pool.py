@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from ..live.channel import EventListener
 from ..live.events import CollectiveState, Notice, RankEvent
@@ -311,6 +311,11 @@ class RankPool:
     @property
     def handles(self) -> List[RankHandle]:
         return self._handles
+
+    def task_running(self, running: bool) -> None:
+        """While a task runs, heartbeats are queued as events too (else only kept per rank)."""
+        if self._supervisor is not None:
+            (self._supervisor.task_running.set if running else self._supervisor.task_running.clear)()
 
     def next_event(self, timeout: float) -> Optional[RankEvent]:
         try:

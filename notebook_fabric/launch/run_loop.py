@@ -109,12 +109,14 @@ class RunLoop:
             handle.state = "running"
             handle.exit_expected = handle.exit_expected or self.last
             handle.send(message)
+        self.pool.task_running(True)
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
             self._on_interrupt()
             raise
         finally:
+            self.pool.task_running(False)
             self.pool.drain_events(self.sink)
             self.sink.flush()
         if outcome == "died":

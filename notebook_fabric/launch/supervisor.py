@@ -72,6 +72,7 @@ class Supervisor:
         self._wake_read, self._wake_write = os.pipe()
         self._stopping = threading.Event()
         self._finishing = threading.Event()
+        self.task_running = threading.Event()  # set by the run loop while it consumes events
         self._where: Dict[int, Dict[int, WhereReply]] = {}
         self.changed = threading.Condition()
         self._acceptor = threading.Thread(target=self._accept, name="notebook-fabric acceptor", daemon=True)
@@ -175,6 +176,8 @@ class Supervisor:
                     handle.send(SetupPayload(self._setup_payload))
             elif isinstance(event, Heartbeat):
                 handle.heartbeat = event
+                if not self.task_running.is_set():
+                    return  # between tasks nobody consumes events: keep only the latest, on the handle
             elif isinstance(event, (RankReady, TaskDone, TaskFailed)):
                 handle.state = "idle"
         self.events.put(event)
