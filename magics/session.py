@@ -26,7 +26,7 @@ from .analysis import analyze_cell
 from .cell_sink import CellSink
 from .cell_task import CellTask
 from .commands import RESTART_NOTE, FabricUsageError, PoolCommands, Snapshot, notify, with_render
-from .probe import PoolProbe, set_nodelay_in_notebook
+from .probe import probe_rank
 from .render import RankValues, format_failures, format_stacks
 from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
 from .settings import PoolSettings, parse_ranks
@@ -105,8 +105,7 @@ class FabricSession(PoolCommands):
                                       *_remote_traceback(error)]) from None
         self.pool, self.settings, self.ended, self.snapshot = pool, settings, None, None
         self.tracker.reset()
-        ports = set_nodelay_in_notebook(h.connection for h in pool.handles)
-        info = pool.run(PoolProbe(ports), sink=NullSink())
+        info = pool.run(probe_rank, sink=NullSink())
         self.devices = {rank: str(value["device"]) for rank, value in info.items()}
         notify(f"started {settings.describe()}, start_method={pool.start_method!r} "
                f"in {time.monotonic() - started:.1f} s")

@@ -361,6 +361,14 @@ class Fabric:
         for logger in self._loggers:
             logger.log_metrics(metrics=metrics, step=step)
 
+    def _finalize_loggers(self, status: str = "success") -> None:
+        """Flush and close every logger; launchers call it when a rank ends (buffers would be lost at os._exit)."""
+        for logger in self._loggers:
+            try:
+                logger.finalize(status)
+            except Exception as error:  # noqa: BLE001 - one broken logger must not hide the run's outcome
+                warnings.warn(f"{type(logger).__name__}.finalize({status!r}) failed: {error}", stacklevel=2)
+
     # ----- checks --------------------------------------------------------------------------------
     def _check_launched(self) -> None:
         strategy = self._strategy

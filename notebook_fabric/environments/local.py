@@ -37,8 +37,10 @@ class LocalEnvironment(ClusterEnvironment):
 
     @property
     def main_port(self) -> int:
+        if "MASTER_PORT" in os.environ:  # a launcher may set it after this object was built
+            return int(os.environ["MASTER_PORT"])
         if self._main_port == -1:
-            self._main_port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else find_free_port()
+            self._main_port = find_free_port()
         return self._main_port
 
     @staticmethod

@@ -104,6 +104,9 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
             outbox.put(event)
             if message.exit_after:
                 break
+    finalize = getattr(fabric, "_finalize_loggers", None)  # a custom make_fabric may build something else
+    if callable(finalize):
+        finalize("success")
     capture.flush()
     outbox.close()
     return 0

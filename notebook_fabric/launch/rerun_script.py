@@ -45,13 +45,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _host_store(address: str) -> int:
-    """A TCPStore server in this process on an OS-chosen port; returns the port."""
-    from torch.distributed import TCPStore
+def _host_store() -> int:
+    """A loopback-only TCPStore server in this process on an OS-chosen port; returns the port."""
+    from .rendezvous import RendezvousStore
 
-    store = TCPStore(address, 0, is_master=True, wait_for_workers=False)
+    store = RendezvousStore()
     _state["store"] = store  # keep it alive as long as the job
-    return int(store.port)
+    return store.port
 
 
 def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, environment: Any) -> None:
@@ -60,7 +60,9 @@ def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, envir
         raise RuntimeError("The script ranks were already started in this process")
     address = environment.main_address
     if node_rank == 0 and num_nodes == 1 and "MASTER_PORT" not in os.environ:
-        port = _host_store(address)
+        from .rendezvous import LOOPBACK
+
+        address, port = LOOPBACK, _host_store()
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
     else:
         port = environment.main_port

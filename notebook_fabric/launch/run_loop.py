@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
 
 DEATH_GRACE = 0.3  # seconds to gather ranks that die together ("ranks 0-1 exited with code 3")
+EXIT_EVENT_WAIT = 3.0  # at most this long past failure_grace for the exit event of a rank already gone
 
 
 def wait_until_ready(pool: "RankPool", timeout: float) -> None:
@@ -140,7 +141,9 @@ class RunLoop:
                 return "grace"
             if self.failures and settle_on_failure:
                 first_failure = first_failure or now
-                if now - first_failure > self.failure_grace:
+                # a rank whose process is gone explains the others' "connection closed": wait for its exit event
+                waiting_for_exit = self._pending_rank_exited() and now - first_failure < self.failure_grace + EXIT_EVENT_WAIT
+                if now - first_failure > self.failure_grace and not waiting_for_exit:
                     return "failed"
             if self.timeout is not None and now - started > self.timeout:
                 return "timeout"
@@ -176,6 +179,9 @@ class RunLoop:
             pass  # a late answer to an earlier, abandoned task
         else:
             self.sink.handle(event)
+
+    def _pending_rank_exited(self) -> bool:
+        return any(self.pool.handle(rank).process.exitcode is not None for rank in self.pending)
 
     def _fail(self, rank: int, failure: RemoteFailure) -> None:
         self.failures[rank] = failure
