@@ -50,16 +50,23 @@ def step_function(model: nn.Module, optimizer: torch.optim.Optimizer, backward: 
     return step
 
 
+def save_then_wait(state: dict, path: str) -> None:
+    """What correct raw DDP code does: rank 0 writes, every rank waits until the file is complete."""
+    if dist.get_rank() == 0:
+        torch.save(state, path)
+    dist.barrier()
+
+
 def bench_raw() -> dict[str, Callable[[], None]]:
     model = nn.parallel.DistributedDataParallel(make_model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     small = torch.ones(4)
-    state = {"model": make_model().state_dict()}
+    state = {"model": model.module.state_dict()}
     path = os.path.join(tempfile.gettempdir(), f"bench_raw_{dist.get_rank()}.pt")
     return {
         "ddp step": step_function(model, optimizer, lambda loss: loss.backward()),
         "all_reduce(4 floats)": lambda: dist.all_reduce(small.clone()),
-        "save (rank 0)": lambda: torch.save(state, path) if dist.get_rank() == 0 else None,
+        "save (rank 0)": lambda: save_then_wait(state, path),
     }
 
 

@@ -70,7 +70,7 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._debug = bool(debug)
         self._launched = False
-        self._models_setup = 0
+        self._setup_modules: list[nn.Module] = []  # what each setup() handed the strategy
 
     # ----- what this rank is ---------------------------------------------------------------------
     @property
@@ -169,7 +169,7 @@ class Fabric:
             self._strategy.module_to_device(module)
         forward_module, optimizers_out = self._strategy.setup_module_and_optimizers(module, list(optimizers))
         wrapped = _FabricModule(forward_module, self._strategy, original_module=original)
-        self._models_setup += 1
+        self._setup_modules.append(forward_module)
         fabric_optimizers = [_FabricOptimizer(opt, self._strategy, self._callbacks) for opt in optimizers_out]
         self.call("on_after_setup", fabric=self, module=wrapped)
         if not fabric_optimizers:
@@ -184,8 +184,9 @@ class Fabric:
         module = self._precision.convert_module(module)
         if move_to_device:
             self._strategy.module_to_device(module)
-        self._models_setup += 1
-        return _FabricModule(self._strategy.setup_module(module), self._strategy, original_module=original)
+        forward_module = self._strategy.setup_module(module)
+        self._setup_modules.append(forward_module)
+        return _FabricModule(forward_module, self._strategy, original_module=original)
 
     def setup_optimizers(self, *optimizers: Optimizer) -> Any:
         self._check_not_wrapped(None, optimizers)
@@ -214,8 +215,14 @@ class Fabric:
 
     # ----- the training step ---------------------------------------------------------------------
     def backward(self, tensor: Tensor, *args: Any, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
-        """``tensor.backward()``, with loss scaling and strategy hooks. Replaces ``loss.backward()``."""
+        """``tensor.backward()``, with loss scaling and strategy hooks. Replaces ``loss.backward()``.
+
+        Strategies that run the backward themselves (DeepSpeed) need the model: pass ``model=`` when
+        more than one was set up.
+        """
         module = model._forward_module if isinstance(model, _FabricModule) else model
+        if module is None and len(self._setup_modules) == 1:
+            module = self._setup_modules[0]
         self._strategy.backward(tensor, module, *args, **kwargs)
 
     def clip_gradients(
