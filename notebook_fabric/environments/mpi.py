@@ -12,7 +12,7 @@ import socket
 from typing import Optional
 
 from ._variables import check_rank, first_set, port_from_job_id, read_int, read_port
-from .base import ClusterEnvironment
+from .scheduled import SchedulerEnvironment
 from .local import find_free_port
 
 _WHO = "MPIEnvironment"
@@ -38,7 +38,7 @@ def _check_pair(rank_variables: tuple[str, ...], rank: int, size_variables: tupl
     check_rank(first_set(rank_variables) or rank_variables[0], rank, first_set(size_variables) or size_variables[0], size)
 
 
-class MPIEnvironment(ClusterEnvironment):
+class MPIEnvironment(SchedulerEnvironment):
     """The job shape the MPI launcher exported to this rank.
 
     The node rank is ``global_rank // local_world_size`` (block placement, mpirun's default).
@@ -56,10 +56,6 @@ class MPIEnvironment(ClusterEnvironment):
         self._local_world_size = read_int(LOCAL_SIZE_VARIABLES, _WHO, _HINT, minimum=1)
         _check_pair(LOCAL_RANK_VARIABLES, self._local_rank, LOCAL_SIZE_VARIABLES, self._local_world_size)
         self._rendezvous: Optional[tuple[str, int]] = None
-
-    @property
-    def creates_processes_externally(self) -> bool:
-        return True
 
     @property
     def main_address(self) -> str:
@@ -103,25 +99,6 @@ class MPIEnvironment(ClusterEnvironment):
         """True in a rank started by an MPI launcher (OpenMPI, MPICH/Intel MPI or MVAPICH variables)."""
         return first_set(WORLD_SIZE_VARIABLES) is not None and first_set(RANK_VARIABLES) is not None
 
-    def world_size(self) -> int:
-        return self._world_size
-
-    def set_world_size(self, size: int) -> None:
-        """Ignored: the MPI launcher decided the world size."""
-
-    def global_rank(self) -> int:
-        return self._global_rank
-
-    def set_global_rank(self, rank: int) -> None:
-        """Ignored: the MPI launcher decided the rank."""
-
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    def local_world_size(self) -> int:
-        """Ranks on this node."""
-        return self._local_world_size
-
     def node_rank(self) -> int:
         return self._global_rank // self._local_world_size
 
@@ -135,8 +112,3 @@ class MPIEnvironment(ClusterEnvironment):
                 f" and num_nodes to match."
             )
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(rank={self._global_rank}/{self._world_size},"
-            f" local_rank={self._local_rank}, node_rank={self.node_rank()})"
-        )

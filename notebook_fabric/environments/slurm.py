@@ -6,7 +6,7 @@ import re
 from typing import Optional
 
 from ._variables import check_rank, first_set, port_from_job_id, read_int, read_port, read_str
-from .base import ClusterEnvironment
+from .scheduled import SchedulerEnvironment
 
 _WHO = "SLURMEnvironment"
 _HINT = (
@@ -92,7 +92,7 @@ def parse_tasks_per_node(text: str) -> list[int]:
     return counts
 
 
-class SLURMEnvironment(ClusterEnvironment):
+class SLURMEnvironment(SchedulerEnvironment):
     """The job shape SLURM exported to this task.
 
     World size ``SLURM_NTASKS``, rank ``SLURM_PROCID``, local rank ``SLURM_LOCALID``, node rank
@@ -130,10 +130,6 @@ class SLURMEnvironment(ClusterEnvironment):
         return counts[self._node_rank] if self._node_rank < len(counts) else None
 
     @property
-    def creates_processes_externally(self) -> bool:
-        return True
-
-    @property
     def main_address(self) -> str:
         return os.environ.get("MASTER_ADDR", self._hosts[0])
 
@@ -155,24 +151,6 @@ class SLURMEnvironment(ClusterEnvironment):
     def hosts(self) -> list[str]:
         """The job's hosts, expanded from the node list."""
         return list(self._hosts)
-
-    def world_size(self) -> int:
-        return self._world_size
-
-    def set_world_size(self, size: int) -> None:
-        """Ignored: SLURM decided the world size."""
-
-    def global_rank(self) -> int:
-        return self._global_rank
-
-    def set_global_rank(self, rank: int) -> None:
-        """Ignored: SLURM decided the rank."""
-
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    def node_rank(self) -> int:
-        return self._node_rank
 
     def local_world_size(self) -> int:
         """Tasks on this node (``SLURM_TASKS_PER_NODE``; else the tasks spread evenly over the hosts)."""
@@ -201,9 +179,3 @@ class SLURMEnvironment(ClusterEnvironment):
                 f" #SBATCH --ntasks-per-node={num_devices} --nodes={num_nodes}."
             )
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(rank={self._global_rank}/{self._world_size},"
-            f" local_rank={self._local_rank}, node_rank={self._node_rank},"
-            f" main={self.main_address}:{self._main_port})"
-        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ._variables import check_rank, read_int, read_str, require_port
-from .base import ClusterEnvironment
+from .scheduled import SchedulerEnvironment
 
 _WHO = "TorchElasticEnvironment"
 _HINT = (
@@ -13,7 +13,7 @@ _HINT = (
 )
 
 
-class TorchElasticEnvironment(ClusterEnvironment):
+class TorchElasticEnvironment(SchedulerEnvironment):
     """The job shape as torchrun exported it to this worker.
 
     Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_RANK``, ``GROUP_RANK`` (the node
@@ -34,10 +34,6 @@ class TorchElasticEnvironment(ClusterEnvironment):
         self._main_port = require_port("MASTER_PORT", _WHO, _HINT)
 
     @property
-    def creates_processes_externally(self) -> bool:
-        return True
-
-    @property
     def main_address(self) -> str:
         return self._main_address
 
@@ -49,28 +45,6 @@ class TorchElasticEnvironment(ClusterEnvironment):
     def detect() -> bool:
         """True inside a worker that torchrun started (it always sets ``TORCHELASTIC_RUN_ID``)."""
         return "TORCHELASTIC_RUN_ID" in os.environ
-
-    def world_size(self) -> int:
-        return self._world_size
-
-    def set_world_size(self, size: int) -> None:
-        """Ignored: torchrun decided the world size."""
-
-    def global_rank(self) -> int:
-        return self._global_rank
-
-    def set_global_rank(self, rank: int) -> None:
-        """Ignored: torchrun decided the rank."""
-
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    def local_world_size(self) -> int:
-        """Ranks on this node (``LOCAL_WORLD_SIZE``)."""
-        return self._local_world_size
-
-    def node_rank(self) -> int:
-        return self._node_rank
 
     def validate_settings(self, num_devices: int, num_nodes: int) -> None:
         """``ValueError`` when ``devices x num_nodes`` is not the world torchrun started."""
@@ -84,9 +58,3 @@ class TorchElasticEnvironment(ClusterEnvironment):
                 " num_nodes in Fabric(...) to match torchrun's --nproc-per-node and --nnodes."
             )
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(rank={self._global_rank}/{self._world_size},"
-            f" local_rank={self._local_rank}, node_rank={self._node_rank},"
-            f" main={self._main_address}:{self._main_port})"
-        )
