@@ -58,12 +58,3 @@ class DataParallelStrategy(ParallelStrategy):
 
     def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
         return None
-
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        return tensor.unsqueeze(0)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-    def barrier(self, name: Optional[str] = None) -> None:
-        pass
