@@ -22,7 +22,6 @@ def unload_ipython_extension(ipython):  # noqa: ANN001
 
 __all__ = ["Fabric", "seed_everything", "launch", "__version__"]
 
-try:  # the notebook launcher; bound last so `notebook_fabric.launch` is the function, not the subpackage
-    from .launch import launch  # noqa: E402
-except ImportError:  # pragma: no cover - only while launch/ is being built
-    pass
+# Bound last, so that `notebook_fabric.launch` is the function rather than the subpackage of the same
+# name (import the subpackage's parts as `from notebook_fabric.launch.pool import RankPool`).
+from .launch import launch  # noqa: E402
