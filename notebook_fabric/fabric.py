@@ -331,7 +331,11 @@ class Fabric:
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def save(self, path: Union[str, Path], state: dict[str, Any], filter: Optional[dict[str, Callable]] = None) -> None:
-        """Save ``state`` (modules and optimizers are turned into state dicts); rank 0 writes, everyone waits."""
+        """Save ``state`` (modules and optimizers are turned into state dicts); rank 0 writes, everyone waits.
+
+        Call it on every rank, not under ``if fabric.is_global_zero:``: the other ranks must reach
+        the wait (and sharded strategies gather the state from every rank first).
+        """
         self._strategy.save_checkpoint(path, state, filter=filter)
 
     def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True) -> dict[str, Any]:

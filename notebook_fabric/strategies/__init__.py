@@ -2,6 +2,10 @@
 from .base import Strategy
 from .ddp import DDPStrategy
 from .dp import DataParallelStrategy
+from .fsdp import FSDPStrategy
+from .fsdp import register_strategies as _register_fsdp
+from .model_parallel import ModelParallelStrategy
+from .model_parallel import register_strategies as _register_model_parallel
 from .parallel import ParallelStrategy
 from .registry import STRATEGY_REGISTRY, StrategyRegistry
 from .single_device import SingleDeviceStrategy
@@ -27,6 +31,8 @@ def _register_builtin_strategies(registry: StrategyRegistry) -> None:
 
 
 _register_builtin_strategies(STRATEGY_REGISTRY)
+_register_fsdp(STRATEGY_REGISTRY)
+_register_model_parallel(STRATEGY_REGISTRY)
 
 __all__ = [
     "Strategy",
@@ -34,6 +40,8 @@ __all__ = [
     "SingleDeviceStrategy",
     "DataParallelStrategy",
     "DDPStrategy",
+    "FSDPStrategy",
+    "ModelParallelStrategy",
     "StrategyRegistry",
     "STRATEGY_REGISTRY",
 ]
