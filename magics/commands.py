@@ -11,13 +11,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from notebook_fabric.launch.errors import format_ranks
 
 from .cell_task import CellTask
 from .render import format_bytes, format_stacks, format_table
 from .settings import PoolSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from notebook_fabric.launch.pool import RankPool
 
 RESTART_NOTE = "variables from earlier %%fabric cells are gone"
 

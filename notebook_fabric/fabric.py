@@ -129,6 +129,14 @@ class Fabric:
             raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
         strategy = self._strategy
         start_method = strategy.start_method
+        if start_method == "xla":  # torch_xla's own launcher (xmp.spawn) starts XLA ranks
+            if function is None:
+                raise RuntimeError(
+                    f"{type(strategy).__name__}'s ranks are started by torch_xla: call fabric.launch(train_fn)"
+                    " with a function taking `fabric` first"
+                )
+            self._launched = True
+            return strategy.launch_ranks(_run_on_xla_rank, (self, function, args, kwargs))
         environment = getattr(strategy, "cluster_environment", None)
         outside = environment is not None and environment.creates_processes_externally
         needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
@@ -210,7 +218,7 @@ class Fabric:
         sampler_kwargs = self._strategy.distributed_sampler_kwargs
         if use_distributed_sampler and sampler_kwargs is not None and sampler_kwargs["num_replicas"] > 1:
             loader = shard_dataloader(loader, **sampler_kwargs)
-        loader = with_seeded_workers(loader, self.global_rank)
+        loader = self._strategy.process_dataloader(with_seeded_workers(loader, self.global_rank))
         return _FabricDataLoader(loader, device=self.device if move_to_device else None)
 
     # ----- the training step ---------------------------------------------------------------------
@@ -401,6 +409,13 @@ class Fabric:
 def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
     """Seed Python, NumPy and torch; see :func:`notebook_fabric.utilities.seed.seed_everything`."""
     return _seed_everything(seed, workers=workers)
+
+
+def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Inside one XLA rank (a process torch_xla started): prepare the rank, then run the user's function."""
+    fabric._launched = True
+    fabric.strategy.setup_environment()
+    return function(fabric, *args, **kwargs)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -41,9 +41,10 @@ class XLAAccelerator(Accelerator):
     def auto_device_count() -> int:
         if not xla_available():
             return 0
-        import torch_xla.runtime as xr
+        # counting through torch_xla.runtime would start the runtime here, and xmp.spawn then refuses
+        from torch_xla._internal import tpu
 
-        return int(xr.addressable_runtime_device_count())
+        return int(tpu.num_available_devices())
 
     @staticmethod
     def is_available() -> bool:

@@ -38,6 +38,13 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
         raise TypeError(f"launch() needs a function to run on every rank, got {type(fn).__name__}")
     _check_start_method(start_method)
     kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
+    if _starts_own_ranks(kwargs):  # torch_xla starts XLA ranks itself: no rank pool
+        if return_all or timeout is not None or start_method is not None:
+            raise ValueError("XLA strategies start their ranks with torch_xla: return_all=, timeout= and"
+                             " start_method= do not apply")
+        from ..fabric import Fabric
+
+        return Fabric(**kwargs).launch(fn, *args)
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
                         timeout=timeout, return_all=return_all, sink=sink)
@@ -85,6 +92,16 @@ def plan_ranks(fabric_kwargs: Mapping[str, Any]) -> "tuple[int, Optional[str]]":
     num_processes = int(getattr(strategy, "num_processes", 1) or 1)
     declared = getattr(strategy, "start_method", None)
     return num_processes, declared if declared in START_METHODS else None
+
+
+def _starts_own_ranks(fabric_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the strategy's ranks come from its own launcher (XLA strategies declare ``start_method = "xla"``)."""
+    strategy = fabric_kwargs.get("strategy")
+    if isinstance(strategy, str):
+        from ..strategies import STRATEGY_REGISTRY
+
+        strategy = STRATEGY_REGISTRY.get(strategy) if strategy in STRATEGY_REGISTRY else None
+    return getattr(strategy, "start_method", None) == "xla"
 
 
 def _call_launched_function(fabric: Any, namespace: Dict[str, Any]) -> Any:

@@ -1,6 +1,8 @@
 """Strategies and the registry that maps ``strategy=`` names to them."""
 from .base import Strategy
 from .ddp import DDPStrategy
+from .deepspeed import DeepSpeedStrategy
+from .deepspeed import register_strategies as _register_deepspeed
 from .dp import DataParallelStrategy
 from .fsdp import FSDPStrategy
 from .fsdp import register_strategies as _register_fsdp
@@ -9,6 +11,8 @@ from .model_parallel import register_strategies as _register_model_parallel
 from .parallel import ParallelStrategy
 from .registry import STRATEGY_REGISTRY, StrategyRegistry
 from .single_device import SingleDeviceStrategy
+from .xla import SingleDeviceXLAStrategy, XLAFSDPStrategy, XLAStrategy
+from .xla import register_strategies as _register_xla
 
 
 def _register_builtin_strategies(registry: StrategyRegistry) -> None:
@@ -33,6 +37,8 @@ def _register_builtin_strategies(registry: StrategyRegistry) -> None:
 _register_builtin_strategies(STRATEGY_REGISTRY)
 _register_fsdp(STRATEGY_REGISTRY)
 _register_model_parallel(STRATEGY_REGISTRY)
+_register_deepspeed(STRATEGY_REGISTRY)
+_register_xla(STRATEGY_REGISTRY)
 
 __all__ = [
     "Strategy",
@@ -42,6 +48,10 @@ __all__ = [
     "DDPStrategy",
     "FSDPStrategy",
     "ModelParallelStrategy",
+    "DeepSpeedStrategy",
+    "XLAStrategy",
+    "SingleDeviceXLAStrategy",
+    "XLAFSDPStrategy",
     "StrategyRegistry",
     "STRATEGY_REGISTRY",
 ]

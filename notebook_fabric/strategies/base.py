@@ -144,6 +144,10 @@ class Strategy:
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         return optimizer
 
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """A last look at each DataLoader ``setup_dataloaders`` prepares (DeepSpeed reads its batch size)."""
+        return dataloader
+
     def module_to_device(self, module: nn.Module) -> None:
         module.to(self.root_device)
 

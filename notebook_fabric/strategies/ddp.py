@@ -5,7 +5,7 @@ import atexit
 import os
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist

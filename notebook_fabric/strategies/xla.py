@@ -1,0 +1,656 @@
+"""XLA (TPU, or XLA on other devices) through torch_xla, an optional extra: ``pip install 'notebook-fabric[xla]'``.
+
+torch-xla pins its own torch version, so it lives in an environment built around it (not beside
+any torch). Nothing here imports ``torch_xla`` until a strategy is used in a rank; every constructor
+first checks that it is installed.
+
+XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
+``start_method = "xla"`` and :meth:`XLAStrategy.launch_ranks` runs a function on every rank.
+Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
+``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
+dataloader set up by Fabric).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..accelerators import Accelerator
+from ..accelerators.xla import xla_available
+from ..checkpoint import io as checkpoint_io
+from ..checkpoint import state as checkpoint_state
+from ..collectives.ops import normalize_reduce_op
+from ..collectives.trace import get_tracer, traced
+from ..environments.base import ClusterEnvironment
+from ..precision import Precision
+from ..utilities.apply import apply_to_collection
+from .parallel import ParallelStrategy
+from .single_device import SingleDeviceStrategy
+
+INSTALL_HINT = (
+    "pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version: install it into an environment"
+    " built for it, e.g. a fresh venv where pip may install the torch that torch-xla asks for)"
+)
+#: the precisions XLA runs: bf16 autocast or whole-model half dtypes (no float16 loss scaling on XLA)
+XLA_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+#: our reduce_op names -> torch_xla's reduce types (mean is a sum divided by the world size)
+XLA_REDUCE_TYPES = {"sum": "sum", "mean": "sum", "max": "max", "min": "min", "product": "mul"}
+FSDP_STATE_DICT_TYPES = ("sharded", "full")
+
+
+def require_xla(what: str) -> None:
+    if not xla_available():
+        raise ImportError(f"{what} needs torch_xla, which is not installed: {INSTALL_HINT}")
+
+
+def xla_reduce_type(reduce_op: Any) -> tuple[str, bool]:
+    """``(torch_xla reduce type, divide by world size afterwards)`` for a ``reduce_op`` name or ReduceOp."""
+    name, _ = normalize_reduce_op(reduce_op)
+    if name not in XLA_REDUCE_TYPES:
+        raise ValueError(f"reduce_op={reduce_op!r} is not supported on XLA; choose one of {sorted(XLA_REDUCE_TYPES)}")
+    return XLA_REDUCE_TYPES[name], name == "mean"
+
+
+def check_xla_precision(precision: Precision) -> Precision:
+    """``precision`` if XLA can run it, else ``ValueError`` listing what it can."""
+    name = getattr(precision, "precision", None)
+    if name not in XLA_PRECISIONS:
+        raise ValueError(
+            f"XLA strategies run precision= one of {list(XLA_PRECISIONS)}, not {name!r}"
+            " ('16-mixed' needs a loss scaler XLA does not have: use 'bf16-mixed')."
+        )
+    return precision
+
+
+def _xm() -> Any:
+    import torch_xla.core.xla_model as xm
+
+    return xm
+
+
+def mark_step() -> None:
+    """Cut the lazy XLA graph here and run it (``torch_xla.sync()``, formerly ``xm.mark_step()``)."""
+    import torch_xla
+
+    sync = getattr(torch_xla, "sync", None)
+    if callable(sync):
+        sync()
+    else:
+        _xm().mark_step()
+
+
+def _traced(op: str, meta: Callable[[], dict], call: Callable[[], Any]) -> Any:
+    tracer = get_tracer()
+    if tracer is None:
+        return call()
+    with traced(tracer, op, meta()):
+        return call()
+
+
+def _tensor_meta(tensor: Tensor, world_size: int, **extra: Any) -> Callable[[], dict]:
+    return lambda: {"group_size": world_size, "shapes": [tuple(tensor.shape)], "dtypes": [str(tensor.dtype)], **extra}
+
+
+class XLAEnvironment(ClusterEnvironment):
+    """Ranks as torch_xla's runtime numbers them (inside processes ``xmp.spawn`` started)."""
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return False
+
+    @property
+    def main_address(self) -> str:
+        return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+    @property
+    def main_port(self) -> int:
+        return int(os.environ.get("MASTER_PORT", -1))
+
+    @staticmethod
+    def detect() -> bool:
+        return False  # only XLA strategies use it, and they bring it themselves
+
+    def world_size(self) -> int:
+        import torch_xla.runtime as xr
+
+        return int(xr.world_size())
+
+    def set_world_size(self, size: int) -> None:
+        pass  # the runtime decides
+
+    def global_rank(self) -> int:
+        import torch_xla.runtime as xr
+
+        return int(xr.global_ordinal())
+
+    def set_global_rank(self, rank: int) -> None:
+        pass
+
+    def local_rank(self) -> int:
+        import torch_xla.runtime as xr
+
+        return int(xr.local_ordinal())
+
+    def node_rank(self) -> int:
+        import torch_xla.runtime as xr
+
+        return int(xr.host_index())
+
+
+class XLAStrategy(ParallelStrategy):
+    """Data parallel over XLA devices (TPU cores): one process per device, started by ``xmp.spawn``.
+
+    ``sync_module_states`` broadcasts rank 0's parameters at setup; ``debug`` turns on torch_xla's
+    debug output (``PT_XLA_DEBUG_LEVEL=2``).
+    """
+
+    start_method = "xla"
+
+    def __init__(
+        self,
+        sync_module_states: bool = True,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision: Optional[Precision] = None,
+        debug: bool = False,
+        accelerator: Optional[Accelerator] = None,
+        **kwargs: Any,
+    ) -> None:
+        require_xla(type(self).__name__)
+        if "precision_plugin" in kwargs:  # the spec's name for it
+            precision = kwargs.pop("precision_plugin")
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment or XLAEnvironment(),
+            checkpoint_io=checkpoint_io,
+            precision=check_xla_precision(precision) if precision is not None else None,
+        )
+        self.sync_module_states = sync_module_states
+        self.debug = debug
+        self._launched = False
+        self._reduced: set[int] = set()  # optimizers whose gradients were already all-reduced this step
+
+    # ----- the job's shape (the runtime's numbers once the ranks run) -----------------------------
+    @property
+    def precision(self) -> Precision:  # type: ignore[override]
+        if self._precision is None:
+            self._precision = Precision()
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: Precision) -> None:
+        self._precision = check_xla_precision(precision)
+
+    @property
+    def root_device(self) -> torch.device:
+        if not self._launched:
+            raise RuntimeError(
+                "The XLA device of a rank exists only inside the ranks: call fabric.launch(train_fn) first"
+                " (torch_xla must not be initialised in the process that starts them)."
+            )
+        import torch_xla
+
+        return torch_xla.device()
+
+    @root_device.setter
+    def root_device(self, device: torch.device) -> None:
+        self._root_device = device
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    @property
+    def global_rank(self) -> int:
+        return self.cluster_environment.global_rank() if self._launched else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self.cluster_environment.local_rank() if self._launched else 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.cluster_environment.node_rank() if self._launched else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster_environment.world_size() if self._launched else self.num_processes * self.num_nodes
+
+    @property
+    def distributed(self) -> bool:
+        return self._launched and self.world_size > 1
+
+    # ----- processes -----------------------------------------------------------------------------
+    def launch_ranks(self, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        """Run ``function(*args, **kwargs)`` on every XLA device, one process each, started by ``xmp.spawn``;
+        return rank 0's value (moved to the CPU). ``function`` must call :meth:`setup_environment` first.
+
+        torch_xla pickles what it sends to its processes, so ``function`` and its arguments travel with
+        cloudpickle (functions defined in a notebook work). PJRT always uses every device of the host.
+        """
+        if self.num_processes == 1:
+            raise ValueError(f"{type(self).__name__} runs one process per device; for one device use strategy='single_xla'")
+        import cloudpickle
+        import torch_xla.distributed.xla_multiprocessing as xmp
+
+        if self.debug:
+            os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
+        payload = cloudpickle.dumps((function, tuple(args), dict(kwargs or {})))
+        with tempfile.TemporaryDirectory(prefix="notebook_fabric_xla_") as folder:
+            result_file = os.path.join(folder, "rank0.pt")
+            xmp.spawn(_run_xla_rank, args=(payload, result_file), nprocs=None, start_method="fork")
+            return torch.load(result_file, weights_only=False) if os.path.exists(result_file) else None
+
+    def setup_environment(self) -> None:
+        if self.num_processes == 1:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not run on a single device under the PJRT runtime:"
+                " use all devices, or strategy='single_xla'"
+            )
+        if self.debug:
+            os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
+        self._launched = True
+        if self.accelerator is not None:
+            self.accelerator.setup_device(self.root_device)
+
+    def teardown(self) -> None:
+        self._launched = False
+        super().teardown()
+
+    # ----- models and optimizers -----------------------------------------------------------------
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        if self.sync_module_states and self.distributed:
+            _xm().broadcast_master_param(module)
+        return module
+
+    def module_to_device(self, module: nn.Module) -> None:
+        module.to(self.root_device)
+
+    def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
+        return nullcontext()  # gradients are reduced in optimizer_step, never during backward
+
+    def reduce_gradients(self, optimizer: Optimizer) -> None:
+        """All-reduce (average) the gradients of ``optimizer``'s parameters, once per step."""
+        optimizer = checkpoint_state.unwrap_optimizer(optimizer)
+        if id(optimizer) in self._reduced or not self.distributed:
+            return
+        _traced("reduce_gradients", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": []},
+                lambda: _xm().reduce_gradients(optimizer))  # fmt: skip
+        self._reduced.add(id(optimizer))
+
+    def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
+        self.reduce_gradients(optimizer)
+        self._reduced.discard(id(checkpoint_state.unwrap_optimizer(optimizer)))
+        return self.precision.optimizer_step(optimizer, **kwargs)
+
+    def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
+                            norm_type: Union[float, int, str] = 2.0, error_if_nonfinite: bool = True) -> Tensor:  # fmt: skip
+        self.reduce_gradients(optimizer)  # clip what the step will apply, not this rank's share
+        return super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+
+    def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: Union[float, int]) -> None:
+        self.reduce_gradients(optimizer)
+        super().clip_gradients_value(module, optimizer, clip_val)
+
+    def mark_step(self) -> None:
+        """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
+        mark_step()
+
+    # ----- collectives ---------------------------------------------------------------------------
+    def reduce(self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Tensor:
+        reduce_type, divide = xla_reduce_type(reduce_op)  # the same error on one process as on many
+        if not self.distributed:
+            return tensor
+        _no_groups(group)
+        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        result = _traced("all_reduce", _tensor_meta(tensor, self.world_size, reduce_op=reduce_type),
+                         lambda: _xm().all_reduce(reduce_type, tensor))  # fmt: skip
+        return result / self.world_size if divide else result
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        if not self.distributed:
+            return tensor.unsqueeze(0)
+        _no_groups(group)
+        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        stacked = tensor.unsqueeze(0)
+        if sync_grads:
+            import torch_xla.core.functions as xf
+
+            gather = functools.partial(xf.all_gather, stacked, dim=0)
+        else:
+            gather = functools.partial(_xm().all_gather, stacked.detach(), dim=0)
+        return _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not self.distributed:
+            return obj
+        xm = _xm()
+        if isinstance(obj, Tensor):
+            tensor = (obj if obj.device.type == "xla" else obj.to(self.root_device)).clone()
+            _traced("broadcast", _tensor_meta(tensor, self.world_size, src=src),
+                    lambda: xm.collective_broadcast([tensor], root_ordinal=src))  # fmt: skip
+            return tensor
+        # any picklable object: its length first, then its bytes (every rank must build the same graph)
+        payload = pickle.dumps(obj) if self.global_rank == src else b""
+        length = self.broadcast(torch.tensor([len(payload)], dtype=torch.int32), src=src)
+        buffer = torch.zeros(int(length.item()), dtype=torch.int32)
+        if self.global_rank == src:
+            buffer = torch.tensor(list(payload), dtype=torch.int32)
+        received = self.broadcast(buffer, src=src).cpu()
+        return pickle.loads(bytes(received.to(torch.uint8).tolist()))
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if self.distributed:
+            tag = name or "barrier"
+            _traced("barrier", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": [], "name": tag},
+                    lambda: _xm().rendezvous(tag))  # fmt: skip
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not self.distributed:
+            return decision
+        total = self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum")
+        return bool(total == self.world_size) if all else bool(total > 0)
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
+                        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:  # fmt: skip
+        """Rank 0 writes ``state`` (moved to the CPU) atomically; every rank waits for it."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        mark_step()  # materialise what the state depends on, on every rank alike
+        if self.is_global_zero:
+            payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+            if self.checkpoint_io is not None:
+                self.checkpoint_io.save_checkpoint(payload, path)
+            else:
+                checkpoint_io.atomic_save(payload, path)
+        self.barrier("save_checkpoint")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(devices={self.num_processes}, launched={self._launched})"
+
+
+class SingleDeviceXLAStrategy(SingleDeviceStrategy):
+    """One XLA device (a TPU core, or XLA on one GPU) in this process; no processes to start."""
+
+    def __init__(
+        self,
+        device: Optional[Union[str, torch.device]] = None,
+        accelerator: Optional[Accelerator] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision: Optional[Precision] = None,
+        **kwargs: Any,
+    ) -> None:
+        require_xla(type(self).__name__)
+        if "precision_plugin" in kwargs:
+            precision = kwargs.pop("precision_plugin")
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}")
+        if isinstance(device, int):
+            device = torch.device("xla", device)
+        super().__init__(device=device, accelerator=accelerator, checkpoint_io=checkpoint_io,
+                         precision=check_xla_precision(precision) if precision is not None else None)  # fmt: skip
+
+    @property
+    def precision(self) -> Precision:  # type: ignore[override]
+        if self._precision is None:
+            self._precision = Precision()
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: Precision) -> None:
+        self._precision = check_xla_precision(precision)
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._root_device is not None and self._root_device.type == "xla":
+            return self._root_device
+        import torch_xla
+
+        return torch_xla.device()
+
+    @root_device.setter
+    def root_device(self, device: torch.device) -> None:
+        self._root_device = device
+
+    def mark_step(self) -> None:
+        """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
+        mark_step()
+
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
+                        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:  # fmt: skip
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        mark_step()
+        payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+        if self.checkpoint_io is not None:
+            self.checkpoint_io.save_checkpoint(payload, path)
+        else:
+            checkpoint_io.atomic_save(payload, path)
+
+
+class XLAFSDPStrategy(XLAStrategy):
+    """torch_xla's FullyShardedDataParallel: parameters, gradients and optimizer states sharded over XLA devices.
+
+    ``auto_wrap_policy``: a torch_xla wrap policy, or a set of layer classes to wrap each on its own;
+    ``activation_checkpointing_policy``: a set of layer classes to recompute in backward;
+    ``state_dict_type``: ``"sharded"`` (each rank writes its shard into the checkpoint folder) or
+    ``"full"`` (the shards, plus one consolidated file ``<folder>/full.pth`` written by rank 0).
+    Other keyword arguments go to ``XlaFullyShardedDataParallel``. Set the model up first, then
+    create its optimizer from the sharded parameters: ``model = fabric.setup_module(model)``,
+    ``optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))``.
+    """
+
+    def __init__(
+        self,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision: Optional[Precision] = None,
+        auto_wrap_policy: Optional[Union[Callable, set[type[nn.Module]]]] = None,
+        activation_checkpointing_policy: Optional[set[type[nn.Module]]] = None,
+        state_dict_type: str = "sharded",
+        sync_module_states: bool = False,
+        debug: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        require_xla(type(self).__name__)
+        if "precision_plugin" in kwargs:
+            precision = kwargs.pop("precision_plugin")
+        validate_fsdp_arguments(auto_wrap_policy, activation_checkpointing_policy, state_dict_type)
+        super().__init__(sync_module_states=sync_module_states, parallel_devices=parallel_devices,
+                         checkpoint_io=checkpoint_io, precision=precision, debug=debug, accelerator=accelerator)  # fmt: skip
+        self.auto_wrap_policy = auto_wrap_policy
+        self.activation_checkpointing_policy = activation_checkpointing_policy
+        self.state_dict_type = state_dict_type
+        self._fsdp_kwargs = kwargs
+
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: list[Optimizer]
+    ) -> tuple[nn.Module, list[Optimizer]]:
+        if optimizers:
+            raise ValueError(
+                "XLAFSDPStrategy shards (flattens) the parameters when it sets the model up, so an optimizer built"
+                " before that points at the wrong tensors. Set the model up first, then build its optimizer:"
+                " model = fabric.setup_module(model); optimizer = fabric.setup_optimizers(Optimizer(model.parameters()))"
+            )
+        return self.setup_module(module), []
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as XLAFSDP
+
+        kwargs = dict(self._fsdp_kwargs)
+        policy = self.auto_wrap_policy
+        if isinstance(policy, set):
+            from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=policy)
+        if policy is not None:
+            kwargs.setdefault("auto_wrap_policy", policy)
+        if self.activation_checkpointing_policy:
+            from torch_xla.distributed.fsdp import checkpoint_module
+
+            layers = tuple(self.activation_checkpointing_policy)
+
+            def wrap(child: nn.Module, *args: Any, **inner: Any) -> nn.Module:
+                return XLAFSDP(checkpoint_module(child) if isinstance(child, layers) else child, *args, **inner)
+
+            kwargs.setdefault("auto_wrapper_callable", wrap)
+        if isinstance(module, XLAFSDP):
+            return module
+        return XLAFSDP(module=module, **kwargs)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not all(getattr(p, "_is_sharded", False) for p in params):
+            raise ValueError(
+                "This optimizer holds parameters that XLAFSDPStrategy did not shard: build it from the model that"
+                " fabric.setup_module() returned (after setup), e.g. torch.optim.AdamW(model.parameters())"
+            )
+        return optimizer
+
+    def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
+        """FSDP already reduced the gradients in backward: step, then cut the graph (as torch_xla's FSDP expects)."""
+        result = self.precision.optimizer_step(optimizer, **kwargs)
+        mark_step()
+        return result
+
+    def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
+        if not enabled:
+            return nullcontext()
+        return module.no_sync() if hasattr(module, "no_sync") else None
+
+    def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
+                            norm_type: Union[float, int, str] = 2.0, error_if_nonfinite: bool = True) -> Tensor:  # fmt: skip
+        fsdp = getattr(module, "_forward_module", module)
+        return fsdp.clip_grad_norm_(max_norm=max_norm, norm_type=float(norm_type))
+
+    def clip_gradients_value(self, module: nn.Module, optimizer: Optimizer, clip_val: Union[float, int]) -> None:
+        raise NotImplementedError("XLAFSDPStrategy clips by norm only (gradients are sharded): use max_norm=")
+
+    def module_init_context(self, empty_init: Optional[bool] = None) -> ContextManager:
+        if empty_init:
+            raise NotImplementedError("XLAFSDPStrategy needs materialised parameters to shard: use init_module()")
+        return super().module_init_context(empty_init=False)
+
+    # ----- checkpoints: a folder with one shard file per rank ----------------------------------------
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
+                        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:  # fmt: skip
+        """Every rank writes its shard (``<path>/rank-R-of-W.pth``: torch_xla's layout, so its
+        ``consolidate_sharded_model_checkpoints`` reads it); with ``state_dict_type="full"`` rank 0 also
+        writes the consolidated model to ``<path>/full.pth``."""
+        if storage_options is not None:
+            raise TypeError("XLAFSDPStrategy.save_checkpoint takes no storage_options")
+        mark_step()
+        key, fsdp = _sharded_module(state)
+        rest = checkpoint_state.to_saveable(self, {k: v for k, v in state.items() if k != key}, filter)
+        shard = {"model": fsdp.state_dict(), "shard_metadata": fsdp.get_shard_metadata(), "model_key": key,
+                 "state": rest}  # fmt: skip
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint_io.atomic_save(_to_cpu(shard), folder / _shard_name(self.global_rank, self.world_size))
+        self.barrier("save_checkpoint")
+        if self.state_dict_type == "full":
+            if self.is_global_zero:
+                from torch_xla.distributed.fsdp import consolidate_sharded_model_checkpoints
+
+                consolidate_sharded_model_checkpoints(ckpt_prefix=str(folder / "rank"), ckpt_suffix="-*-of-*.pth",
+                                                      save_path=str(folder / "full.pth"))  # fmt: skip
+            self.barrier("save_checkpoint_full")
+
+    def load_checkpoint(self, path: Any, state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None,
+                        strict: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Each rank restores its own shard from a folder written by :meth:`save_checkpoint` (a file loads as usual)."""
+        if not Path(path).is_dir():
+            return super().load_checkpoint(path, state=state, strict=strict)
+        if not isinstance(state, dict):
+            raise ValueError("A sharded XLAFSDP checkpoint loads into state={'model': model, 'optimizer': optimizer, ...}")
+        shard = checkpoint_io.load(Path(path) / _shard_name(self.global_rank, self.world_size), map_location="cpu")
+        key = shard["model_key"]
+        if key in state:
+            getattr(state[key], "_forward_module", state[key]).load_state_dict(shard["model"], strict=strict)
+        wanted = {k: v for k, v in state.items() if k != key}
+        remainder = checkpoint_state.restore(self, wanted, shard["state"], strict=strict)
+        state.update(wanted)
+        return remainder
+
+
+def _sharded_module(state: dict[str, Any]) -> tuple[str, Any]:
+    found = [(key, getattr(value, "_forward_module", value)) for key, value in state.items()
+             if hasattr(getattr(value, "_forward_module", value), "get_shard_metadata")]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(
+            f"An XLAFSDP checkpoint holds one sharded model; the state has {len(found)}:"
+            " pass state={'model': model, 'optimizer': optimizer, ...}"
+        )
+    return found[0]
+
+
+def validate_fsdp_arguments(auto_wrap_policy: Any, activation_checkpointing_policy: Any, state_dict_type: str) -> None:
+    """XLAFSDPStrategy's argument checks (no torch_xla needed)."""
+    if state_dict_type not in FSDP_STATE_DICT_TYPES:
+        raise ValueError(f"state_dict_type={state_dict_type!r}: choose one of {list(FSDP_STATE_DICT_TYPES)}")
+    if auto_wrap_policy is not None and not (callable(auto_wrap_policy) or _is_layer_set(auto_wrap_policy)):
+        raise TypeError("auto_wrap_policy= takes a torch_xla wrap policy (a callable) or a set of nn.Module classes")
+    if activation_checkpointing_policy is not None and not _is_layer_set(activation_checkpointing_policy):
+        raise TypeError("activation_checkpointing_policy= takes a set of nn.Module classes to recompute in backward")
+
+
+def _is_layer_set(value: Any) -> bool:
+    return isinstance(value, set) and all(isinstance(c, type) and issubclass(c, nn.Module) for c in value)
+
+
+def _no_groups(group: Any) -> None:
+    if group is not None:
+        raise ValueError("XLA collectives here run over all ranks; group= is not supported")
+
+
+def _to_cpu(data: Any) -> Any:
+    return apply_to_collection(data, Tensor, lambda t: t.detach().cpu())
+
+
+def _shard_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.pth"
+
+
+def _run_xla_rank(index: int, payload: bytes, result_file: str) -> None:
+    """One rank under ``xmp.spawn`` (``index`` is its global ordinal): run, let rank 0 write its value for
+    the parent, then wait until every rank is done (nobody exits while a peer may still need it)."""
+    function, args, kwargs = pickle.loads(payload)
+    value = function(*args, **kwargs)
+    if index == 0:
+        checkpoint_io.atomic_save(_to_cpu(value), result_file)
+    _xm().rendezvous("notebook_fabric.end")
+
+
+def register_strategies(registry: Any) -> None:
+    """Register the XLA names (importable without torch_xla; building one needs it)."""
+    registry.register("xla", XLAStrategy, "data parallel over XLA devices (TPU cores), ranks from xmp.spawn",
+)  # fmt: skip
+    registry.register("xla_debug", XLAStrategy, "XLAStrategy with torch_xla's debug output", debug=True)
+    registry.register("single_xla", SingleDeviceXLAStrategy, "one XLA device in this process")
+    registry.register("xla_fsdp", XLAFSDPStrategy, "torch_xla FullyShardedDataParallel over XLA devices")
+
+
+__all__ = [
+    "XLAStrategy",
+    "SingleDeviceXLAStrategy",
+    "XLAFSDPStrategy",
+    "XLAEnvironment",
+    "check_xla_precision",
+    "xla_reduce_type",
+    "register_strategies",
+]

@@ -1,0 +1,160 @@
+"""XLA strategies: torch_xla cannot live in this environment (it pins its own torch), so these tests
+check what works without it: the clear error, the registry names, and the logic that needs no
+device (reduce-op and precision mapping, argument checks). Nothing of torch_xla is mocked. The
+one test that runs on a real XLA device skips unless torch_xla is installed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+from torch import nn
+
+from notebook_fabric import Fabric
+from notebook_fabric.accelerators.xla import xla_available
+from notebook_fabric.precision import MixedPrecision, Precision, TruePrecision
+from notebook_fabric.strategies import STRATEGY_REGISTRY
+from notebook_fabric.strategies.xla import (
+    SingleDeviceXLAStrategy, XLAEnvironment, XLAFSDPStrategy, XLAStrategy, check_xla_precision,
+    register_strategies, validate_fsdp_arguments, xla_reduce_type,
+)  # fmt: skip
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = {"xla": XLAStrategy, "xla_debug": XLAStrategy, "single_xla": SingleDeviceXLAStrategy, "xla_fsdp": XLAFSDPStrategy}
+without_xla = pytest.mark.skipif(xla_available(), reason="torch_xla is installed: the missing-package path cannot run")
+with_xla = pytest.mark.skipif(not xla_available(), reason="needs torch_xla (pip install 'notebook-fabric[xla]')")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_names() -> Any:
+    """The XLA names, registered for these tests if strategies/__init__.py does not register them yet."""
+    added = [] if any(name in STRATEGY_REGISTRY for name in NAMES) else list(NAMES)
+    if added:
+        register_strategies(STRATEGY_REGISTRY)
+    yield
+    for name in added:
+        STRATEGY_REGISTRY.remove(name)
+
+
+def test_registered_names_and_start_methods() -> None:
+    for name, cls in NAMES.items():
+        assert STRATEGY_REGISTRY.get(name) is cls
+    assert STRATEGY_REGISTRY.get_init_params("xla_debug") == {"debug": True}
+    # torch_xla's launcher starts the ranks of the multi-device strategies; one device needs none
+    assert XLAStrategy.start_method == "xla" and XLAFSDPStrategy.start_method == "xla"
+    assert SingleDeviceXLAStrategy.start_method is None
+    assert XLAEnvironment.detect() is False  # never picked up for other strategies
+
+
+@without_xla
+@pytest.mark.parametrize("cls", [XLAStrategy, SingleDeviceXLAStrategy, XLAFSDPStrategy])
+def test_constructors_say_how_to_install(cls: type) -> None:
+    with pytest.raises(ImportError) as error:
+        cls()
+    message = str(error.value)
+    assert f"{cls.__name__} needs torch_xla" in message
+    assert "pip install 'notebook-fabric[xla]'" in message and "pins its own torch" in message
+
+
+@without_xla
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_names_say_how_to_install(name: str) -> None:
+    with pytest.raises(ImportError, match=r"pip install 'notebook-fabric\[xla\]'"):
+        Fabric(accelerator="cpu", devices=1, strategy=name)
+
+
+def test_import_never_imports_torch_xla() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import notebook_fabric
+        import notebook_fabric.strategies.xla
+        assert "torch_xla" not in sys.modules, "importing the XLA strategies imported torch_xla"
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "reduce_op, expected",
+    [("sum", ("sum", False)), ("mean", ("sum", True)), ("avg", ("sum", True)), ("MAX", ("max", False)),
+     ("min", ("min", False)), ("product", ("mul", False)), (None, ("sum", True)), (dist.ReduceOp.SUM, ("sum", False)),
+     (dist.ReduceOp.AVG, ("sum", True))],
+)  # fmt: skip
+def test_reduce_ops_map_to_torch_xla(reduce_op: Any, expected: tuple[str, bool]) -> None:
+    assert xla_reduce_type(reduce_op) == expected
+
+
+def test_unknown_reduce_op_is_refused() -> None:
+    with pytest.raises(ValueError, match="reduce_op='median' is not supported"):
+        xla_reduce_type("median")
+    with pytest.raises(ValueError, match="not supported on XLA"):
+        xla_reduce_type(dist.ReduceOp.BAND)
+
+
+def test_precisions_xla_can_run() -> None:
+    for precision in (Precision(), MixedPrecision("bf16-mixed", device_type="xla"), TruePrecision("bf16-true"),
+                      TruePrecision("16-true")):  # fmt: skip
+        assert check_xla_precision(precision) is precision
+    with pytest.raises(ValueError, match="use 'bf16-mixed'"):
+        check_xla_precision(MixedPrecision("16-mixed", device_type="cpu"))
+    with pytest.raises(ValueError, match="not '64-true'"):
+        check_xla_precision(TruePrecision("64-true"))
+
+
+def test_fsdp_argument_checks() -> None:
+    validate_fsdp_arguments({nn.TransformerEncoderLayer}, {nn.TransformerEncoderLayer}, "full")
+    validate_fsdp_arguments(lambda module, recurse, **kwargs: False, None, "sharded")
+    with pytest.raises(ValueError, match="state_dict_type='local'"):
+        validate_fsdp_arguments(None, None, "local")
+    with pytest.raises(TypeError, match="auto_wrap_policy="):
+        validate_fsdp_arguments({"not a class"}, None, "sharded")
+    with pytest.raises(TypeError, match="activation_checkpointing_policy="):
+        validate_fsdp_arguments(None, [nn.Linear], "sharded")
+
+
+@with_xla
+def test_single_xla_device_trains(tmp_path: Path) -> None:
+    """On a real XLA device (the CPU PJRT device where no TPU is present): train, mark steps, checkpoint."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from notebook_fabric import Fabric
+        from notebook_fabric.strategies import STRATEGY_REGISTRY
+        from notebook_fabric.strategies.xla import register_strategies
+        if "single_xla" not in STRATEGY_REGISTRY:
+            register_strategies(STRATEGY_REGISTRY)
+        fabric = Fabric(accelerator="tpu", devices=1, strategy="single_xla")
+        fabric.launch()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
+        x = torch.randn(32, 8).to(fabric.device)
+        y = x[:, :4].sum(1, keepdim=True)
+        losses = []
+        for _ in range(20):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            fabric.strategy.mark_step()
+            losses.append(float(loss))
+        fabric.save("ckpt.pt", {"model": model, "step": 20})
+        assert fabric.device.type == "xla", fabric.device
+        assert losses[-1] < 0.5 * losses[0], losses
+        assert torch.load("ckpt.pt", weights_only=False)["step"] == 20
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PJRT_DEVICE": os.environ.get("PJRT_DEVICE", "CPU"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=env)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
