@@ -21,9 +21,9 @@ from notebook_fabric.accelerators.xla import xla_available
 from notebook_fabric.precision import MixedPrecision, Precision, TruePrecision
 from notebook_fabric.strategies import STRATEGY_REGISTRY
 from notebook_fabric.strategies.xla import (
-    SingleDeviceXLAStrategy, XLAEnvironment, XLAFSDPStrategy, XLAStrategy, check_xla_precision,
-    register_strategies, validate_fsdp_arguments, xla_reduce_type,
+    SingleDeviceXLAStrategy, XLAEnvironment, XLAStrategy, check_xla_precision, register_strategies, xla_reduce_type,
 )  # fmt: skip
+from notebook_fabric.strategies.xla_fsdp import XLAFSDPStrategy, validate_fsdp_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = {"xla": XLAStrategy, "xla_debug": XLAStrategy, "single_xla": SingleDeviceXLAStrategy, "xla_fsdp": XLAFSDPStrategy}

@@ -11,8 +11,9 @@ from .model_parallel import register_strategies as _register_model_parallel
 from .parallel import ParallelStrategy
 from .registry import STRATEGY_REGISTRY, StrategyRegistry
 from .single_device import SingleDeviceStrategy
-from .xla import SingleDeviceXLAStrategy, XLAFSDPStrategy, XLAStrategy
+from .xla import SingleDeviceXLAStrategy, XLAStrategy
 from .xla import register_strategies as _register_xla
+from .xla_fsdp import XLAFSDPStrategy
 
 
 def _register_builtin_strategies(registry: StrategyRegistry) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import os
 import warnings
@@ -25,27 +24,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..accelerators import Accelerator
-from ..checkpoint import io as checkpoint_io
+from ..checkpoint.deepspeed import CHECKPOINT_TAG, CLIENT_STATE_KEY, consolidate_checkpoint
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
 from ..precision import Precision
 from ..precision.deepspeed import DeepSpeedPrecision, to_deepspeed_precision
 from .ddp import DEFAULT_TIMEOUT, DDPStrategy
+from .deepspeed_config import LOSS_SCALE_OPTIONS, ZERO_OPTIONS, build_zero_config, load_config, warn_ignored_arguments
 
 INSTALL_HINT = "pip install 'notebook-fabric[deepspeed]'"
-#: the tag of the checkpoint folder inside the directory given to ``fabric.save``
-CHECKPOINT_TAG = "checkpoint"
-#: the one key under which Fabric's own entries travel in DeepSpeed's client state
-CLIENT_STATE_KEY = "notebook_fabric_client_state"
-#: DeepSpeed ``zero_optimization`` options accepted as keyword arguments (DeepSpeed's defaults apply otherwise)
-ZERO_OPTIONS = (
-    "contiguous_gradients", "overlap_comm", "allgather_partitions", "reduce_scatter", "allgather_bucket_size",
-    "reduce_bucket_size", "sub_group_size", "stage3_max_live_parameters", "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
-)  # fmt: skip
-#: fp16 loss-scaling options accepted as keyword arguments (used under ``precision="16-mixed"``)
-LOSS_SCALE_OPTIONS = {"loss_scale": 0.0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                      "min_loss_scale": 1}  # fmt: skip
 CLIP_MESSAGE = (
     "DeepSpeed clips gradients itself, inside engine.step(): set it in the config instead of calling"
     " fabric.clip_gradients(), e.g. DeepSpeedStrategy(config={{..., 'gradient_clipping': {value}}})."
@@ -162,8 +149,8 @@ class DeepSpeedStrategy(DDPStrategy):
         self._batch_size: Optional[int] = None
         self._engines: list[Any] = []
         if config is not None:
-            self.config = _load_config(config)
-            _warn_ignored_arguments(
+            self.config = load_config(config)
+            warn_ignored_arguments(
                 stage=(stage, 2), offload_optimizer=(offload_optimizer, False),
                 offload_parameters=(offload_parameters, False), nvme_path=(nvme_path, None), **{
                     name: (value, None) for name, value in zero_options.items()
@@ -464,108 +451,11 @@ class DeepSpeedStrategy(DDPStrategy):
         return f"DeepSpeedStrategy(stage={self.zero_stage}, start_method={self.start_method})"
 
 
-def build_zero_config(
-    stage: int = 2,
-    offload_optimizer: bool = False,
-    offload_parameters: bool = False,
-    offload_params_device: str = "cpu",
-    offload_optimizer_device: str = "cpu",
-    nvme_path: Optional[str] = None,
-    params_buffer_count: int = 5,
-    params_buffer_size: int = 100_000_000,
-    max_in_cpu: int = 1_000_000_000,
-    optimizer_buffer_count: int = 4,
-    block_size: int = 1048576,
-    queue_depth: int = 8,
-    single_submit: bool = False,
-    overlap_events: bool = True,
-    thread_count: int = 1,
-    pin_memory: bool = False,
-    **zero_options: Any,
-) -> dict[str, Any]:
-    """The DeepSpeed config for DeepSpeedStrategy's individual arguments (validated)."""
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage={stage!r}: DeepSpeed ZeRO stages are 0 (off), 1, 2 and 3")
-    for name, device in (("offload_params_device", offload_params_device), ("offload_optimizer_device", offload_optimizer_device)):
-        if device not in ("cpu", "nvme"):
-            raise ValueError(f"{name}={device!r}: DeepSpeed offloads to 'cpu' or 'nvme'")
-    if offload_parameters and stage != 3:
-        raise ValueError(f"offload_parameters=True needs stage=3 (parameters are partitioned only there), got stage={stage}")
-    if offload_optimizer and stage == 0:
-        raise ValueError("offload_optimizer=True needs ZeRO (stage 1, 2 or 3), got stage=0")
-    uses_nvme = (offload_optimizer and offload_optimizer_device == "nvme") or (
-        offload_parameters and offload_params_device == "nvme"
-    )
-    if uses_nvme and not nvme_path:
-        raise ValueError("offloading to 'nvme' needs nvme_path= (a folder on a fast local NVMe drive)")
-    zero: dict[str, Any] = {"stage": stage, **zero_options}
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": offload_optimizer_device, "buffer_count": optimizer_buffer_count,
-                                     "pin_memory": pin_memory}  # fmt: skip
-        if offload_optimizer_device == "nvme":
-            zero["offload_optimizer"]["nvme_path"] = nvme_path
-    if offload_parameters:
-        zero["offload_param"] = {"device": offload_params_device, "buffer_count": params_buffer_count,
-                                 "buffer_size": params_buffer_size, "max_in_cpu": max_in_cpu,
-                                 "pin_memory": pin_memory}  # fmt: skip
-        if offload_params_device == "nvme":
-            zero["offload_param"]["nvme_path"] = nvme_path
-    config: dict[str, Any] = {"zero_optimization": zero}
-    if uses_nvme:
-        config["aio"] = {"block_size": block_size, "queue_depth": queue_depth, "single_submit": single_submit,
-                         "overlap_events": overlap_events, "thread_count": thread_count}  # fmt: skip
-    return config
-
-
-def consolidate_checkpoint(checkpoint_dir: Any, output_file: Any, tag: Optional[str] = None) -> Path:
-    """Turn a DeepSpeed checkpoint folder written by ``fabric.save`` into one ordinary Fabric checkpoint file:
-    ``{"model": <full fp32 state dict>, **<the other saved entries>}``, loadable with any strategy
-    (``fabric.load(file, {"model": model})``) or plain ``torch.load``. Run it in one process (rank 0)."""
-    require_deepspeed("consolidate_checkpoint")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if tag is None:
-        latest = checkpoint_dir / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else CHECKPOINT_TAG
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    model_files = sorted((checkpoint_dir / tag).glob("*mp_rank_00_model_states.pt"))
-    extra: dict[str, Any] = {}
-    if model_files:
-        saved = torch.load(model_files[0], map_location="cpu", weights_only=False)
-        extra = saved.get(CLIENT_STATE_KEY, {})
-    return checkpoint_io.atomic_save({"model": dict(state_dict), **extra}, output_file)
-
-
 def _is_engine_part(value: Any, engine: Any) -> bool:
     inner = getattr(value, "_forward_module", value)
     if inner is engine:
         return True
     return engine.optimizer is not None and checkpoint_state.unwrap_optimizer(value) is engine.optimizer
-
-
-def _load_config(config: Union[str, Path, dict[str, Any]]) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return copy.deepcopy(config)
-    if isinstance(config, (str, Path)):
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config={str(config)!r}: no DeepSpeed config file there")
-        with open(config, encoding="utf-8") as handle:
-            loaded = json.load(handle)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config={str(config)!r} holds {type(loaded).__name__}, not a JSON object")
-        return loaded
-    raise TypeError(f"config= takes a dict or the path of a JSON file, got {type(config).__name__}")
-
-
-def _warn_ignored_arguments(**given: tuple[Any, Any]) -> None:
-    ignored = [name for name, (value, default) in given.items() if value != default]
-    if ignored:
-        warnings.warn(
-            f"DeepSpeedStrategy(config=...) was given, so {ignored} are ignored: the config wins. Put them in the config.",
-            stacklevel=3,
-        )
 
 
 def register_strategies(registry: Any) -> None:
