@@ -56,7 +56,12 @@ class Connector:
         self.strategy = self._resolve_strategy(given["strategy"])
         self._validate_strategy_fits()
         self.strategy.accelerator = self.strategy.accelerator or self.accelerator
-        self.strategy.precision = plugin_precision or resolve_precision(given["precision"], self.accelerator_device_type)
+        precision_from_command_line = given["precision"] != ("32-true" if precision is None else precision)
+        if plugin_precision is not None:
+            self.strategy.precision = plugin_precision
+        elif precision is not None or precision_from_command_line or self.strategy._precision is None:
+            self.strategy.precision = resolve_precision(given["precision"], self.accelerator_device_type)
+        # else: the strategy instance was built with its own precision plugin, and nothing overrides it
         if checkpoint_io is not None:
             self.strategy.checkpoint_io = checkpoint_io
         self._wire_devices()

@@ -43,7 +43,7 @@ class Strategy:
     ) -> None:
         self._accelerator = accelerator
         self._checkpoint_io = checkpoint_io
-        self._precision = precision
+        self._precision = self.adapt_precision(precision) if precision is not None else None
         self._root_device: Optional[torch.device] = None
 
     # ----- wiring (the connector fills these in) -------------------------------------------------
@@ -58,12 +58,16 @@ class Strategy:
     @property
     def precision(self) -> Precision:
         if self._precision is None:
-            self._precision = Precision()
+            self._precision = self.adapt_precision(Precision())
         return self._precision
 
     @precision.setter
     def precision(self, precision: Precision) -> None:
-        self._precision = precision
+        self._precision = self.adapt_precision(precision)
+
+    def adapt_precision(self, precision: Precision) -> Precision:
+        """The plugin this strategy runs for ``precision``: check it, or swap in the strategy's own kind."""
+        return precision
 
     @property
     def checkpoint_io(self) -> Any:

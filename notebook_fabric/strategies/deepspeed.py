@@ -167,16 +167,9 @@ class DeepSpeedStrategy(DDPStrategy):
             )  # fmt: skip
 
     # ----- configuration -------------------------------------------------------------------------
-    @property
-    def precision(self) -> DeepSpeedPrecision:
-        if self._precision is None:
-            self._precision = DeepSpeedPrecision("32-true")
-        return self._precision
-
-    @precision.setter
-    def precision(self, precision: Precision) -> None:
+    def adapt_precision(self, precision: Precision) -> DeepSpeedPrecision:
         # the connector hands every strategy the generic plugin for precision=; DeepSpeed runs its own
-        self._precision = to_deepspeed_precision(precision)
+        return to_deepspeed_precision(precision)
 
     @property
     def zero_stage(self) -> int:

@@ -174,7 +174,7 @@ class XLAStrategy(ParallelStrategy):
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment or XLAEnvironment(),
             checkpoint_io=checkpoint_io,
-            precision=check_xla_precision(precision) if precision is not None else None,
+            precision=precision,
         )
         self.sync_module_states = sync_module_states
         self.debug = debug
@@ -182,15 +182,8 @@ class XLAStrategy(ParallelStrategy):
         self._reduced: set[int] = set()  # optimizers whose gradients were already all-reduced this step
 
     # ----- the job's shape (the runtime's numbers once the ranks run) -----------------------------
-    @property
-    def precision(self) -> Precision:  # type: ignore[override]
-        if self._precision is None:
-            self._precision = Precision()
-        return self._precision
-
-    @precision.setter
-    def precision(self, precision: Precision) -> None:
-        self._precision = check_xla_precision(precision)
+    def adapt_precision(self, precision: Precision) -> Precision:
+        return check_xla_precision(precision)
 
     @property
     def root_device(self) -> torch.device:
@@ -400,17 +393,10 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
         if isinstance(device, int):
             device = torch.device("xla", device)
         super().__init__(device=device, accelerator=accelerator, checkpoint_io=checkpoint_io,
-                         precision=check_xla_precision(precision) if precision is not None else None)  # fmt: skip
+                         precision=precision)  # fmt: skip
 
-    @property
-    def precision(self) -> Precision:  # type: ignore[override]
-        if self._precision is None:
-            self._precision = Precision()
-        return self._precision
-
-    @precision.setter
-    def precision(self, precision: Precision) -> None:
-        self._precision = check_xla_precision(precision)
+    def adapt_precision(self, precision: Precision) -> Precision:
+        return check_xla_precision(precision)
 
     @property
     def root_device(self) -> torch.device:
