@@ -201,10 +201,6 @@ class XLAStrategy(ParallelStrategy):
         self._root_device = device
 
     @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices else 1
-
-    @property
     def global_rank(self) -> int:
         return self.cluster_environment.global_rank() if self._launched else 0
 
