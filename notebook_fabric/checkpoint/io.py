@@ -20,13 +20,13 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False)
+    descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(descriptor)  # torch.save writes fastest to a path (its own writer), not a Python file object
     try:
-        with handle:
-            torch.save(obj, handle)
-        os.replace(handle.name, target)
+        torch.save(obj, partial)
+        os.replace(partial, target)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
         raise
     return target
 
