@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import io as checkpoint_io
 from .collectives.collections import map_tensors, tensors_to_device
+from .collectives.debug import enable_signature_checks
 from .collectives.ops import normalize_reduce_op
 from .connector import Connector
 from .strategies import ParallelStrategy, Strategy
@@ -54,6 +55,8 @@ class Fabric:
         loggers: Optional[Union[list[Any], Any]] = None,
         debug: bool = False,
     ) -> None:
+        """``debug=True``: before each collective the ranks compare what they are about to call and raise
+        :class:`~notebook_fabric.collectives.debug.CollectiveMismatchError` on every rank on a mismatch."""
         self._init_kwargs = _portable_kwargs(
             accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
             precision=precision, plugins=plugins, callbacks=callbacks, loggers=loggers, debug=debug,
@@ -161,6 +164,8 @@ class Fabric:
             start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
         self._launched = True
         strategy.setup_environment()
+        if self._debug:
+            enable_signature_checks()
         return function(self, *args, **kwargs) if function is not None else None
 
     # ----- models, optimizers, data --------------------------------------------------------------

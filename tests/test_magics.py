@@ -262,3 +262,17 @@ def test_stop_leaves_no_process(kernel: Kernel) -> None:
     assert "no pool is running" in kernel.ok("%fabric status").stdout
     restarted = kernel.ok("%fabric restart")
     assert "restarted the pool" in restarted.stdout and len(pids(kernel)) == 2
+
+
+def test_debug_mode_turns_a_mismatched_collective_into_an_error_and_the_pool_survives(kernel: Kernel) -> None:
+    kernel.ok(f"{POOL} --debug\nimport torch")
+    before = pids(kernel)
+    reply = kernel.run("%%fabric\nif fabric.global_rank == 0:\n    fabric.all_reduce(torch.ones(3))\n"
+                       "else:\n    fabric.broadcast(torch.ones(2), src=0)")
+    assert reply.ename == "CollectiveMismatchError"
+    text = reply.error_text
+    assert "rank 0: #1 all_reduce(float32[3]) reduce_op=mean" in text
+    assert "rank 1: #1 broadcast(float32[2]) src=0" in text
+    assert re.search(r"<fabric-cell-\d+>:3", text) and re.search(r"<fabric-cell-\d+>:5", text)  # the cell's lines
+    assert kernel.ok("%%fabric\nfabric.all_reduce(torch.ones(1), reduce_op='sum')").result == "[ranks 0-1] tensor([2.])"
+    assert pids(kernel) == before  # nobody was left inside a collective: the same pool goes on

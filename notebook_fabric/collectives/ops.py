@@ -47,7 +47,7 @@ def _group_size(group: Optional[Any]) -> int:
 def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -> dict:
     shapes = [tuple(tensor.shape)] if tensor is not None else []
     dtypes = [str(tensor.dtype)] if tensor is not None else ["object"]
-    return {"group_size": _group_size(group), "shapes": shapes, "dtypes": dtypes, **extra}
+    return {"group": group, "group_size": _group_size(group), "shapes": shapes, "dtypes": dtypes, **extra}
 
 
 def _run(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:

@@ -157,6 +157,8 @@ def _plain_meta(meta: dict) -> dict:
     """The tracer's metadata with only plain values (it travels to the notebook)."""
     plain = {}
     for key, value in (meta or {}).items():
+        if key == "group":  # a process-group handle: the notebook has group_size
+            continue
         if key in ("shapes",) and value is not None:
             plain[key] = tuple(tuple(int(d) for d in shape) for shape in value)
         elif key in ("dtypes",) and value is not None:
