@@ -14,25 +14,13 @@ notebook's main thread, so what it prints lands in the running cell):
 """
 from __future__ import annotations
 
-import sys
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
-from notebook_fabric.launch.errors import format_ranks
-from notebook_fabric.live.events import CollectiveState, Heartbeat, Notice, Output, RankEvent
+from notebook_fabric.live.events import Heartbeat, Notice, Output, RankEvent
 from notebook_fabric.live.sinks import TextSink
+from notebook_fabric.live.stall import StallReport, StallWatchdog, print_report
 
 from .render import format_stacks
-
-
-@dataclass(frozen=True)
-class StallReport:
-    """What the watchdog saw: who waits in which collective, and every rank's stack."""
-
-    time: float
-    text: str
-    stacks: Dict[int, str]
 
 
 class CellSink:
@@ -42,11 +30,7 @@ class CellSink:
                  where: Callable[[float], Dict[int, str]], stall_after: Optional[float]) -> None:
         self._text = TextSink(ranks=show)
         self.show = None if show is None else set(show)
-        self.running = sorted(running)
-        self._where = where
-        self.stall_after = stall_after if stall_after and stall_after > 0 else None
-        self._collectives: Dict[int, Optional[CollectiveState]] = {}
-        self._reported: set = set()
+        self._watchdog = StallWatchdog(running, where, stall_after, format_stacks=format_stacks)
         self.hidden_output: Dict[int, int] = {}
         self.stall_report: Optional[StallReport] = None
         self.notices: List[str] = []
@@ -57,8 +41,12 @@ class CellSink:
             self.hidden_output[event.rank] = self.hidden_output.get(event.rank, 0) + event.text.count("\n")
             return
         if isinstance(event, Heartbeat):
-            self._collectives[event.rank] = event.collective if event.in_task else None
-            self._check_stall(time.time())
+            report = self._watchdog.observe(event)
+            if report is not None:
+                self.stall_report = report
+                self.flush()
+                self._wrote = True
+                print_report(report, "interrupt the kernel to stop the cell; --stall 0 turns this report off")
             return
         if isinstance(event, Notice):
             self.notices.append(event.text)
@@ -70,40 +58,3 @@ class CellSink:
         stream flush is a round trip to its I/O thread: not worth paying for nothing)."""
         if self._wrote:
             self._text.flush()
-
-    # -- the watchdog ---------------------------------------------------------------------------
-    def _check_stall(self, now: float) -> None:
-        if self.stall_after is None:
-            return
-        waiting = {r: c for r, c in self._collectives.items() if c is not None and now - c.entered_at >= self.stall_after}
-        if not waiting:
-            return
-        first = min(waiting.values(), key=lambda c: c.entered_at)
-        key = (first.op, first.seq)
-        if key in self._reported:
-            return
-        together = [r for r, c in self._collectives.items() if c is not None and (c.op, c.seq) == key]
-        if set(together) >= set(self.running):
-            return  # everyone is in it: slow, not stalled
-        self._reported.add(key)
-        self._report(now, key)
-
-    def _report(self, now: float, key: Any) -> None:
-        stacks = self._where(2.0)
-        waiting: Dict[str, List[int]] = {}
-        for rank, collective in sorted(self._collectives.items()):
-            if collective is not None:
-                waiting.setdefault(collective.describe(now), []).append(rank)
-        lines = [f"stall: {format_ranks(ranks)} {'has' if len(ranks) == 1 else 'have'} waited in {label}"
-                 for label, ranks in waiting.items()]
-        elsewhere = [r for r in self.running if self._collectives.get(r) is None]
-        if elsewhere:
-            lines.append(f"{format_ranks(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} not in that collective; "
-                         "every rank's stack:")
-        text = "\n".join(lines + ["  " + line for line in format_stacks(stacks).splitlines()])
-        self.stall_report = StallReport(time=now, text=text, stacks=stacks)
-        self.flush()
-        self._wrote = True
-        sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
-        sys.stderr.write("[notebook-fabric] (interrupt the kernel to stop the cell; --stall 0 turns this report off)\n")
-

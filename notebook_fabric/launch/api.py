@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..live.events import Notice
 from ..live.sinks import EventSink, TextSink
+from ..live.stall import StallWatchdog, StallWatchdogSink
 from .pool import RankPool
 from .preflight import START_METHODS, check_picklable, resolve_start_method
 
@@ -19,7 +20,8 @@ _LAUNCHED = "__notebook_fabric_launched__"
 
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
-           return_all: bool = False, sink: Optional[EventSink] = None, **fabric_kwargs: Any) -> Any:
+           return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
+           **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -29,6 +31,8 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     cloudpickle). ``timeout``: seconds the function may run before the launch ends with a
     :class:`LaunchTimeoutError` naming the ranks waiting in a collective and where the others are.
     ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
+    ``stall``: when some ranks have waited this many seconds in a collective the others have not
+    entered, print who waits where and every rank's stack (once per stall; ``None`` turns it off).
 
     Rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
@@ -47,12 +51,12 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
         return Fabric(**kwargs).launch(fn, *args)
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
-                        timeout=timeout, return_all=return_all, sink=sink)
+                        timeout=timeout, return_all=return_all, stall=stall, sink=sink)
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
-                 return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None,
+                 return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
                  sink: Optional[EventSink] = None) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
@@ -72,7 +76,10 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
                     namespace={_LAUNCHED: (fn, args, kwargs)})
     try:
         pool.start()
-        results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True)
+        watchdog = StallWatchdog(range(num_processes), pool.where, stall)
+        run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
+        results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,
+                           sink=run_sink)
     finally:
         pool.stop(grace=1.0)
     return [results[rank] for rank in range(num_processes)] if return_all else results[0]
