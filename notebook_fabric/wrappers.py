@@ -173,7 +173,3 @@ class _FabricDataLoader:
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.to(device, non_blocking=True)
-
-
-def is_wrapped(obj: Any) -> bool:
-    return isinstance(obj, (_FabricModule, _FabricOptimizer, _FabricDataLoader))

@@ -1,7 +1,7 @@
 """Collectives on nested collections: every tensor leaf goes through the strategy, one call each."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,10 +29,3 @@ def map_tensors(data: Any, function: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(data, Tensor):
         return function(data)
     return apply_to_collection(data, Tensor, function)
-
-
-def describe(data: Any) -> Optional[str]:
-    """A short type-and-shape summary, for error messages."""
-    if isinstance(data, Tensor):
-        return f"{str(data.dtype).replace('torch.', '')}{list(data.shape)}"
-    return type(data).__name__

@@ -1,1 +1,1 @@
-"""Small helpers shared by the core: collection mapping, rank-zero printing, seeding."""
+"""Small helpers shared by the core: collection mapping, seeding, DataLoader sharding."""

@@ -40,10 +40,3 @@ def _rebuild_mapping(original: dict, values: dict) -> dict:
         rebuilt = original.copy()
         rebuilt.update(values)
         return rebuilt
-
-
-def collection_leaves(data: Any, dtype: Union[type, tuple]) -> list:
-    """Every element of type ``dtype`` inside ``data``, in a stable order."""
-    found: list = []
-    apply_to_collection(data, dtype, found.append)
-    return found
