@@ -12,7 +12,7 @@ from ..utilities.apply import apply_to_collection
 def _as_tensor(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device) if value.device != device else value
-    if isinstance(value, (int, float, bool)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # bools stay flags
         return torch.tensor(value, device=device)
     return value
 
