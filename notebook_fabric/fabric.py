@@ -23,6 +23,7 @@ from .collectives.collections import map_tensors, tensors_to_device
 from .collectives.debug import enable_signature_checks
 from .collectives.ops import normalize_reduce_op
 from .connector import Connector
+from .environments import ClusterEnvironment
 from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
@@ -430,14 +431,21 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _portable_kwargs(**kwargs: Any) -> dict[str, Any]:
-    """The constructor arguments, copied before the connector configures any objects among them."""
-    portable = {}
-    for key, value in kwargs.items():
+    """The constructor arguments for rebuilding this Fabric in a rank: strategies and cluster
+    environments are copied before the connector configures them in place; everything else
+    (callbacks, loggers, precision plugins) is kept as given."""
+    return {key: _unconfigured(value) for key, value in kwargs.items()}
+
+
+def _unconfigured(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unconfigured(item) for item in value)
+    if isinstance(value, (Strategy, ClusterEnvironment)):
         try:
-            portable[key] = copy.deepcopy(value) if isinstance(value, (Strategy, list, tuple)) or hasattr(value, "__dict__") else value
+            return copy.deepcopy(value)
         except Exception:  # noqa: BLE001 - an object that cannot be copied travels as it is
-            portable[key] = value
-    return portable
+            return value
+    return value
 
 
 def _interactive_session() -> bool:
