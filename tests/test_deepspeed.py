@@ -30,7 +30,6 @@ from notebook_fabric.precision.deepspeed import DeepSpeedPrecision, to_deepspeed
 from notebook_fabric.strategies import STRATEGY_REGISTRY
 from notebook_fabric.strategies.deepspeed import (
     CLIENT_STATE_KEY, DeepSpeedStrategy, build_zero_config, consolidate_checkpoint, deepspeed_available,
-    register_strategies,
 )  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +47,8 @@ SPEC_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def deepspeed_names() -> Any:
-    """The DeepSpeed names, registered for these tests if strategies/__init__.py does not register them yet."""
-    added = [] if any(name in STRATEGY_REGISTRY for name in NAMES) else list(NAMES)
-    if added:
-        register_strategies(STRATEGY_REGISTRY)
-    yield
-    for name in added:
-        STRATEGY_REGISTRY.remove(name)
+def test_the_deepspeed_names_come_registered() -> None:
+    assert set(NAMES) <= set(STRATEGY_REGISTRY.available_strategies())
 
 
 # ----- without any rank ---------------------------------------------------------------------------
@@ -118,8 +110,6 @@ def test_without_deepspeed_installed_the_error_says_how_to_install(tmp_path: Pat
         assert "deepspeed" not in sys.modules, "import notebook_fabric imported deepspeed"
         sys.modules["deepspeed"] = None  # from here on, `import deepspeed` fails as if it were not installed
         from notebook_fabric.strategies import STRATEGY_REGISTRY
-        if "deepspeed_stage_3" not in STRATEGY_REGISTRY:
-            ds_module.register_strategies(STRATEGY_REGISTRY)
         for build in (lambda: ds_module.DeepSpeedStrategy(stage=3),
                       lambda: notebook_fabric.Fabric(accelerator="cpu", devices=1, strategy="deepspeed_stage_3")):
             try:

@@ -19,22 +19,14 @@ from helpers_launch import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.checkpoint import distributed as dist_ckpt
 from notebook_fabric.strategies import STRATEGY_REGISTRY
-from notebook_fabric.strategies.fsdp import FSDPStrategy, register_strategies, select_modules
+from notebook_fabric.strategies.fsdp import FSDPStrategy, select_modules
 from notebook_fabric.strategies.dtensor import rebuild_optimizer
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fsdp_registered():
-    """``strategy="fsdp"`` works whether or not the lead has registered it in strategies/__init__.py yet."""
-    added = "fsdp" not in STRATEGY_REGISTRY
-    if added:
-        register_strategies(STRATEGY_REGISTRY)
-    yield
-    if added:
-        for name in ("fsdp", "fsdp_cpu_offload"):
-            STRATEGY_REGISTRY.remove(name)
+def test_the_fsdp_names_come_registered() -> None:
+    assert {"fsdp", "fsdp_cpu_offload"} <= set(STRATEGY_REGISTRY.available_strategies())
 
 
 def mlp() -> nn.Module:

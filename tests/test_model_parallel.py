@@ -14,8 +14,7 @@ from conftest import clean_rank_environment
 from helpers_launch import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.checkpoint import distributed as dist_ckpt
-from notebook_fabric.strategies import STRATEGY_REGISTRY
-from notebook_fabric.strategies.model_parallel import ModelParallelStrategy, register_strategies
+from notebook_fabric.strategies.model_parallel import ModelParallelStrategy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -241,12 +240,5 @@ def test_bad_arguments_name_the_fix(kwargs, match):
 
 
 def test_the_registered_name_says_to_pass_the_parallelize_function(clean_environment):
-    added = "model_parallel" not in STRATEGY_REGISTRY
-    if added:
-        register_strategies(STRATEGY_REGISTRY)
-    try:
-        with pytest.raises(ValueError, match="ModelParallelStrategy\\(parallelize_fn=fn\\)"):
-            Fabric(accelerator="cpu", devices=2, strategy="model_parallel")
-    finally:
-        if added:
-            STRATEGY_REGISTRY.remove("model_parallel")
+    with pytest.raises(ValueError, match="ModelParallelStrategy\\(parallelize_fn=fn\\)"):
+        Fabric(accelerator="cpu", devices=2, strategy="model_parallel")

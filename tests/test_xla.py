@@ -21,7 +21,7 @@ from notebook_fabric.accelerators.xla import xla_available
 from notebook_fabric.precision import MixedPrecision, Precision, TruePrecision
 from notebook_fabric.strategies import STRATEGY_REGISTRY
 from notebook_fabric.strategies.xla import (
-    SingleDeviceXLAStrategy, XLAEnvironment, XLAStrategy, check_xla_precision, register_strategies, xla_reduce_type,
+    SingleDeviceXLAStrategy, XLAEnvironment, XLAStrategy, check_xla_precision, xla_reduce_type,
 )  # fmt: skip
 from notebook_fabric.strategies.xla_fsdp import XLAFSDPStrategy, validate_fsdp_arguments
 
@@ -31,15 +31,6 @@ without_xla = pytest.mark.skipif(xla_available(), reason="torch_xla is installed
 with_xla = pytest.mark.skipif(not xla_available(), reason="needs torch_xla (pip install 'notebook-fabric[xla]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_names() -> Any:
-    """The XLA names, registered for these tests if strategies/__init__.py does not register them yet."""
-    added = [] if any(name in STRATEGY_REGISTRY for name in NAMES) else list(NAMES)
-    if added:
-        register_strategies(STRATEGY_REGISTRY)
-    yield
-    for name in added:
-        STRATEGY_REGISTRY.remove(name)
 
 
 def test_registered_names_and_start_methods() -> None:
@@ -129,9 +120,6 @@ def test_single_xla_device_trains(tmp_path: Path) -> None:
         import torch
         from notebook_fabric import Fabric
         from notebook_fabric.strategies import STRATEGY_REGISTRY
-        from notebook_fabric.strategies.xla import register_strategies
-        if "single_xla" not in STRATEGY_REGISTRY:
-            register_strategies(STRATEGY_REGISTRY)
         fabric = Fabric(accelerator="tpu", devices=1, strategy="single_xla")
         fabric.launch()
         torch.manual_seed(0)
