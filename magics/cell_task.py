@@ -115,11 +115,11 @@ def compile_cell(source: str, filename: str, line_offset: int = 0) -> Tuple[type
 
 def load_values(values: Dict[str, bytes], rebind: Tuple[str, ...], namespace: Dict[str, Any], rank: int) -> None:
     """Unpickle the shipped notebook values into ``namespace``; name the variable if one fails."""
-    import cloudpickle
+    from notebook_fabric.utilities import by_value
 
     for name, payload in values.items():
         try:
-            value = cloudpickle.loads(payload)
+            value = by_value.loads(payload)
         except Exception as error:
             raise RuntimeError(
                 f"the notebook variable {name!r} could not be loaded on rank {rank}: {type(error).__name__}: {error}. "

@@ -74,7 +74,7 @@ class ValueTracker:
 
     def collect(self, names: Iterable[str], user_ns: Mapping[str, Any], force: bool = False) -> Shipment:
         """Pickle what must travel for a cell reading ``names`` (``force``: ship even if in sync)."""
-        import cloudpickle
+        from notebook_fabric.utilities import by_value
 
         shipment = Shipment()
         rebind: List[str] = []
@@ -93,7 +93,7 @@ class ValueTracker:
             if not force and cheap is not None and self._synced.get(name) == cheap:
                 continue
             try:
-                payload = cloudpickle.dumps(_without_globals(value) if name in rebind else value)
+                payload = by_value.dumps(_without_globals(value) if name in rebind else value)
             except Exception as error:
                 raise UnpicklableVariableError(name, value, error) from error
             fingerprint = cheap if cheap is not None else ("pickle", hashlib.blake2b(payload, digest_size=16).digest())

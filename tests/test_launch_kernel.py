@@ -3,6 +3,7 @@ cell, a kernel interrupt while ranks wait in a barrier, and no ranks after shutd
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,28 @@ def test_functions_defined_in_cells_run_under_fork_and_spawn(kernel):
         assert cell["status"] == "ok", cell["stderr"]
         assert cell["result"] == "[103.0, 103.0]"  # (1 + 0) + (1 + 1) + 100
         assert "[rank 0] step on rank 0" in cell["stdout"] and "[rank 1] step on rank 1" in cell["stdout"]
+    assert kernel.descendants() == []
+
+
+FAILING_CELL = """
+def train(fabric):
+    scale = 2.0
+    raise ValueError(f"loss exploded on rank {fabric.global_rank} (scale {scale})")
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_remote_tracebacks_name_the_cell_and_show_its_source_line(kernel, method):
+    """A function from a cell, shipped by value under spawn/forkserver, keeps its cell file name and
+    source lines in the remote traceback whatever cloudpickle version is installed."""
+    assert kernel.run("from notebook_fabric import launch")["status"] == "ok"
+    assert kernel.run(FAILING_CELL)["status"] == "ok"
+    cell = kernel.run(f"launch(train, devices=2, accelerator='cpu', start_method={method!r})")
+    assert cell["status"] == "error" and cell["ename"] == "ValueError", cell
+    report = re.sub(r"\x1b\[[0-9;]*m", "", cell["stderr"])
+    assert "<dynamic-code>" not in report
+    assert 'raise ValueError(f"loss exploded on rank' in report, report
+    assert re.search(r'File "?[^\n]*ipykernel[^\n]*, line 3, in train', report), report
     assert kernel.descendants() == []
 
 

@@ -149,9 +149,9 @@ def pickle_for_parent(obj: object, verify: bool = False) -> Optional[bytes]:
     notebook comes back as that same class (under fork). cloudpickle takes what it refuses.
     ``verify`` also unpickles it here (exceptions with unusual constructors fail at that step).
     """
-    import cloudpickle
+    from notebook_fabric.utilities import by_value
 
-    for dumps in (lambda o: pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL), cloudpickle.dumps):
+    for dumps in (lambda o: pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL), by_value.dumps):
         try:
             data = dumps(obj)
             if verify:

@@ -116,10 +116,10 @@ class RankPool:
         self.start_method = method
         setup_payload = None
         if method != "fork":
-            import cloudpickle
+            from notebook_fabric.utilities import by_value
 
             self._setup.source_cache = self._new_sources()
-            setup_payload = cloudpickle.dumps(self._setup)
+            setup_payload = by_value.dumps(self._setup)
         self._state = "running"
         _LIVE_POOLS.add(self)
         try:

@@ -58,12 +58,12 @@ def check_picklable(items: Mapping[str, Any], start_method: str) -> Dict[str, by
 
     Returns the pickles; raises :class:`UnpicklableError` naming the first value that fails.
     """
-    import cloudpickle
+    from notebook_fabric.utilities import by_value
 
     pickled = {}
     for description, value in items.items():
         try:
-            pickled[description] = cloudpickle.dumps(value)
+            pickled[description] = by_value.dumps(value)
         except Exception as error:
             raise UnpicklableError(
                 f"{description} (a {type(value).__module__}.{type(value).__qualname__}) cannot be sent to the ranks: "

@@ -114,13 +114,13 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
 
 def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: RankState) -> Any:
     """Run one task; returns the :class:`TaskDone` or :class:`TaskFailed` event to send."""
-    import cloudpickle
+    from notebook_fabric.utilities import by_value
 
     rank = state.rank
     interrupted = False
     try:
         _install_sources(message.source_cache)
-        task = cloudpickle.loads(message.payload)
+        task = by_value.loads(message.payload)
         state.in_task = True
         try:
             value = task(fabric, namespace)
@@ -159,12 +159,12 @@ def _install_interrupt_handler(state: RankState) -> None:
 
 def _receive_setup(inbox: "queue.SimpleQueue[Any]", timeout: float = 120.0) -> RankSetup:
     """The cloudpickled setup (spawn, forkserver): the first message the notebook sends."""
-    import cloudpickle
+    from notebook_fabric.utilities import by_value
 
     message = inbox.get(timeout=timeout)
     if not isinstance(message, SetupPayload):
         raise RuntimeError(f"expected the rank setup from the notebook, got {type(message).__name__}")
-    return cloudpickle.loads(message.payload)
+    return by_value.loads(message.payload)
 
 
 def _adopt_notebook_paths(setup: RankSetup) -> None:

@@ -98,9 +98,7 @@ class RunLoop:
         self._we_interrupted = False
 
     def run(self, task: Any) -> Dict[int, Any]:
-        import cloudpickle
-
-        payload = _pickle_task(task, cloudpickle)
+        payload = _pickle_task(task)
         self.pool.drain_events(self.sink)
         self.task_id = self.pool.next_id()
         message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
@@ -278,9 +276,11 @@ class RunLoop:
         self.sink.handle(Notice(rank=-1, time=time.time(), text=text, level="warning"))
 
 
-def _pickle_task(task: Any, cloudpickle: Any) -> bytes:
+def _pickle_task(task: Any) -> bytes:
+    from notebook_fabric.utilities import by_value
+
     try:
-        return cloudpickle.dumps(task)
+        return by_value.dumps(task)
     except Exception as error:
         raise TypeError(f"the task {task!r} cannot be sent to the ranks: cloudpickle fails with "
                         f"{type(error).__name__}: {error}") from error

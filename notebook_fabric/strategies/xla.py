@@ -230,12 +230,12 @@ class XLAStrategy(ParallelStrategy):
         """
         if self.num_processes == 1:
             raise ValueError(f"{type(self).__name__} runs one process per device; for one device use strategy='single_xla'")
-        import cloudpickle
+        from notebook_fabric.utilities import by_value
         import torch_xla.distributed.xla_multiprocessing as xmp
 
         if self.debug:
             os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
-        payload = cloudpickle.dumps((function, tuple(args), dict(kwargs or {})))
+        payload = by_value.dumps((function, tuple(args), dict(kwargs or {})))
         with tempfile.TemporaryDirectory(prefix="notebook_fabric_xla_") as folder:
             result_file = os.path.join(folder, "rank0.pt")
             xmp.spawn(_run_xla_rank, args=(payload, result_file), nprocs=None, start_method="fork")
