@@ -25,6 +25,8 @@ from .processes import close_inherited_listeners, die_with_parent, kill_own_chil
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
 from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
 from .rank_io import Outbox, OutputCapture
+from .rank_isolation import forget_kernel
+from .rank_telemetry import MemorySampler, report_metrics, report_progress
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
@@ -79,6 +81,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
                                                                     text=text))).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    forget_kernel()  # a rank forked from a kernel is not the kernel
+    report_progress(rank, outbox)
     try:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
@@ -92,6 +96,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         return 1
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
+    report_metrics(fabric, rank, outbox)
+    memory = MemorySampler(rank, outbox, state).start()
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
     while True:
@@ -99,8 +105,10 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         if isinstance(message, StopRank):
             break
         if isinstance(message, RunTask):
+            memory.send()
             event = run_task(message, fabric, namespace, state)
             capture.flush()
+            memory.send()
             outbox.put(event)
             if message.exit_after:
                 break

@@ -167,3 +167,62 @@ class Notice(RankEvent):
     text: str
     level: str = "info"
     details: Tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TaskStarted(RankEvent):
+    """Seen by the parent: task ``task_id`` was sent to this rank (``time`` is the notebook's)."""
+
+    task_id: int
+
+
+@dataclass(frozen=True)
+class MemorySample(RankEvent):
+    """The rank's memory, sampled off its training thread (and right before and after each task).
+
+    Host: resident memory and its peak (``VmHWM``). Device (CUDA ranks that initialised CUDA):
+    bytes allocated and reserved by the caching allocator, the peak allocated, and the device's
+    total; ``None`` on CPU ranks.
+    """
+
+    rss_bytes: int
+    rss_peak_bytes: int
+    device: Optional[str] = None
+    allocated_bytes: Optional[int] = None
+    reserved_bytes: Optional[int] = None
+    peak_allocated_bytes: Optional[int] = None
+    total_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Progress(RankEvent):
+    """A tqdm bar in the rank was drawn (at most as often as tqdm redraws it) or closed.
+
+    ``bar`` tells bars of one rank apart; ``total`` is ``None`` for bars of unknown length;
+    ``rate`` is in ``unit`` per second, ``None`` until tqdm knows it.
+    """
+
+    bar: int
+    desc: str
+    n: float
+    total: Optional[float]
+    rate: Optional[float]
+    unit: str = "it"
+    elapsed: float = 0.0
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class Metrics(RankEvent):
+    """Scalars the rank logged with ``fabric.log`` / ``fabric.log_dict`` (``step`` as given, or ``None``)."""
+
+    values: Dict[str, float]
+    step: Optional[int] = None
+
+
+def barrier_name(state: Optional[CollectiveState]) -> Optional[str]:
+    """The name a ``barrier(name)`` was given, if ``state`` is such a barrier."""
+    if state is None or state.op != "barrier":
+        return None
+    name = state.meta.get("name")
+    return str(name) if name else None
