@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from notebook_fabric.launch.errors import format_ranks
+from notebook_fabric.live.notices import write_notice
 
 from .cell_task import CellTask
 from .render import format_bytes, format_stacks, format_table
@@ -38,10 +39,10 @@ class Snapshot:
     text: str
 
 
-def notify(text: str) -> None:
-    """A launcher message in the cell: ``[notebook-fabric] text`` on stderr."""
-    sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
-    sys.stderr.flush()
+def notify(text: str, level: str = "info") -> None:
+    """A launcher message in the cell: ``[notebook-fabric] text``; on stdout when informational
+    (a notebook paints stderr red), on stderr for ``level="warning"``."""
+    write_notice(text.splitlines(), level)
 
 
 def with_render(error: BaseException, lines: List[str]) -> BaseException:

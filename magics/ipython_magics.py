@@ -53,6 +53,10 @@ class FabricMagics(Magics):
                    "have not entered (default 10; 0: off)")
     @argument("--show", default=None, metavar="all|R",
               help="whose output to show: 'all', or ranks like 1 or 0,2 (default rank 0; with --ranks, those ranks)")
+    @argument("--dashboard", dest="dashboard", action="store_true", default=None,
+              help="show the live dashboard (every rank's state, memory, progress, output; default in a notebook)")
+    @argument("--no-dashboard", dest="dashboard", action="store_false",
+              help="print rank output as text instead of the live dashboard")
     @argument("--out", action="append", default=[], metavar="NAME",
               help="after the cell, set NAME in the notebook to its value on rank 0 (the first rank that ran)")
     @argument("--out-all", dest="out_all", action="append", default=[], metavar="NAME",
@@ -72,7 +76,7 @@ class FabricMagics(Magics):
             settings={"devices": args.devices, "accelerator": args.accelerator, "strategy": args.strategy,
                       "precision": args.precision, "start_method": args.start_method, "debug": args.debug},
             ranks=args.ranks, timeout=args.timeout, stall=args.stall, show=args.show,
-            outs=args.out, out_all=args.out_all,
+            outs=args.out, out_all=args.out_all, dashboard=args.dashboard,
         )
         try:
             return self.session.run_cell(cell, options, getattr(self.shell, "execution_count", None),

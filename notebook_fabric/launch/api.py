@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..live.events import Notice
+from ..live.dashboard import DashboardSink, want_dashboard
 from ..live.sinks import EventSink, TextSink
 from ..live.stall import StallWatchdog, StallWatchdogSink
 from .pool import RankPool
@@ -21,7 +22,7 @@ _LAUNCHED = "__notebook_fabric_launched__"
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
-           **fabric_kwargs: Any) -> Any:
+           dashboard: Optional[bool] = None, **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -33,8 +34,10 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
     ``stall``: when some ranks have waited this many seconds in a collective the others have not
     entered, print who waits where and every rank's stack (once per stall; ``None`` turns it off).
+    ``dashboard``: in a notebook (default there), a live table of every rank (state, collective,
+    memory, progress, output) that freezes into a summary at the end; ``False`` prints text.
 
-    Rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
+    Outside the dashboard, rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
     ``.remote_traceback``); a rank that dies raises :class:`RankDiedError`.
     """
@@ -51,29 +54,47 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
         return Fabric(**kwargs).launch(fn, *args)
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
-                        timeout=timeout, return_all=return_all, stall=stall, sink=sink)
+                        timeout=timeout, return_all=return_all, stall=stall, sink=sink, dashboard=dashboard,
+                        title=f"launch({getattr(fn, '__qualname__', type(fn).__name__)})")
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
-                 sink: Optional[EventSink] = None) -> Any:
+                 sink: Optional[EventSink] = None, dashboard: Optional[bool] = None,
+                 title: str = "launch") -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
-    forkserver strategies.
+    forkserver strategies. ``dashboard`` as for :func:`launch` (ignored when a ``sink`` is given).
     """
     if not callable(fn):
         raise TypeError(f"expected a function to run on every rank, got {type(fn).__name__}")
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    board = None
+    if sink is None and want_dashboard(dashboard):
+        board = sink = DashboardSink(range(num_processes), title=title).start()
     sink = sink if sink is not None else TextSink()
+    try:
+        return _run_function(fabric_kwargs, fn, args, num_processes=num_processes, start_method=start_method,
+                             timeout=timeout, return_all=return_all, kwargs=kwargs, stall=stall, sink=sink,
+                             trace_collectives=board is not None)
+    finally:
+        if board is not None:
+            board.freeze()
+
+
+def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any], *,
+                  num_processes: int, start_method: Optional[str], timeout: Optional[float], return_all: bool,
+                  kwargs: Optional[Mapping[str, Any]], stall: Optional[float], sink: EventSink,
+                  trace_collectives: bool) -> Any:
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
     if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
-                    namespace={_LAUNCHED: (fn, args, kwargs)})
+                    namespace={_LAUNCHED: (fn, args, kwargs)}, trace_collectives=trace_collectives)
     try:
         pool.start()
         watchdog = StallWatchdog(range(num_processes), pool.where, stall)

@@ -33,6 +33,7 @@ from ..live.channel import EventListener
 from ..live.events import CollectiveState, Notice, RankEvent
 from ..live.sinks import EventSink, TextSink
 from .errors import PoolClosedError
+from .outcome import RunOutcome
 from .preflight import resolve_start_method
 from .processes import descendants, kill_all, kill_process_group, signal_process, wait_until
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
@@ -233,11 +234,20 @@ class RankPool:
         ranks can be interrupted; ranks that cannot (stuck in a collective) end the pool.
         ``last``: ranks exit as soon as they answered (``launch`` does this; call :meth:`stop` after).
         """
+        return self.run_task(task, ranks, timeout=timeout, sink=sink, recover=recover, failure_grace=failure_grace,
+                             interrupt_grace=interrupt_grace, last=last).result()
+
+    def run_task(self, task: Task, ranks: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
+                 sink: Optional[EventSink] = None, recover: bool = True, failure_grace: float = 1.0,
+                 interrupt_grace: float = 3.0, last: bool = False) -> RunOutcome:
+        """Like :meth:`run`, but return the :class:`~.outcome.RunOutcome` (values, every rank's
+        failure, interrupts, deaths, and the exception ``run`` would raise) instead of raising.
+        Only a closed pool or a bad ``ranks`` raises here."""
         self._require_alive()
         selected = self._select(ranks)
         loop = RunLoop(self, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
                        failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
-        return loop.run(task)
+        return loop.outcome(task)
 
     def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:
         """Put ``values`` into the namespace of ``ranks`` (default all)."""

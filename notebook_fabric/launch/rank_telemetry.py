@@ -102,11 +102,11 @@ def report_progress(rank: int, outbox: Any) -> bool:
     def send(bar: Any, closed: bool) -> None:
         try:
             info = bar.format_dict
-            total = info.get("total")
+            total, n, elapsed = info.get("total"), float(info.get("n") or 0), float(info.get("elapsed") or 0.0)
+            rate = info.get("rate") or (n / elapsed if n and elapsed > 0 else None)  # tqdm's average, as it prints
             outbox.put(Progress(rank=rank, time=time.time(), bar=id(bar), desc=str(info.get("prefix") or ""),
-                                n=float(info.get("n") or 0), total=None if total is None else float(total),
-                                rate=info.get("rate"), unit=str(info.get("unit") or "it"),
-                                elapsed=float(info.get("elapsed") or 0.0), closed=closed))
+                                n=n, total=None if total is None else float(total), rate=rate,
+                                unit=str(info.get("unit") or "it"), elapsed=elapsed, closed=closed))
         except Exception:  # noqa: BLE001 - a report must never break the user's loop
             pass
 

@@ -18,12 +18,13 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..live.events import (
-    Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
+    Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, TaskStarted, WhereReply,
 )
 from ..live.sinks import EventSink
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
+from .outcome import RunOutcome, deaths_of
 from .protocol import RunTask
 from .rank_control import LAUNCH_DIR, innermost_user_frame
 
@@ -108,6 +109,7 @@ class RunLoop:
             handle.state = "running"
             handle.exit_expected = handle.exit_expected or self.last
             handle.send(message)
+            self.sink.handle(TaskStarted(rank=rank, time=time.time(), task_id=self.task_id))
         self.pool.task_running(True)
         try:
             outcome = self._wait()
@@ -126,6 +128,19 @@ class RunLoop:
             self._settle_stragglers()
             raise rebuild_exception(self.failures, self.arrival)
         return {rank: self.results[rank] for rank in self.ranks}
+
+    def outcome(self, task: Any) -> RunOutcome:
+        """Run ``task`` like :meth:`run`, but return the per-rank record instead of raising."""
+        record = RunOutcome(ranks=list(self.ranks))
+        try:
+            record.values = self.run(task)
+        except BaseException as error:  # KeyboardInterrupt included: the caller renders it
+            record.error = error
+            record.values = {rank: self.results[rank] for rank in self.ranks if rank in self.results}
+        record.failures, record.arrival = dict(self.failures), list(self.arrival)
+        record.interrupted = list(self.interrupted)
+        record.deaths = deaths_of(self.deaths, self.pool.handles)
+        return record
 
     # -- waiting --------------------------------------------------------------------------------
     def _wait(self, until: Optional[float] = None, settle_on_failure: bool = True) -> str:
@@ -151,6 +166,8 @@ class RunLoop:
         return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
+        if isinstance(event, (TaskDone, TaskFailed, RankExited)):
+            self.sink.handle(event)  # the dashboard marks ranks done, failed, dead
         if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
             self.pending.discard(event.rank)
             try:

@@ -107,8 +107,7 @@ class StallWatchdogSink:
                 self.last_report = report
                 self.inner.flush()
                 print_report(report, self.hint)
-            return
-        self.inner.handle(event)
+        self.inner.handle(event)  # heartbeats too: the dashboard shows memory and collectives from them
 
     def flush(self) -> None:
         self.inner.flush()

@@ -1,0 +1,172 @@
+"""The live dashboard: an :class:`~.sinks.EventSink` that draws every rank in the notebook.
+
+Built only of widgets that ship with ipywidgets 8 (``HTML``, ``Tab``, ``VBox``): no front-end
+build step. Layout, top to bottom: a header line; one table row per rank (state, memory,
+progress bar, last collective, last output line); a line plot of what rank 0 logs with
+``fabric.log``; then a ``Tab`` with each rank's output, rank 0's open. Tabs switch in the front
+end alone (the kernel is busy running the cell and could not answer a click).
+
+``handle(event)`` only updates the :class:`~.dashboard_model.DashboardModel`. A render thread
+redraws at most every ``interval`` seconds, and only the widgets whose HTML changed, so many
+events in a burst cost one update. :meth:`freeze` (the run is over) stops the thread and
+replaces the widget output with the summary as HTML and text: a saved notebook opened without a
+kernel still shows it. Launcher notices are printed in the cell as text, as the text sink does.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional
+
+from .dashboard_html import header_html, output_html, plot_svg, summary_html, summary_text, table_html
+from .dashboard_model import MAX_LINES, DashboardModel
+from .events import Notice, RankEvent
+from .notices import write_notice
+
+UPDATE_INTERVAL = 0.25  # seconds between redraws, at most
+
+
+class DashboardSink:
+    """See the module docstring. ``ranks``: the ranks of the run; ``shown``: whose output the
+    summary shows unfolded (default rank 0, or the first rank)."""
+
+    def __init__(self, ranks: Iterable[int], *, title: str = "notebook-fabric", shown: Optional[Iterable[int]] = None,
+                 interval: float = UPDATE_INTERVAL, max_lines: int = MAX_LINES) -> None:
+        import ipywidgets as widgets
+
+        self.model = DashboardModel(ranks, max_lines=max_lines)
+        ranks = self.model.ranks
+        self.title = title
+        self.shown = sorted(shown) if shown is not None else ranks[:1]
+        self.interval = interval
+        self.updates = 0  # widget values sent to the front end
+        self.renders = 0
+        self._header = widgets.HTML()
+        self._table = widgets.HTML()
+        self._plot = widgets.HTML(layout=widgets.Layout(display="none"))
+        self._outputs: Dict[int, Any] = {rank: widgets.HTML() for rank in ranks}
+        self._tabs = widgets.Tab(children=[self._outputs[r] for r in ranks])
+        for index, rank in enumerate(ranks):
+            self._tabs.set_title(index, f"rank {rank}")
+        self._tabs.selected_index = ranks.index(self.shown[0]) if self.shown and self.shown[0] in ranks else 0
+        self.widget = widgets.VBox([self._header, self._table, self._plot, self._tabs])
+        self._sent: Dict[int, str] = {}
+        self._output_versions: Dict[int, int] = {}
+        self._rendered_version = -1
+        self._display_id = f"notebook-fabric-{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._render_lock = threading.Lock()
+        self.frozen = False
+
+    # -- the EventSink ---------------------------------------------------------------------------
+    def handle(self, event: RankEvent) -> None:
+        self.model.handle(event)
+        if isinstance(event, Notice):
+            write_notice([event.text, *event.details], event.level)
+
+    def flush(self) -> None:
+        """Draw what is new now (the run loop calls this at the end of each run)."""
+        if not self.frozen:
+            self.render()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "DashboardSink":
+        """Show the dashboard in the running cell and start redrawing."""
+        from IPython.display import display
+
+        self.render()
+        display(self.widget, display_id=self._display_id)
+        self._thread = threading.Thread(target=self._redraw, name="notebook-fabric dashboard", daemon=True)
+        self._thread.start()
+        return self
+
+    def freeze(self) -> None:
+        """The run is over: stop redrawing and leave the summary in place of the widgets."""
+        if self.frozen:
+            return
+        self.frozen = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self.model.finish()
+        self.render()
+        from IPython.display import update_display
+
+        update_display(self.summary_bundle(), raw=True, display_id=self._display_id)
+        self.widget.close()
+        for child in (self._header, self._table, self._plot, self._tabs, *self._outputs.values()):
+            child.close()
+
+    def summary_bundle(self) -> Dict[str, str]:
+        """The frozen dashboard as ``text/html`` and ``text/plain``."""
+        return {"text/html": summary_html(self.model, self.title, self.shown),
+                "text/plain": summary_text(self.model, self.title, self.shown)}
+
+    # -- drawing ---------------------------------------------------------------------------------
+    def render(self) -> None:
+        """Push the widgets whose HTML changed since the last render."""
+        with self._render_lock:
+            model = self.model
+            now = time.time()
+            ticking = any(v.collective is not None for v in model.views.values()) and model.ended_at is None
+            if model.version == self._rendered_version and not ticking:
+                return
+            self._rendered_version = model.version
+            self.renders += 1
+            with model.lock():
+                self._set(self._header, header_html(model, self.title))
+                self._set(self._table, table_html(model, now))
+                if model.series:
+                    self._set(self._plot, plot_svg(model.series))
+                    if self._plot.layout.display == "none":
+                        self._plot.layout.display = None
+                for rank, view in model.views.items():
+                    if self._output_versions.get(rank) != view.output_version:
+                        self._output_versions[rank] = view.output_version
+                        self._set(self._outputs[rank], output_html(view))
+
+    def _set(self, widget: Any, value: str) -> None:
+        key = id(widget)
+        if self._sent.get(key) != value:
+            self._sent[key] = value
+            widget.value = value
+            self.updates += 1
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.render()
+            except Exception:  # noqa: BLE001 - a drawing problem must not end the run
+                pass
+
+
+def dashboard_available() -> bool:
+    """ipywidgets 8 is importable and this process is a Jupyter kernel."""
+    from .notices import in_kernel
+
+    if not in_kernel():
+        return False
+    try:
+        import ipywidgets
+    except ImportError:
+        return False
+    return int(ipywidgets.__version__.split(".")[0]) >= 8
+
+
+def want_dashboard(dashboard: Optional[bool]) -> bool:
+    """``dashboard`` as given; ``None``: on in a notebook unless ``NOTEBOOK_FABRIC_DASHBOARD=0``."""
+    import os
+
+    if dashboard is not None:
+        return bool(dashboard) and dashboard_available()
+    setting = os.environ.get("NOTEBOOK_FABRIC_DASHBOARD", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return dashboard_available()
+
+
+def rows_of(sink: DashboardSink) -> List[str]:
+    """The table's current states, one per rank (for status lines and tests)."""
+    return [sink.model.state(rank) for rank in sink.model.ranks]
