@@ -124,7 +124,8 @@ def test_a_rank_that_dies_is_dead_with_its_signal_and_launch_feeds_the_model(cle
         launch(die_on_one, accelerator="cpu", devices=2, sink=model)
     assert wait_no_children() == []
     assert model.state(1).startswith("dead: killed by signal SIGKILL")
-    assert model.is_bad(1) and not model.is_bad(0) and model.state(0) == "stopped"
+    # rank 0 either saw its peer hang up in the barrier (failed) or was stopped by the launcher: not dead
+    assert model.views[0].phase in ("failed", "stopped")
     assert list(model.views[0].lines) == ["rank 0 here"]
     text = summary_text(model, "launch(die_on_one)", [0])
     assert "[rank 0] rank 0 here" in text and "dead: killed by signal SIGKILL" in text

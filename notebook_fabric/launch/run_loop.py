@@ -13,6 +13,7 @@ the cell and a kernel interrupt arrives here as KeyboardInterrupt. Policy on tro
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -166,8 +167,11 @@ class RunLoop:
         return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
-        if isinstance(event, (TaskDone, TaskFailed, RankExited)):
-            self.sink.handle(event)  # the dashboard marks ranks done, failed, dead
+        if isinstance(event, (TaskDone, TaskFailed)):
+            self.sink.handle(event)  # the dashboard marks ranks done, failed
+        elif isinstance(event, RankExited):  # dead when this loop counts it as a death (even under `last`)
+            died = event.rank in self.pending or not event.expected
+            self.sink.handle(dataclasses.replace(event, expected=False) if died else event)
         if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
             self.pending.discard(event.rank)
             try:

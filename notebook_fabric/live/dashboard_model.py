@@ -160,9 +160,8 @@ class DashboardModel:
         elif isinstance(event, StartupFailed):
             view.phase, view.failure = "failed", event.failure.summary
         elif isinstance(event, RankExited):
-            others_bad = any(self.is_bad(r) for r in self.ranks if r != view.rank)
-            if not event.expected or (view.phase in ("running", "starting") and not others_bad):
-                view.phase, view.exit_description = "dead", event.description  # it ended before answering
+            if not event.expected:  # the run loop counts it as a death (it ended before answering)
+                view.phase, view.exit_description = "dead", event.description
             elif view.phase in ("running", "starting"):  # ended by the launcher after another rank failed or died
                 view.phase = "stopped"
             view.collective = None
