@@ -153,8 +153,7 @@ class FabricSession(PoolCommands):
                         running=None if running is None else tuple(running), header=header)
         board = None
         if want_dashboard(options.dashboard):
-            label = f"%%fabric [{number}]" if number is not None else "%%fabric"
-            board = DashboardSink(ranks, title=label, shown=show if show is not None else ranks).start()
+            board = DashboardSink(ranks, title="%%fabric", shown=show if show is not None else ranks).start()
         sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall,
                         dashboard=board)
         record = RunRecord()
