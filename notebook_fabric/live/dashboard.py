@@ -6,7 +6,8 @@ progress bar, last collective, last output line); a line plot of what rank 0 log
 ``fabric.log``; then a ``Tab`` with each rank's output, rank 0's open. Tabs switch in the front
 end alone (the kernel is busy running the cell and could not answer a click).
 
-``handle(event)`` only updates the :class:`~.dashboard_model.DashboardModel`. A render thread
+It appears with the run's first output, progress, metric or failure (or after ``SHOW_AFTER``
+seconds): a quick silent cell shows nothing extra. ``handle(event)`` only updates the :class:`~.dashboard_model.DashboardModel`. A render thread
 redraws at most every ``interval`` seconds, and only the widgets whose HTML changed, so many
 events in a burst cost one update. :meth:`freeze` (the run is over) stops the thread and
 replaces the widget output with the summary as HTML and text: a saved notebook opened without a
@@ -21,10 +22,13 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from .dashboard_html import header_html, output_html, plot_svg, summary_html, summary_text, table_html
 from .dashboard_model import MAX_LINES, DashboardModel
-from .events import Notice, RankEvent
+from .events import Metrics, Notice, Output, Progress, RankEvent, RankExited, StartupFailed, TaskFailed
 from .notices import write_notice
 
 UPDATE_INTERVAL = 0.25  # seconds between redraws, at most
+SHOW_AFTER = 1.0  # seconds a silent run may last before the dashboard appears anyway
+#: events that make the dashboard appear at once
+WORTH_SHOWING = (Output, Progress, Metrics, TaskFailed, StartupFailed, RankExited)
 
 
 class DashboardSink:
@@ -59,12 +63,18 @@ class DashboardSink:
         self._thread: Optional[threading.Thread] = None
         self._render_lock = threading.Lock()
         self.frozen = False
+        self.started = False
+        self.shown_in_cell = False
+        self._started_at = 0.0
 
     # -- the EventSink ---------------------------------------------------------------------------
     def handle(self, event: RankEvent) -> None:
         self.model.handle(event)
         if isinstance(event, Notice):
             write_notice([event.text, *event.details], event.level)
+        if not self.shown_in_cell and self.started and (
+                _worth_showing(event) or time.monotonic() - self._started_at >= SHOW_AFTER):
+            self._show()
 
     def flush(self) -> None:
         """Draw what is new now (the run loop calls this at the end of each run)."""
@@ -73,14 +83,21 @@ class DashboardSink:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "DashboardSink":
-        """Show the dashboard in the running cell and start redrawing."""
+        """Arm the dashboard: it appears in the running cell (from the thread that feeds it, so in
+        the right cell) with the first output, progress, metric or failure, or once the run has
+        lasted ``SHOW_AFTER`` seconds; a quick silent run adds nothing to the notebook."""
+        self.started = True
+        self._started_at = time.monotonic()
+        return self
+
+    def _show(self) -> None:
         from IPython.display import display
 
+        self.shown_in_cell = True
         self.render()
         display(self.widget, display_id=self._display_id)
         self._thread = threading.Thread(target=self._redraw, name="notebook-fabric dashboard", daemon=True)
         self._thread.start()
-        return self
 
     def freeze(self) -> None:
         """The run is over: stop redrawing and leave the summary in place of the widgets."""
@@ -91,10 +108,11 @@ class DashboardSink:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
         self.model.finish()
-        self.render()
-        from IPython.display import update_display
+        if self.shown_in_cell:
+            self.render()
+            from IPython.display import update_display
 
-        update_display(self.summary_bundle(), raw=True, display_id=self._display_id)
+            update_display(self.summary_bundle(), raw=True, display_id=self._display_id)
         self.widget.close()
         for child in (self._header, self._table, self._plot, self._tabs, *self._outputs.values()):
             child.close()
@@ -142,6 +160,10 @@ class DashboardSink:
                 pass
 
 
+def _worth_showing(event: RankEvent) -> bool:
+    return isinstance(event, WORTH_SHOWING) and not (isinstance(event, RankExited) and event.expected)
+
+
 def dashboard_available() -> bool:
     """ipywidgets 8 is importable and this process is a Jupyter kernel."""
     from .notices import in_kernel
@@ -165,8 +187,3 @@ def want_dashboard(dashboard: Optional[bool]) -> bool:
     if setting in ("0", "false", "no", "off"):
         return False
     return dashboard_available()
-
-
-def rows_of(sink: DashboardSink) -> List[str]:
-    """The table's current states, one per rank (for status lines and tests)."""
-    return [sink.model.state(rank) for rank in sink.model.ranks]
