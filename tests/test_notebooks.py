@@ -33,6 +33,7 @@ def execute(name: str) -> nbformat.NotebookNode:
         kernel_pid = km.provisioner.pid
         client.execute(cleanup_kc=False)
         leftovers = [p.pid for p in psutil.Process(kernel_pid).children(recursive=True)]
+    km.shutdown_kernel(now=True)  # nbclient leaves a kernel it did not create running
     assert not _alive(leftovers), f"{name} left processes behind: {leftovers}"
     return nb
 
