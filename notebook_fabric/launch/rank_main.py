@@ -96,7 +96,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         return 1
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
-    report_metrics(fabric, rank, outbox)
+    metrics = report_metrics(fabric, rank, outbox)
     memory = MemorySampler(rank, outbox, state).start()
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
@@ -108,6 +108,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
             memory.send()
             event = run_task(message, fabric, namespace, state)
             capture.flush()
+            metrics.flush()
             memory.send()
             outbox.put(event)
             if message.exit_after:

@@ -6,7 +6,7 @@
 - :func:`report_progress`: tqdm bars (the text bar, which is what ranks draw, see
   :mod:`.rank_isolation`) also send a :class:`Progress` event each time tqdm redraws them.
 - :func:`report_metrics`: ``fabric.log`` / ``fabric.log_dict`` also send the scalars as
-  :class:`Metrics` (loggers still get them as before).
+  :class:`Metrics`, a quarter second's calls at a time (loggers still get them as before).
 
 Everything here puts events on the outbox, which pickles and sends them from its own thread: the
 training thread pays for building a small dataclass, at most as often as tqdm redraws or the
@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..live.events import MemorySample, Metrics, Progress
 
@@ -129,21 +129,47 @@ def report_progress(rank: int, outbox: Any) -> bool:
     return True
 
 
-def report_metrics(fabric: Any, rank: int, outbox: Any) -> bool:
-    """Wrap this rank's ``fabric.log_dict`` (``fabric.log`` calls it) to send the scalars too."""
-    log_dict = getattr(fabric, "log_dict", None)
-    if not callable(log_dict):
-        return False
+class MetricsReporter:
+    """Wraps this rank's ``fabric.log_dict`` (``fabric.log`` calls it) to send the scalars too,
+    the calls of ``interval`` seconds in one :class:`Metrics` event; :meth:`flush` sends the rest."""
 
-    @functools.wraps(log_dict)
-    def reporting_log_dict(metrics: Dict[str, Any], step: Optional[int] = None, *args: Any, **kwargs: Any) -> Any:
-        scalars = _scalars(metrics)
-        if scalars:
-            outbox.put(Metrics(rank=rank, time=time.time(), values=scalars, step=None if step is None else int(step)))
-        return log_dict(metrics, step, *args, **kwargs)
+    def __init__(self, rank: int, outbox: Any, interval: float = 0.25) -> None:
+        self.rank = rank
+        self.interval = interval
+        self._outbox = outbox
+        self._points: List[Tuple[Optional[int], Dict[str, float]]] = []
+        self._sent_at = 0.0
 
-    fabric.log_dict = reporting_log_dict
-    return True
+    def wrap(self, fabric: Any) -> bool:
+        log_dict = getattr(fabric, "log_dict", None)
+        if not callable(log_dict):
+            return False
+
+        @functools.wraps(log_dict)
+        def reporting_log_dict(metrics: Dict[str, Any], step: Optional[int] = None, *args: Any, **kwargs: Any) -> Any:
+            scalars = _scalars(metrics)
+            if scalars:
+                self._points.append((None if step is None else int(step), scalars))
+                if time.monotonic() - self._sent_at >= self.interval:
+                    self.flush()
+            return log_dict(metrics, step, *args, **kwargs)
+
+        fabric.log_dict = reporting_log_dict
+        return True
+
+    def flush(self) -> None:
+        """Send what was logged since the last event (the rank does this after every task)."""
+        self._sent_at = time.monotonic()
+        if self._points:
+            points, self._points = tuple(self._points), []
+            self._outbox.put(Metrics(rank=self.rank, time=time.time(), points=points))
+
+
+def report_metrics(fabric: Any, rank: int, outbox: Any) -> MetricsReporter:
+    """Start reporting what ``fabric`` logs (see :class:`MetricsReporter`)."""
+    reporter = MetricsReporter(rank, outbox)
+    reporter.wrap(fabric)
+    return reporter
 
 
 def _scalars(metrics: Any) -> Dict[str, float]:

@@ -58,6 +58,7 @@ class DashboardSink:
         self._sent: Dict[int, str] = {}
         self._output_versions: Dict[int, int] = {}
         self._rendered_version = -1
+        self._series_version = -1
         self._display_id = f"notebook-fabric-{uuid.uuid4().hex}"
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -136,7 +137,8 @@ class DashboardSink:
             with model.lock():
                 self._set(self._header, header_html(model, self.title))
                 self._set(self._table, table_html(model, now))
-                if model.series:
+                if model.series and self._series_version != model.series_version:
+                    self._series_version = model.series_version
                     self._set(self._plot, plot_svg(model.series))
                     if self._plot.layout.display == "none":
                         self._plot.layout.display = None

@@ -113,7 +113,7 @@ def header_html(model: DashboardModel, title: str) -> str:
         color = FAILED_COLOR if bad else "#555"
         return (f'<div style="font-family:sans-serif;font-size:13px;color:{color}"><b>{html.escape(title)}</b> · '
                 f"{len(model.ranks)} rank{'s' if len(model.ranks) != 1 else ''} · {status} · "
-                f"{model.duration:.1f} s</div>")
+                f"{model.duration:.1f} s</div>" if model.ended_at is not None else f"{model.duration:.0f} s</div>")
 
 
 def output_html(view: RankView, height: Optional[int] = 240) -> str:
@@ -127,7 +127,8 @@ def output_html(view: RankView, height: Optional[int] = 240) -> str:
             + f'<pre style="margin:0;white-space:pre-wrap">{text or "(no output yet)"}</pre></div>')
 
 
-def plot_svg(series: Dict[str, List[Tuple[float, float]]], width: int = 360, height: int = 140) -> str:
+def plot_svg(series: Dict[str, List[Tuple[float, float]]], width: int = 360, height: int = 140,
+             max_points: int = 300) -> str:
     """A small line plot of each series (step on x), with a legend and the axes' ranges."""
     if not series:
         return ""
@@ -144,6 +145,7 @@ def plot_svg(series: Dict[str, List[Tuple[float, float]]], width: int = 360, hei
     lines, legend = [], []
     for index, (name, values) in enumerate(sorted(series.items())):
         color = COLORS[index % len(COLORS)]
+        values = values[:: max(1, len(values) // max_points)] + values[-1:]  # no more points than pixels
         lines.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
                      f'points="{" ".join(position(x, y) for x, y in values)}"/>')
         last = values[-1][1] if values else float("nan")

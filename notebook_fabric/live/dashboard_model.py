@@ -94,6 +94,7 @@ class DashboardModel:
         self.started_at = time.time()
         self.ended_at: Optional[float] = None
         self.version = 0
+        self.series_version = 0
         self.tracing = False  # per-collective events seen: heartbeats' collective is then older news
         self._lock = threading.RLock()
         self._step_counter = 0
@@ -184,13 +185,15 @@ class DashboardModel:
             self.metrics_rank = event.rank
         if event.rank != self.metrics_rank:
             return
-        self._step_counter += 1
-        step = float(event.step) if event.step is not None else float(self._step_counter)
-        for name, value in event.values.items():
-            points = self.series.setdefault(name, [])
-            points.append((step, value))
-            if len(points) > MAX_POINTS:
-                del points[::2]
+        self.series_version += 1
+        for step, values in event.points:
+            self._step_counter += 1
+            x = float(step) if step is not None else float(self._step_counter)
+            for name, value in values.items():
+                points = self.series.setdefault(name, [])
+                points.append((x, value))
+                if len(points) > MAX_POINTS:
+                    del points[::2]
 
     def flush(self) -> None:
         """Nothing to flush: with ``handle`` this makes the model an :class:`~.sinks.EventSink` itself."""

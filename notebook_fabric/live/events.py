@@ -214,10 +214,13 @@ class Progress(RankEvent):
 
 @dataclass(frozen=True)
 class Metrics(RankEvent):
-    """Scalars the rank logged with ``fabric.log`` / ``fabric.log_dict`` (``step`` as given, or ``None``)."""
+    """Scalars the rank logged with ``fabric.log`` / ``fabric.log_dict``, in the order logged.
 
-    values: Dict[str, float]
-    step: Optional[int] = None
+    ``points`` holds one ``(step, {name: value})`` per call (``step`` as given, or ``None``); the
+    rank sends the calls of a quarter second together.
+    """
+
+    points: Tuple[Tuple[Optional[int], Dict[str, float]], ...]
 
 
 def barrier_name(state: Optional[CollectiveState]) -> Optional[str]:
