@@ -96,7 +96,10 @@ class DashboardSink:
 
         self.shown_in_cell = True
         self.render()
-        display(self.widget, display_id=self._display_id)
+        bundle = dict(self.widget._repr_mimebundle_() or {})
+        # where widgets cannot render: a line of text now, the text summary once the run ends
+        bundle["text/plain"] = f"{self.title}: live dashboard of {len(self.model.ranks)} ranks (needs ipywidgets)"
+        display(bundle, raw=True, display_id=self._display_id)
         self._thread = threading.Thread(target=self._redraw, name="notebook-fabric dashboard", daemon=True)
         self._thread.start()
 
