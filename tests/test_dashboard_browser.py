@@ -155,6 +155,7 @@ def test_fabric_cell_dashboard_renders_in_jupyterlab(lab: Lab, tmp_path: Path) -
             page.wait_for_timeout(600)
             page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
             live_rows = page.locator("tr.nbf-rank").all_inner_texts()
+            live_header = page.locator(".jp-OutputArea", has=page.locator("table.nbf-table")).inner_text()
             live_output = page.locator(".nbf-output").first.inner_text()
             # frozen: the summary replaces the widgets when the cell ends
             page.wait_for_selector(".nbf-summary", timeout=60_000)
@@ -167,6 +168,7 @@ def test_fabric_cell_dashboard_renders_in_jupyterlab(lab: Lab, tmp_path: Path) -
             raise
         finally:
             browser.close()
+    assert re.search(r"%%fabric · 2 ranks · running · \d+ s", live_header), live_header
     assert len(live_rows) == 2 and live_rows[0].startswith("0") and live_rows[1].startswith("1"), live_rows
     assert "at barrier 'save_checkpoint'" in live_rows[0], live_rows
     assert all(re.search(r"RSS \d+(\.\d)? MiB", row) for row in live_rows), live_rows

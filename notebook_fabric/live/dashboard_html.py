@@ -111,9 +111,9 @@ def header_html(model: DashboardModel, title: str) -> str:
         if bad:
             status += f", rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} failed"
         color = FAILED_COLOR if bad else "#555"
+        duration = f"{model.duration:.1f} s" if model.ended_at is not None else f"{model.duration:.0f} s"  # live: 1/s
         return (f'<div style="font-family:sans-serif;font-size:13px;color:{color}"><b>{html.escape(title)}</b> · '
-                f"{len(model.ranks)} rank{'s' if len(model.ranks) != 1 else ''} · {status} · "
-                f"{model.duration:.1f} s</div>" if model.ended_at is not None else f"{model.duration:.0f} s</div>")
+                f"{len(model.ranks)} rank{'s' if len(model.ranks) != 1 else ''} · {status} · {duration}</div>")
 
 
 def output_html(view: RankView, height: Optional[int] = 240) -> str:
