@@ -107,7 +107,7 @@ def main() -> None:
     rates: List[float] = []
     try:
         run_cell(client, SETUP)
-        run_cell(client, f"launch(train, 20, devices=2, accelerator='cpu', dashboard=False)")  # warm caches
+        run_cell(client, "launch(train, 20, devices=2, accelerator='cpu', dashboard=False)")  # warm caches
         for round_index in range(args.rounds):
             order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
             for variant in order:

@@ -7,7 +7,6 @@ stuck; the others need the main thread and no cell running.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass

@@ -102,6 +102,10 @@ class RunLoop:
     def run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
         self.pool.drain_events(self.sink)
+        for rank in self.ranks:  # between tasks only the latest heartbeat is kept: hand it over first
+            beat = self.pool.handle(rank).heartbeat
+            if beat is not None:
+                self.sink.handle(beat)
         self.task_id = self.pool.next_id()
         message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
                           exit_after=self.last)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Optional
 
 from .dashboard_html import header_html, output_html, plot_svg, summary_html, summary_text, table_html
 from .dashboard_model import MAX_LINES, DashboardModel
