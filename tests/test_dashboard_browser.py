@@ -1,7 +1,7 @@
 """The dashboard in a real browser: JupyterLab on loopback, headless Chromium (Debian's), Playwright.
 
-A notebook runs a ``%%fabric --devices 2`` cell whose ranks print and pass a named barrier (rank 1
-arrives late, so rank 0 is seen waiting there). While it runs the rendered page must show both
+A notebook runs a ``%%fabric --devices 2`` cell whose ranks print, draw a tqdm bar, log a loss and
+pass a named barrier (rank 1 arrives late, so rank 0 is seen waiting there). While it runs the rendered page must show both
 rank rows, a memory figure, the barrier's name and rank 0's lines; afterwards the frozen summary.
 Screenshots of both go to ``$NOTEBOOK_FABRIC_ARTIFACTS`` (default ``artifacts/`` in the repository).
 
@@ -39,8 +39,12 @@ pytestmark = pytest.mark.timeout(300)
 CELL = """%%fabric --devices 2 --accelerator cpu
 import time
 print(f"hello from rank {fabric.global_rank}")
+from tqdm.auto import tqdm
 for i in range(3):
     print(f"rank {fabric.global_rank} line {i}")
+for step in tqdm(range(20), desc="epoch"):
+    fabric.log("loss", 1.0 / (step + 1), step=step)
+    time.sleep(0.02)
 if fabric.global_rank == 1:
     time.sleep(6)  # rank 0 waits at the barrier meanwhile
 fabric.barrier("save_checkpoint")
@@ -163,6 +167,7 @@ def test_fabric_cell_dashboard_renders_in_jupyterlab(lab: Lab, tmp_path: Path) -
             page.screenshot(path=str(ARTIFACTS / "dashboard-summary.png"), full_page=True)
             summary = page.locator(".nbf-summary").inner_text()
             summary_rows = page.locator(".nbf-summary tr.nbf-rank").all_inner_texts()
+            plot_lines = page.locator(".nbf-summary .nbf-plot svg polyline").count()
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
             raise
@@ -176,6 +181,8 @@ def test_fabric_cell_dashboard_renders_in_jupyterlab(lab: Lab, tmp_path: Path) -
     assert len(summary_rows) == 2 and all("done" in row for row in summary_rows), summary_rows
     assert all("at barrier 'save_checkpoint'" in row and re.search(r"RSS peak \d+(\.\d)? MiB", row)
                for row in summary_rows), summary_rows
+    assert all("epoch 20/20" in row for row in summary_rows), summary_rows  # each rank's tqdm bar, full
+    assert plot_lines == 1 and "loss = 0.05" in summary
     lines = [line for line in summary.splitlines() if line.startswith(("hello from rank 0", "rank 0 "))]
     assert lines == ["hello from rank 0", "rank 0 line 0", "rank 0 line 1", "rank 0 line 2",
                      "rank 0 passed the barrier"], summary

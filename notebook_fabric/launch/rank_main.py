@@ -97,7 +97,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
     metrics = report_metrics(fabric, rank, outbox)
-    memory = MemorySampler(rank, outbox, state).start()
+    memory = MemorySampler(rank, outbox, state, also=metrics.flush).start()
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
     while True:

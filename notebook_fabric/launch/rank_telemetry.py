@@ -2,7 +2,8 @@
 
 - :class:`MemorySampler`: a side thread that samples host memory (RSS and its peak) and, once the
   rank initialised CUDA, the caching allocator's figures, while a task runs; plus one sample
-  right before and after every task. It never initialises CUDA itself.
+  right before and after every task. It never initialises CUDA itself. It also flushes the
+  metrics reporter, so a rank stuck in a collective has sent what it logged before.
 - :func:`report_progress`: tqdm bars (the text bar, which is what ranks draw, see
   :mod:`.rank_isolation`) also send a :class:`Progress` event each time tqdm redraws them.
 - :func:`report_metrics`: ``fabric.log`` / ``fabric.log_dict`` also send the scalars as
@@ -20,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..live.events import MemorySample, Metrics, Progress
 
@@ -30,9 +31,11 @@ MEMORY_INTERVAL = 0.5  # seconds between samples while a task runs
 class MemorySampler:
     """Samples this rank's memory (see the module docstring). ``state.in_task`` gates the thread."""
 
-    def __init__(self, rank: int, outbox: Any, state: Any, interval: float = MEMORY_INTERVAL) -> None:
+    def __init__(self, rank: int, outbox: Any, state: Any, interval: float = MEMORY_INTERVAL,
+                 also: Optional[Callable[[], None]] = None) -> None:
         import psutil
 
+        self._also = also  # run with every sample (the metrics reporter's flush)
         self.rank = rank
         self.interval = interval
         self._outbox = outbox
@@ -74,6 +77,8 @@ class MemorySampler:
             time.sleep(self.interval)
             if self._state.in_task:
                 self.send()
+                if self._also is not None:
+                    self._also()
 
 
 def _peak_rss() -> int:
@@ -139,6 +144,7 @@ class MetricsReporter:
         self._outbox = outbox
         self._points: List[Tuple[Optional[int], Dict[str, float]]] = []
         self._sent_at = 0.0
+        self._lock = threading.Lock()  # the memory sampler's thread flushes too (a rank waiting in a collective)
 
     def wrap(self, fabric: Any) -> bool:
         log_dict = getattr(fabric, "log_dict", None)
@@ -149,7 +155,8 @@ class MetricsReporter:
         def reporting_log_dict(metrics: Dict[str, Any], step: Optional[int] = None, *args: Any, **kwargs: Any) -> Any:
             scalars = _scalars(metrics)
             if scalars:
-                self._points.append((None if step is None else int(step), scalars))
+                with self._lock:
+                    self._points.append((None if step is None else int(step), scalars))
                 if time.monotonic() - self._sent_at >= self.interval:
                     self.flush()
             return log_dict(metrics, step, *args, **kwargs)
@@ -159,9 +166,10 @@ class MetricsReporter:
 
     def flush(self) -> None:
         """Send what was logged since the last event (the rank does this after every task)."""
-        self._sent_at = time.monotonic()
-        if self._points:
+        with self._lock:
+            self._sent_at = time.monotonic()
             points, self._points = tuple(self._points), []
+        if points:
             self._outbox.put(Metrics(rank=self.rank, time=time.time(), points=points))
 
 

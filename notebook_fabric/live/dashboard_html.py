@@ -93,9 +93,10 @@ def table_html(model: DashboardModel, now: Optional[float] = None, final: bool =
             bad = model.is_bad(rank)
             style = f"color:{FAILED_COLOR};font-weight:600;" if bad else ""
             cells = [
-                str(rank), html.escape(model.state(rank, now)), html.escape(memory_text(view, final)),
+                str(rank), html.escape(model.state(rank, now)),
+                f'<span style="white-space:nowrap">{html.escape(memory_text(view, final))}</span>',
                 progress_html(view.current_progress), html.escape(view.last_collective),
-                f'<code style="white-space:pre">{html.escape(_clip(view.last_line, 100))}</code>',
+                f'<code style="white-space:pre">{html.escape(_clip(view.last_line, 72))}</code>',
             ]
             body.append(f'<tr class="nbf-rank" data-rank="{rank}" style="{style}">'
                         + "".join(f'<td style="{_CELL}{style if i < 2 else ""}">{c}</td>' for i, c in enumerate(cells))
