@@ -47,7 +47,10 @@ def deaths_of(exits: Dict[int, RankExited], handles: List[Any]) -> Dict[int, str
 
     deaths = {rank: event.description for rank, event in exits.items()}
     for handle in handles:
-        code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
+        try:
+            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
+        except ValueError:  # a process object the pool already closed: its exit was seen, or it was stopped
+            continue
         if code is not None and not handle.exit_expected and handle.rank not in deaths:
             deaths[handle.rank] = describe_exit(code)
     return deaths
