@@ -1,4 +1,5 @@
-"""The dashboard in a real browser: JupyterLab on loopback, headless Chromium (Debian's), Playwright.
+"""The dashboard in a real browser: JupyterLab 4 and Notebook 7 on loopback, headless Chromium
+(Debian's), Playwright.
 
 A notebook runs a ``%%fabric --devices 2`` cell whose ranks print, draw a tqdm bar, log a loss and
 pass a named barrier (rank 1 arrives late, so rank 0 is seen waiting there). While it runs the rendered page must show both
@@ -66,15 +67,17 @@ def _notebook(path: Path) -> None:
 
 
 class Lab:
-    """A JupyterLab server on 127.0.0.1 with a random token, serving ``root``."""
+    """A JupyterLab 4 (``front_end="lab"``) or Notebook 7 (``"notebook"``) server on 127.0.0.1
+    with a random token, serving ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, front_end: str = "lab") -> None:
+        self.front_end = front_end
         self.port, self.token = _free_port(), secrets.token_hex(16)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NOTEBOOK_FABRIC_DASHBOARD": "1",
                "JUPYTER_CONFIG_DIR": str(root / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime")}
         self.log = open(root / "lab.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+            [sys.executable, "-m", "jupyterlab" if front_end == "lab" else "notebook", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
              f"--IdentityProvider.token={self.token}", "--allow-root", f"--ServerApp.root_dir={root}",
              "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
             cwd=str(root), env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -89,7 +92,8 @@ class Lab:
                 time.sleep(0.3)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/lab/tree/{path}?token={self.token}"
+        route = "lab/tree" if self.front_end == "lab" else "notebooks"
+        return f"http://127.0.0.1:{self.port}/{route}/{path}?token={self.token}"
 
     def tree(self) -> List[psutil.Process]:
         try:
@@ -112,11 +116,10 @@ class Lab:
         return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _run_first_cell(page, attempts: int = 20) -> None:
+def _run_first_cell(page, attempts: int = 30) -> None:
     """Run the first cell, again until its prompt shows it ran (the kernel may still be connecting)."""
     prompt = page.locator(".jp-Cell").first.locator(".jp-InputPrompt")
     for _ in range(attempts):
-        page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=120_000)
         page.locator(".jp-Cell").first.click()
         page.keyboard.press("Shift+Enter")
         try:
@@ -128,9 +131,9 @@ def _run_first_cell(page, attempts: int = 20) -> None:
     raise AssertionError("the first cell never ran")
 
 
-@pytest.fixture
-def lab(tmp_path) -> Iterator[Lab]:
-    server = Lab(tmp_path)
+@pytest.fixture(params=["lab", "notebook"], ids=["jupyterlab4", "notebook7"])
+def lab(request, tmp_path) -> Iterator[Lab]:
+    server = Lab(tmp_path, request.param)
     try:
         yield server
     finally:
@@ -156,19 +159,19 @@ def test_fabric_cell_dashboard_renders_in_jupyterlab(lab: Lab, tmp_path: Path) -
                 "() => [...document.querySelectorAll('tr.nbf-rank')].some(r => r.innerText.includes(\"at barrier 'save_checkpoint'\"))",
                 timeout=60_000)
             page.wait_for_timeout(600)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-live-{lab.front_end}.png"), full_page=True)
             live_rows = page.locator("tr.nbf-rank").all_inner_texts()
             live_header = page.locator(".jp-OutputArea", has=page.locator("table.nbf-table")).inner_text()
             live_output = page.locator(".nbf-output").first.inner_text()
             # frozen: the summary replaces the widgets when the cell ends
             page.wait_for_selector(".nbf-summary", timeout=60_000)
             page.wait_for_timeout(300)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-summary.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-summary-{lab.front_end}.png"), full_page=True)
             summary = page.locator(".nbf-summary").inner_text()
             summary_rows = page.locator(".nbf-summary tr.nbf-rank").all_inner_texts()
             plot_lines = page.locator(".nbf-summary .nbf-plot svg polyline").count()
         except Exception:
-            page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-failure-{lab.front_end}.png"), full_page=True)
             raise
         finally:
             browser.close()
