@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from typing import Any, Dict, Iterator, List
 
 import psutil
@@ -34,7 +35,8 @@ class Kernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=120)
 
-    def run(self, code: str) -> Dict[str, Any]:
+    def run(self, code: str, interrupt_when: Any = None) -> Dict[str, Any]:
+        """Run ``code``; with ``interrupt_when`` (a callable), interrupt the kernel once it returns true."""
         seen: Dict[str, Any] = {"stdout": "", "stderr": "", "displays": {}, "types": [], "ename": None}
 
         def collect(message: Dict[str, Any]) -> None:
@@ -48,8 +50,22 @@ class Kernel:
             elif kind == "error":
                 seen["ename"] = content["ename"]
 
-        self.client.execute_interactive(code, timeout=180, output_hook=collect, allow_stdin=False)
-        return seen
+        if interrupt_when is None:
+            self.client.execute_interactive(code, timeout=180, output_hook=collect, allow_stdin=False)
+            return seen
+        msg_id = self.client.execute(code)
+        deadline = time.monotonic() + 120
+        while not interrupt_when():
+            assert time.monotonic() < deadline, "the condition to interrupt never came"
+            time.sleep(0.05)
+        self.manager.interrupt_kernel()
+        while True:
+            message = self.client.get_iopub_msg(timeout=120)
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            collect(message)
+            if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                return seen
 
     def ranks(self) -> List[psutil.Process]:
         try:
@@ -109,3 +125,26 @@ def test_launch_summary_has_the_plot_and_the_text_fallback(kernel: Kernel) -> No
     off = kernel.run("launch(train, devices=2, accelerator='cpu', dashboard=False)")
     assert off["displays"] == {} and "[rank 0] trained" in off["stdout"]
     assert psutil.wait_procs(kernel.ranks(), timeout=10)[1] == []
+
+
+def test_interrupting_a_dashboard_cell_freezes_it_and_ends_no_rank_badly(kernel: Kernel, tmp_path) -> None:
+    marker = tmp_path / "rank0-at-barrier"
+    assert kernel.run("%load_ext notebook_fabric")["ename"] is None
+    cell = kernel.run("%%fabric --devices 2 --accelerator cpu\n"
+                      "import time\n"
+                      "print(f'rank {fabric.global_rank} before the barrier')\n"
+                      "if fabric.global_rank == 1:\n"
+                      "    time.sleep(300)\n"
+                      f"open({str(marker)!r}, 'w').close()\n"
+                      "fabric.barrier('never_met')\n",
+                      interrupt_when=lambda: marker.exists() and (time.sleep(0.5) or True))
+    assert cell["ename"] == "KeyboardInterrupt"
+    (summary,) = cell["displays"].values()
+    assert WIDGET not in summary
+    # rank 1 took the KeyboardInterrupt; rank 0, stuck in gloo's barrier, was ended by the pool
+    assert re.search(r"^0\s+stopped while at barrier 'never_met' for \d", summary["text/plain"], re.M), summary["text/plain"]
+    assert re.search(r"^1\s+interrupted", summary["text/plain"], re.M), summary["text/plain"]
+    assert "[rank 0] rank 0 before the barrier" in summary["text/plain"]
+    assert kernel.run("%fabric stop")["ename"] is None
+    assert psutil.wait_procs(kernel.ranks(), timeout=10)[1] == []
+

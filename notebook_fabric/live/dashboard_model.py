@@ -47,6 +47,7 @@ class RankView:
     last_collective: str = ""
     failure: str = ""
     exit_description: str = ""
+    stopped_while: str = ""
     memory: Optional[MemorySample] = None
     rss_bytes: Optional[int] = None
     rss_peak_bytes: int = 0
@@ -199,11 +200,17 @@ class DashboardModel:
         """Nothing to flush: with ``handle`` this makes the model an :class:`~.sinks.EventSink` itself."""
 
     def finish(self) -> None:
-        """The run is over: stop the clock (the state of ranks still "running" is kept as is)."""
+        """The run is over: stop the clock; a rank that never answered was stopped by the launcher
+        (its state says what it was doing: ``stopped while at barrier 'x' for 3.0 s``)."""
         with self._lock:
             self.ended_at = time.time()
             for view in self.views.values():
-                view.collective = None if view.phase != "running" else view.collective
+                if view.phase in ("running", "starting"):  # no answer when the run ended: the launcher stopped it
+                    doing = self.state(view.rank, self.ended_at)
+                    view.phase, view.stopped_while = "stopped", "" if doing in ("running", "starting") else doing
+                view.collective = None
+                if view.history[-1:] != [self.state(view.rank)]:
+                    view.history.append(self.state(view.rank))
             self.version += 1
 
     # -- reading ---------------------------------------------------------------------------------
@@ -217,6 +224,8 @@ class DashboardModel:
                 return f"dead: {view.exit_description}" if view.exit_description else "dead"
             if view.phase == "interrupted":
                 return "interrupted"
+            if view.phase == "stopped" and view.stopped_while:
+                return f"stopped while {view.stopped_while}"
             if view.phase == "running" and view.collective is not None:
                 return collective_label(view.collective, now)
             return view.phase
