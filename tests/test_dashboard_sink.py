@@ -70,3 +70,18 @@ def test_collective_state_plot_and_frozen_summary() -> None:
     assert 'class="nbf-summary"' in bundle["text/html"] and "<svg" in bundle["text/html"]
     assert "loss: 1 -> 0.1 over 10 points" in bundle["text/plain"]
     assert bundle["text/plain"].count(" done ") == 2
+
+
+def test_cuda_ranks_show_allocated_reserved_peak_and_total() -> None:
+    """The memory column of a CUDA rank, from the sample the rank's sampler sends (figures as torch.cuda gives them)."""
+    sink = DashboardSink(range(1))
+    now = time.time()
+    sink.handle(TaskStarted(rank=0, time=now, task_id=1))
+    sink.handle(MemorySample(rank=0, time=now, rss_bytes=2**30, rss_peak_bytes=2**30, device="cuda:0",
+                             allocated_bytes=3 * 2**30, reserved_bytes=4 * 2**30, peak_allocated_bytes=5 * 2**30,
+                             total_bytes=80 * 2**30))
+    sink.render()
+    assert "cuda:0 allocated 3.0 GiB, reserved 4.0 GiB, peak 5.0 GiB of 80.0 GiB" in sink._table.value
+    sink.handle(TaskDone(rank=0, time=now, task_id=1, payload=b""))
+    sink.model.finish()
+    assert "cuda:0 peak 5.0 GiB of 80.0 GiB" in sink.summary_bundle()["text/plain"]
