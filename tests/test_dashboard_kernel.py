@@ -4,7 +4,8 @@
   rank red with the error's one-line summary;
 - ``launch(fn)`` logging with ``fabric.log``: the summary carries the plot; widgets were sent live
   and closed at the end; nothing is left that needs the kernel to render;
-- informational launcher messages ("started 2 ranks ...") come on stdout, not the red stderr.
+- informational launcher messages ("started 2 ranks ...") come on stdout, not the red stderr;
+- a quick silent cell adds nothing (no widget is even opened).
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def test_magic_failure_is_red_in_the_summary_and_info_is_not_on_stderr(kernel: K
     assert row and "color:#c62828" in row.group(1) and "failed: ValueError: bad batch on rank 1" in row.group(2)
     assert "[rank 0] working on rank 0" in summary["text/plain"]
     assert re.search(r"^1\s+failed: ValueError: bad batch on rank 1", summary["text/plain"], re.M)
+    quiet = kernel.run("%%fabric\nx = 1")  # quick and silent: no dashboard, not even a widget opened
+    assert quiet["ename"] is None and quiet["displays"] == {} and "comm_open" not in quiet["types"]
     assert kernel.run("%fabric stop")["ename"] is None
     assert psutil.wait_procs(kernel.ranks(), timeout=10)[1] == []
 

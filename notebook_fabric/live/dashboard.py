@@ -37,8 +37,6 @@ class DashboardSink:
 
     def __init__(self, ranks: Iterable[int], *, title: str = "notebook-fabric", shown: Optional[Iterable[int]] = None,
                  interval: float = UPDATE_INTERVAL, max_lines: int = MAX_LINES) -> None:
-        import ipywidgets as widgets
-
         self.model = DashboardModel(ranks, max_lines=max_lines)
         ranks = self.model.ranks
         self.title = title
@@ -46,15 +44,7 @@ class DashboardSink:
         self.interval = interval
         self.updates = 0  # widget values sent to the front end
         self.renders = 0
-        self._header = widgets.HTML()
-        self._table = widgets.HTML()
-        self._plot = widgets.HTML(layout=widgets.Layout(display="none"))
-        self._outputs: Dict[int, Any] = {rank: widgets.HTML() for rank in ranks}
-        self._tabs = widgets.Tab(children=[self._outputs[r] for r in ranks])
-        for index, rank in enumerate(ranks):
-            self._tabs.set_title(index, f"rank {rank}")
-        self._tabs.selected_index = ranks.index(self.shown[0]) if self.shown and self.shown[0] in ranks else 0
-        self.widget = widgets.VBox([self._header, self._table, self._plot, self._tabs])
+        self.widget: Any = None  # built on the first render: a run that never shows opens no widgets
         self._sent: Dict[int, str] = {}
         self._output_versions: Dict[int, int] = {}
         self._rendered_version = -1
@@ -79,7 +69,7 @@ class DashboardSink:
 
     def flush(self) -> None:
         """Draw what is new now (the run loop calls this at the end of each run)."""
-        if not self.frozen:
+        if self.shown_in_cell and not self.frozen:
             self.render()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -117,9 +107,10 @@ class DashboardSink:
             from IPython.display import update_display
 
             update_display(self.summary_bundle(), raw=True, display_id=self._display_id)
-        self.widget.close()
-        for child in (self._header, self._table, self._plot, self._tabs, *self._outputs.values()):
-            child.close()
+        if self.widget is not None:
+            self.widget.close()
+            for child in (self._header, self._table, self._plot, self._tabs, *self._outputs.values()):
+                child.close()
 
     def summary_bundle(self) -> Dict[str, str]:
         """The frozen dashboard as ``text/html`` and ``text/plain``."""
@@ -127,9 +118,25 @@ class DashboardSink:
                 "text/plain": summary_text(self.model, self.title, self.shown)}
 
     # -- drawing ---------------------------------------------------------------------------------
+    def _build(self) -> None:
+        import ipywidgets as widgets
+
+        ranks = self.model.ranks
+        self._header = widgets.HTML()
+        self._table = widgets.HTML()
+        self._plot = widgets.HTML(layout=widgets.Layout(display="none"))
+        self._outputs: Dict[int, Any] = {rank: widgets.HTML() for rank in ranks}
+        self._tabs = widgets.Tab(children=[self._outputs[r] for r in ranks])
+        for index, rank in enumerate(ranks):
+            self._tabs.set_title(index, f"rank {rank}")
+        self._tabs.selected_index = ranks.index(self.shown[0]) if self.shown and self.shown[0] in ranks else 0
+        self.widget = widgets.VBox([self._header, self._table, self._plot, self._tabs])
+
     def render(self) -> None:
         """Push the widgets whose HTML changed since the last render."""
         with self._render_lock:
+            if self.widget is None:
+                self._build()
             model = self.model
             now = time.time()
             ticking = any(v.collective is not None for v in model.views.values()) and model.ended_at is None
