@@ -142,3 +142,24 @@ def test_output_is_capped_per_rank_with_a_marker(clean_environment) -> None:
     view = model.views[0]
     assert list(view.lines) == [f"row {i}" for i in range(900, 1000)] and view.dropped_lines == 900
     assert "900 earlier lines not shown" in summary_html(model, "t", [0])
+
+
+def test_heartbeats_between_tasks_reach_the_idle_sink_and_the_next_task_gets_the_latest(clean_environment) -> None:
+    import time
+
+    from notebook_fabric.live.events import Heartbeat
+
+    idle = RecordingSink()  # thread-safe: the pool's reader thread calls it between tasks
+    model = DashboardModel(range(2))
+    pool = RankPool(cpu_ddp(2), 2, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
+    try:
+        deadline = time.monotonic() + 30
+        while {e.rank for e in idle.events if isinstance(e, Heartbeat)} != {0, 1}:
+            assert time.monotonic() < deadline, "no heartbeats between tasks"
+            time.sleep(0.05)
+        assert all(not e.in_task and e.rss_bytes > 0 for e in idle.events if isinstance(e, Heartbeat))
+        pool.run(lambda fabric, ns: None, sink=model)  # the latest idle heartbeat is handed over first
+    finally:
+        pool.stop()
+    assert wait_no_children() == []
+    assert all(model.views[r].rss_bytes for r in range(2))

@@ -67,13 +67,16 @@ class RankPool:
     ``namespace`` seeds every rank's namespace (inherited under fork, cloudpickled otherwise).
     ``sink`` receives every event (default: a :class:`TextSink` printing ``[rank N] ...``).
     ``trace_collectives`` sends every collective enter/exit as an event (heartbeats always carry
-    the current collective).
+    the current collective). ``idle_sink`` also gets the heartbeats that arrive between tasks
+    (from the pool's reader thread, so it must be thread-safe); during a task they go to the
+    task's sink with the other events.
     """
 
     def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
                  start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
-                 heartbeat_interval: float = 2.0, trace_collectives: bool = False) -> None:
+                 heartbeat_interval: float = 2.0, trace_collectives: bool = False,
+                 idle_sink: Optional[EventSink] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
         self.fabric_kwargs: Dict[str, Any] = dict(fabric_kwargs or {})
@@ -83,6 +86,7 @@ class RankPool:
         self.sink: EventSink = sink if sink is not None else TextSink()
         self.heartbeat_interval = heartbeat_interval
         self.trace_collectives = trace_collectives
+        self.idle_sink = idle_sink
         self._setup = RankSetup(fabric_kwargs=self.fabric_kwargs, make_fabric=make_fabric,
                                 namespace=dict(namespace or {}), sys_path=list(sys.path))
         self._handles: List[RankHandle] = []
@@ -136,6 +140,8 @@ class RankPool:
                 )
                 self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
+            if self.idle_sink is not None:
+                self._supervisor.idle_heartbeats = self.idle_sink.handle
             self._supervisor.start()
             wait_until_ready(self, timeout)
             self._supervisor.stop_accepting()
