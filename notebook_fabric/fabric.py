@@ -321,7 +321,11 @@ class Fabric:
         return self._strategy.broadcast(obj, src=src)
 
     def all_gather(self, data: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
-        """Every rank's tensors, stacked on a new first dimension (collections gathered leaf by leaf)."""
+        """Every rank's tensors, stacked on a new first dimension (collections gathered leaf by leaf).
+
+        Python bools (as uint8), ints, floats and NumPy arrays are turned into tensors first, so
+        ``all(fabric.all_gather(ok))`` works. With one rank no dimension is added.
+        """
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_gather(t, group=group, sync_grads=sync_grads))

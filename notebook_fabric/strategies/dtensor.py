@@ -32,6 +32,7 @@ class DTensorStrategy(ParallelStrategy):
     over DTensors, and checkpoints through torch.distributed.checkpoint (full file or sharded dir)."""
 
     shards_parameters = True
+    hooks_module = True
 
     def __init__(
         self,
