@@ -222,7 +222,9 @@ class Fabric:
         if not isinstance(loader, DataLoader):
             raise TypeError(f"setup_dataloaders() takes torch DataLoaders, got {type(loader).__name__}")
         sampler_kwargs = self._strategy.distributed_sampler_kwargs
-        if use_distributed_sampler and sampler_kwargs is not None and sampler_kwargs["num_replicas"] > 1:
+        # with several ranks the sampler is replaced even for one replica (ranks of a tensor-parallel group
+        # must read the same batches: a DistributedSampler seeded alike, not each rank's own RandomSampler)
+        if use_distributed_sampler and sampler_kwargs is not None and self.world_size > 1:
             loader = shard_dataloader(loader, **sampler_kwargs)
         loader = self._strategy.process_dataloader(with_seeded_workers(loader, self.global_rank))
         return _FabricDataLoader(loader, device=self.device if move_to_device else None)

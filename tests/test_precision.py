@@ -167,3 +167,29 @@ def test_16_mixed_skips_a_step_whose_gradients_overflowed() -> None:
 def test_16_mixed_trains_on_cpu() -> None:
     losses = regression_losses(cpu_fabric("16-mixed"))
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+class WithComplex(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("phase", torch.tensor([1 + 2j, -3j], dtype=torch.complex64))
+        self.register_buffer("steps", torch.tensor([1, 2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.phase.abs().to(x.dtype)
+
+
+@pytest.mark.parametrize("name", ["64-true", "bf16-true"])
+def test_true_precision_converts_like_module_double_and_keeps_complex_tensors(name: str) -> None:
+    """Item 4 of issue 9: the imaginary part survives and torch does not warn about discarding it."""
+    module = WithComplex()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = cpu_fabric(name).setup(module)
+    assert module.linear.weight.dtype == TRUE_DTYPES[name]
+    assert module.phase.dtype == torch.complex64 and module.phase.tolist() == [1 + 2j, -3j]
+    assert module.steps.dtype == torch.int64
+    reference = WithComplex().double()
+    assert {k: v.dtype for k, v in reference.state_dict().items()}["phase"] == module.phase.dtype
+    assert model(torch.ones(1, 2)).dtype == torch.float32
