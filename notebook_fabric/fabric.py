@@ -74,6 +74,7 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._debug = bool(debug)
         self._launched = False
+        self._prepared_outside = False  # prepared without launch(), the ranks having been created outside
         self._setup_modules: list[nn.Module] = []  # what each setup() handed the strategy
 
     # ----- what this rank is ---------------------------------------------------------------------
@@ -129,6 +130,9 @@ class Fabric:
         """
         if function is not None and not callable(function):
             raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
+        if self._launched and self._prepared_outside:  # the ranks came from outside and this one is ready
+            self._prepared_outside = False
+            return function(self, *args, **kwargs) if function is not None else None
         if self._launched:
             raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
         strategy = self._strategy
@@ -163,10 +167,7 @@ class Fabric:
             from .launch.rerun_script import start_script_ranks
 
             start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
-        self._launched = True
-        strategy.setup_environment()
-        if self._debug:
-            enable_signature_checks()
+        self._prepare_this_rank()
         return function(self, *args, **kwargs) if function is not None else None
 
     # ----- models, optimizers, data --------------------------------------------------------------
@@ -316,10 +317,12 @@ class Fabric:
     # ----- collectives ---------------------------------------------------------------------------
     def barrier(self, name: Optional[str] = None) -> None:
         """Wait until every rank gets here. ``name`` appears in stall reports and the dashboard."""
+        self._check_launched()
         self._strategy.barrier(name=name)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """``src``'s value on every rank: a tensor, or any picklable object."""
+        self._check_launched()
         return self._strategy.broadcast(obj, src=src)
 
     def all_gather(self, data: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
@@ -328,6 +331,7 @@ class Fabric:
         Python bools (as uint8), ints, floats and NumPy arrays are turned into tensors first, so
         ``all(fabric.all_gather(ok))`` works. With one rank no dimension is added.
         """
+        self._check_launched()
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_gather(t, group=group, sync_grads=sync_grads))
@@ -335,6 +339,7 @@ class Fabric:
     def all_reduce(self, data: Any, group: Optional[Any] = None, reduce_op: Union[str, Any] = "mean") -> Any:
         """The reduction (sum, mean, max, min) over ranks; the caller's tensors are not modified."""
         normalize_reduce_op(reduce_op)  # the same error on one process as on many
+        self._check_launched()
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))
@@ -356,10 +361,12 @@ class Fabric:
         Call it on every rank, not under ``if fabric.is_global_zero:``: the other ranks must reach
         the wait (and sharded strategies gather the state from every rank first).
         """
+        self._check_launched()
         self._strategy.save_checkpoint(path, state, filter=filter)
 
     def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True) -> dict[str, Any]:
         """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None)."""
+        self._check_launched()
         return self._strategy.load_checkpoint(path, state=state, strict=strict)
 
     def load_raw(self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True) -> None:
@@ -402,13 +409,27 @@ class Fabric:
 
     # ----- checks --------------------------------------------------------------------------------
     def _check_launched(self) -> None:
+        """Ready to talk to the other ranks: where they were created outside (``notebook-fabric run``,
+        torchrun, SLURM), prepare this one now, as ``launch()`` would; else insist on ``launch()``."""
         strategy = self._strategy
-        if isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not self._launched:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                raise RuntimeError(
-                    "This Fabric runs on several ranks: call fabric.launch() first"
-                    " (or fabric.launch(train_fn) from a notebook)."
-                )
+        if self._launched or not (isinstance(strategy, ParallelStrategy) and strategy.world_size > 1):
+            return
+        environment = strategy.cluster_environment
+        if environment is not None and environment.creates_processes_externally:
+            self._prepare_this_rank()
+            self._prepared_outside = True
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                "This Fabric runs on several ranks: call fabric.launch() first"
+                " (or fabric.launch(train_fn) from a notebook)."
+            )
+
+    def _prepare_this_rank(self) -> None:
+        self._launched = True
+        self._strategy.setup_environment()
+        if self._debug:
+            enable_signature_checks()
 
     @staticmethod
     def _check_not_wrapped(module: Optional[nn.Module], optimizers: Iterable[Any]) -> None:
