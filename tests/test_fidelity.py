@@ -21,6 +21,7 @@ from conftest import SCRIPTS, clean_rank_environment
 from helpers_launch import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.loggers import CSVLogger, TensorBoardLogger
+from notebook_fabric.strategies.deepspeed import DeepSpeedStrategy
 from notebook_fabric.strategies.fsdp import FSDPStrategy
 from notebook_fabric.strategies.model_parallel import ModelParallelStrategy
 from notebook_fabric.utilities.rank_zero import DummyExperiment
@@ -228,6 +229,40 @@ def both(ranks: list[dict[str, Any]], name: str) -> tuple[dict, dict]:
         assert "traceback" not in rank[name], rank[name]["traceback"]
     return ranks[0][name], ranks[1][name]
 
+
+def deepspeed_checks(fabric: Fabric) -> dict[str, Any]:
+    """Item 1 under DeepSpeed (ZeRO keeps gradients in its own buffers: read them off one SGD step, lr=1)."""
+    ds = Fabric(accelerator="cpu", devices=2, strategy=DeepSpeedStrategy(stage=1, config={"gradient_clipping": 0.0,
+                "train_micro_batch_size_per_gpu": 1}))  # fmt: skip
+    ds.launch()
+    x = torch.full((1, 2), 0.1 * (ds.global_rank + 1))  # small: far from any clipping norm
+    seen: dict[str, Any] = {}
+    for name in ("training_step", "custom_loss"):
+        net = Stepper()
+        model, optimizer = ds.setup(net, torch.optim.SGD(net.parameters(), lr=1.0))
+        if name == "custom_loss":
+            seen["bypass"] = attempt(lambda: model.custom_loss(x))
+            model.mark_forward_method(name)
+        ds.backward(getattr(model, name)(x), model=model)
+        optimizer.step()
+        seen[name] = (1.0 - model.module.layer.weight.detach()).tolist()  # = the averaged gradient
+    return seen
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ranks() -> list[dict[str, Any]]:
+    with clean_rank_environment():
+        results = launch(deepspeed_checks, devices=2, accelerator="cpu", strategy="ddp", return_all=True, timeout=400)
+    assert wait_no_children() == []
+    return results
+
+
+# ----- item 1 ------------------------------------------------------------------------------------
+def test_deepspeed_routes_step_methods_through_its_engine(deepspeed_ranks) -> None:
+    for seen in deepspeed_ranks:
+        for name in ("training_step", "custom_loss"):
+            assert seen[name][0] == pytest.approx([0.15, 0.15], abs=1e-6), (name, seen[name])  # not 0.1 / 0.2
+        assert seen["bypass"]["error"] == "RuntimeError" and "DeepSpeedStrategy" in seen["bypass"]["message"]
 
 # ----- item 1 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "model_parallel_dp"])
