@@ -171,11 +171,17 @@ class Fabric:
         return function(self, *args, **kwargs) if function is not None else None
 
     # ----- models, optimizers, data --------------------------------------------------------------
-    def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> Any:
+    def setup(
+        self, module: nn.Module, *optimizers: Optimizer, scheduler: Optional[Any] = None, move_to_device: bool = True
+    ) -> Any:
         """Wrap ``module`` (and its ``optimizers``) for this strategy and precision.
 
-        Returns the module alone, or ``(module, optimizer, ...)`` when optimizers are given.
+        Returns the module alone, or ``(module, optimizer, ...)`` when optimizers are given, with the
+        ``scheduler`` last when one is passed (``model, optimizer, scheduler = fabric.setup(model,
+        optimizer, scheduler=scheduler)``). The scheduler is returned as it is: you step it.
         """
+        if scheduler is not None and not optimizers:
+            raise ValueError("setup(scheduler=...) needs the optimizer it drives: fabric.setup(model, optimizer, scheduler=...)")
         self._check_launched()
         self._check_not_wrapped(module, optimizers)
         original = module
@@ -189,7 +195,7 @@ class Fabric:
         self.call("on_after_setup", fabric=self, module=wrapped)
         if not fabric_optimizers:
             return wrapped
-        return (wrapped, *fabric_optimizers)
+        return (wrapped, *fabric_optimizers, scheduler) if scheduler is not None else (wrapped, *fabric_optimizers)
 
     def setup_module(self, module: nn.Module, move_to_device: bool = True) -> nn.Module:
         """Wrap a module alone (set up its optimizers afterwards with :meth:`setup_optimizers`)."""
@@ -299,15 +305,22 @@ class Fabric:
         """Tensors created inside land on the device, in the precision's dtype."""
         return self._strategy.tensor_init_context()
 
+    def sharded_model(self) -> ContextManager:
+        """Deprecated in Lightning in favour of :meth:`init_module`, which it is here."""
+        warnings.warn("fabric.sharded_model() is deprecated: use fabric.init_module()", DeprecationWarning, stacklevel=2)
+        return self.init_module()
+
     def init_module(self, empty_init: Optional[bool] = None) -> ContextManager:
         """Modules created inside land on the device in the right dtype (on the meta device where the strategy shards)."""
         self._check_launched()
         return self._strategy.module_init_context(empty_init=empty_init)
 
     @staticmethod
-    def seed_everything(seed: Optional[int] = None, workers: Optional[bool] = None) -> int:
-        """Seed Python, NumPy and torch on this rank (and the ranks it starts); see :func:`seed_everything`."""
-        return _seed_everything(seed, workers=True if workers is None else workers)
+    def seed_everything(seed: Optional[int] = None, workers: Optional[bool] = None, verbose: bool = True) -> int:
+        """Seed Python, NumPy and torch on this rank (and the ranks it starts); see :func:`seed_everything`.
+
+        ``workers=None`` means True here: DataLoader workers are seeded too."""
+        return _seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on global rank 0 only."""
@@ -369,9 +382,15 @@ class Fabric:
         self._check_launched()
         return self._strategy.load_checkpoint(path, state=state, strict=strict)
 
-    def load_raw(self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True) -> None:
-        """Load a plain ``torch.save``-d state dict (not written by Fabric) into a module or optimizer."""
-        state_dict = checkpoint_io.load(path, map_location="cpu", weights_only=True)
+    def load_raw(
+        self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True, *,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """Load a plain ``torch.save``-d state dict (not written by Fabric) into a module or optimizer.
+
+        ``weights_only`` (default True): unpickle tensors and plain containers only; pass False for a
+        file you trust that holds other objects."""
+        state_dict = checkpoint_io.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
         if isinstance(obj, nn.Module):
             self._strategy.load_module_state_dict(obj, state_dict, strict=strict)
         elif isinstance(obj, Optimizer) or isinstance(getattr(obj, "_optimizer", None), Optimizer):
@@ -439,9 +458,9 @@ class Fabric:
             raise ValueError("This optimizer was already set up with fabric.setup(); pass the original optimizer")
 
 
-def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
+def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: bool = True) -> int:
     """Seed Python, NumPy and torch; see :func:`notebook_fabric.utilities.seed.seed_everything`."""
-    return _seed_everything(seed, workers=workers)
+    return _seed_everything(seed, workers=workers, verbose=verbose)
 
 
 def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -6,6 +6,7 @@ Fabrics in turn (DDP, FSDP, model parallel), each check recorded per rank and co
 from __future__ import annotations
 
 import json
+import os
 import traceback
 import uuid
 from pathlib import Path
@@ -407,3 +408,40 @@ def test_a_cli_script_without_launch_is_ready() -> None:
         assert record["grad"] == [[1.5, 1.5]]
     assert sorted(records[0]["indices"] + records[1]["indices"]) == list(range(8))
     assert survivors(marker) == []
+
+
+# ----- item 13: Lightning's signatures and defaults ----------------------------------------------
+def test_seed_everything_defaults_and_verbose_log(caplog: pytest.LogCaptureFixture) -> None:
+    from notebook_fabric import seed_everything
+    from notebook_fabric.utilities.seed import WORKERS_ENV
+
+    with caplog.at_level("INFO", logger="notebook_fabric"):
+        assert seed_everything(7) == 7
+    assert "Seed set to 7" in caplog.text and os.environ[WORKERS_ENV] == "0"  # workers=False by default here
+    assert Fabric.seed_everything(8) == 8 and os.environ[WORKERS_ENV] == "1"  # ... and True on Fabric
+    caplog.clear()
+    with caplog.at_level("INFO", logger="notebook_fabric"):
+        seed_everything(9, verbose=False)
+    assert caplog.text == ""
+
+
+def test_setup_returns_the_scheduler_last_and_load_raw_takes_weights_only(tmp_path: Path) -> None:
+    fabric = Fabric(accelerator="cpu", devices=1)
+    net = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model, fabric_optimizer, returned = fabric.setup(net, optimizer, scheduler=scheduler)
+    assert returned is scheduler
+    fabric_optimizer.step()
+    returned.step()
+    assert fabric_optimizer.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        fabric.setup(nn.Linear(1, 1), scheduler=scheduler)
+    torch.save({"state": nn.Linear(2, 1).state_dict(), "note": Path("x")}, tmp_path / "raw.pt")
+    torch.save(nn.Linear(2, 1).state_dict(), tmp_path / "plain.pt")
+    fabric.load_raw(tmp_path / "plain.pt", model, weights_only=True)
+    with pytest.raises(Exception, match="[Ww]eights"):
+        fabric.load_raw(tmp_path / "raw.pt", nn.Linear(2, 1))  # weights_only by default
+    with pytest.deprecated_call():
+        with fabric.sharded_model():
+            assert nn.Linear(1, 1).weight.device.type == "cpu"
