@@ -445,3 +445,20 @@ def test_setup_returns_the_scheduler_last_and_load_raw_takes_weights_only(tmp_pa
     with pytest.deprecated_call():
         with fabric.sharded_model():
             assert nn.Linear(1, 1).weight.device.type == "cpu"
+
+
+def test_the_registry_registers_with_a_decorator_and_gets_with_a_default() -> None:
+    from notebook_fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+
+    @STRATEGY_REGISTRY.register("fidelity_test_ddp", description="for this test", find_unused_parameters=True)
+    class QuietDDP(DDPStrategy):
+        pass
+
+    try:
+        assert STRATEGY_REGISTRY.get("fidelity_test_ddp") is QuietDDP
+        assert STRATEGY_REGISTRY.get_description("fidelity_test_ddp") == "for this test"
+        assert STRATEGY_REGISTRY.create("fidelity_test_ddp")._ddp_kwargs == {"find_unused_parameters": True}
+        assert STRATEGY_REGISTRY.get("no_such_strategy", default=DDPStrategy) is DDPStrategy
+        assert "deepspeed_stage_1_offload" in STRATEGY_REGISTRY
+    finally:
+        STRATEGY_REGISTRY.remove("fidelity_test_ddp")
