@@ -6,6 +6,7 @@ Every method delegates: to the strategy (models, collectives, checkpoints), to `
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import sys
 import warnings
@@ -130,6 +131,11 @@ class Fabric:
         """
         if function is not None and not callable(function):
             raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
+        if function is not None and not _takes_an_argument(function):
+            raise TypeError(
+                f"fabric.launch({getattr(function, '__name__', 'fn')}) needs a function that takes the Fabric as its"
+                " first argument: def train(fabric): ..."
+            )
         if self._launched and self._prepared_outside:  # the ranks came from outside and this one is ready
             self._prepared_outside = False
             return function(self, *args, **kwargs) if function is not None else None
@@ -468,6 +474,14 @@ def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, 
     fabric._launched = True
     fabric.strategy.setup_environment()
     return function(fabric, *args, **kwargs)
+
+
+def _takes_an_argument(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
 def _as_list(value: Any) -> list[Any]:

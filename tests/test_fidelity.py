@@ -462,3 +462,9 @@ def test_the_registry_registers_with_a_decorator_and_gets_with_a_default() -> No
         assert "deepspeed_stage_1_offload" in STRATEGY_REGISTRY
     finally:
         STRATEGY_REGISTRY.remove("fidelity_test_ddp")
+
+
+def test_launch_refuses_a_function_that_cannot_take_the_fabric() -> None:
+    with pytest.raises(TypeError, match="takes the Fabric as its first argument"):
+        Fabric(accelerator="cpu", devices=1).launch(lambda: None)
+    assert Fabric(accelerator="cpu", devices=1).launch(lambda fabric, x: x * 2, 21) == 42
