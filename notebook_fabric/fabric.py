@@ -383,10 +383,20 @@ class Fabric:
         self._check_launched()
         self._strategy.save_checkpoint(path, state, filter=filter)
 
-    def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True) -> dict[str, Any]:
-        """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None)."""
+    def load(
+        self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True, *,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None).
+
+        ``weights_only=True``: unpickle only tensors and plain containers (default False: Fabric's own
+        checkpoints hold optimizer states and your objects)."""
         self._check_launched()
-        return self._strategy.load_checkpoint(path, state=state, strict=strict)
+        if not weights_only:
+            return self._strategy.load_checkpoint(path, state=state, strict=strict)
+        if "weights_only" not in inspect.signature(self._strategy.load_checkpoint).parameters:
+            raise NotImplementedError(f"{type(self._strategy).__name__} reads its checkpoints itself: load(weights_only=True) is not possible there")
+        return self._strategy.load_checkpoint(path, state=state, strict=strict, weights_only=True)
 
     def load_raw(
         self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True, *,

@@ -468,3 +468,14 @@ def test_launch_refuses_a_function_that_cannot_take_the_fabric() -> None:
     with pytest.raises(TypeError, match="takes the Fabric as its first argument"):
         Fabric(accelerator="cpu", devices=1).launch(lambda: None)
     assert Fabric(accelerator="cpu", devices=1).launch(lambda fabric, x: x * 2, 21) == 42
+
+
+def test_load_takes_weights_only(tmp_path: Path) -> None:
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = fabric.setup(nn.Linear(2, 1))
+    fabric.save(tmp_path / "ckpt", {"model": model, "where": Path("kept")})
+    assert fabric.load(tmp_path / "ckpt", {"model": model}) == {"where": Path("kept")}
+    with pytest.raises(Exception, match="[Ww]eights"):
+        fabric.load(tmp_path / "ckpt", {"model": model}, weights_only=True)  # a Path is not a plain container
+    fabric.save(tmp_path / "plain", {"model": model, "epoch": 3})
+    assert fabric.load(tmp_path / "plain", {"model": model}, weights_only=True) == {"epoch": 3}

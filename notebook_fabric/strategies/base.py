@@ -265,14 +265,17 @@ class Strategy:
         self.barrier("save_checkpoint")
 
     def load_checkpoint(
-        self, path: Any, state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None, strict: bool = True
+        self, path: Any, state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None, strict: bool = True,
+        weights_only: bool = False,
     ) -> dict[str, Any]:
-        """Restore ``state`` in place from ``path`` and return what the file holds beyond it."""
+        """Restore ``state`` in place from ``path`` and return what the file holds beyond it.
+
+        ``weights_only=True`` unpickles only tensors and plain containers (a file from elsewhere)."""
         self.barrier("load_checkpoint")
         if self.checkpoint_io is not None:
             checkpoint = self.checkpoint_io.load_checkpoint(path)
         else:
-            checkpoint = checkpoint_io.load(path, map_location="cpu")
+            checkpoint = checkpoint_io.load(path, map_location="cpu", weights_only=weights_only)
         if state is None:
             return checkpoint
         return checkpoint_state.restore(self, state, checkpoint, strict=strict)
