@@ -199,6 +199,13 @@ def rank_checks(fabric: Fabric, folder: Path) -> dict[str, Any]:
 
     record("ddp_bf16", bf16_step)
     record("fsdp", lambda: routing_checks(another(FSDPStrategy())))
+    def hybrid_mesh() -> dict[str, Any]:
+        hybrid = another(FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(1, 2)))
+        seen = routing_checks(hybrid)
+        mesh = hybrid.strategy.device_mesh
+        return {**seen, "mesh": (mesh.mesh_dim_names, tuple(mesh.shape))}
+
+    record("fsdp_hybrid", hybrid_mesh)
     record("model_parallel_dp", lambda: routing_checks(another(ModelParallelStrategy(data_parallel, 2, 1))))
 
     def tensor_parallel_checks() -> dict[str, Any]:
@@ -266,7 +273,7 @@ def test_deepspeed_routes_step_methods_through_its_engine(deepspeed_ranks) -> No
         assert seen["bypass"]["error"] == "RuntimeError" and "DeepSpeedStrategy" in seen["bypass"]["message"]
 
 # ----- item 1 ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "model_parallel_dp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_hybrid", "model_parallel_dp"])
 def test_step_methods_run_through_the_wrapper_and_sync_gradients(ranks, strategy: str) -> None:
     """Item 1: inputs 1 and 2 on the two ranks give the averaged gradient [[1.5, 1.5]] on both."""
     for seen in both(ranks, strategy):
@@ -278,6 +285,15 @@ def test_step_methods_run_through_the_wrapper_and_sync_gradients(ranks, strategy
         assert "model.mark_forward_method('custom_loss')" in seen["bypass"]["message"]
     zero, one = both(ranks, strategy)
     assert zero["predict_step"] == [[2.0]] and one["predict_step"] == [[4.0]]
+
+
+def test_fsdp_takes_lightnings_hybrid_device_mesh(ranks) -> None:
+    for seen in both(ranks, "fsdp_hybrid"):
+        assert seen["mesh"] == (("replicate", "shard"), (1, 2))
+    with pytest.raises(ValueError, match="HYBRID_SHARD"):
+        FSDPStrategy(device_mesh=(1, 2))
+    with pytest.raises(ValueError, match="replicas, shards_per_replica"):
+        FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(0, 2))
 
 
 def test_tensor_parallel_routes_steps_and_refuses_a_bypass(ranks) -> None:
