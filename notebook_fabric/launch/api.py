@@ -16,6 +16,7 @@ from .pool import RankPool
 from .preflight import START_METHODS, check_picklable, resolve_start_method
 
 _LAUNCHED = "__notebook_fabric_launched__"
+START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is given no timeout
 
 
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
@@ -28,8 +29,10 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     ``Fabric(accelerator=, strategy=, devices=, precision=, **fabric_kwargs)`` with its process
     group ready. ``start_method``: ``"fork"`` (default where safe: Linux, CUDA not yet
     initialised here), ``"spawn"`` or ``"forkserver"`` (which send ``fn`` and ``args`` with
-    cloudpickle). ``timeout``: seconds the function may run before the launch ends with a
-    :class:`LaunchTimeoutError` naming the ranks waiting in a collective and where the others are.
+    cloudpickle). ``timeout``: seconds the ranks may take to start (a :class:`LaunchTimeoutError`
+    names those that never connected apart from those that never joined the process group), and
+    then seconds the function may run before the launch ends with a :class:`LaunchTimeoutError`
+    naming the ranks waiting in a collective and where the others are.
     ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
     ``stall``: when some ranks have waited this many seconds in a collective the others have not
     entered, print who waits where and every rank's stack (once per stall; ``None`` turns it off).
@@ -67,6 +70,8 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
         raise TypeError(f"expected a function to run on every rank, got {type(fn).__name__}")
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
     sink = sink if sink is not None else TextSink()
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
@@ -75,7 +80,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
                     namespace={_LAUNCHED: (fn, args, kwargs)})
     try:
-        pool.start()
+        pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
         watchdog = StallWatchdog(range(num_processes), pool.where, stall)
         run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
         results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,
