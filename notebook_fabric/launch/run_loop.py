@@ -114,6 +114,13 @@ class RunLoop:
         self._we_interrupted = False
 
     def run(self, task: Any) -> Dict[int, Any]:
+        try:
+            return self._run(task)
+        except BaseException:
+            self.pool.keep_logs()  # the logs of a failed run are kept
+            raise
+
+    def _run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
         self.pool.drain_events(self.sink)
         self.task_id = self.pool.next_id()
@@ -128,12 +135,15 @@ class RunLoop:
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
+            self.pool.keep_logs()  # before anything stops the pool: a failed run's logs are kept
             self._on_interrupt()
             raise
         finally:
             self.pool.task_running(False)
             self.pool.drain_events(self.sink)
             self.sink.flush()
+        if outcome != "done" or self.failures:
+            self.pool.keep_logs()
         if outcome == "died":
             self._on_death()
         if outcome == "timeout":
