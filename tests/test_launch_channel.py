@@ -149,9 +149,11 @@ def test_a_silent_connection_is_hung_up_after_the_handshake_deadline():
 
 class Intruder:
     """Watches this process's listening ports; on the launch's event channel (the port that sends a
-    challenge first) it opens a silent connection, a wrong-keyed one and one that hangs up mid-challenge."""
+    challenge first) it opens the connections named in ``kinds``: ``silent`` (never answers),
+    ``wrong key``, ``half`` (hangs up in the middle of the challenge)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds=("silent", "wrong key", "half")) -> None:
+        self.kinds = set(kinds)
         self.before = {c.laddr.port for c in listening_sockets()}
         self.sockets: list = []
         self.opened_at: float = 0.0
@@ -178,11 +180,16 @@ class Intruder:
                 if not greeting.startswith(b"#CHALLENGE#"):
                     probe.close()  # the rendezvous store: not ours to poke
                     continue
-                self.sockets.append(probe)  # silent from here on
-                half = socket.create_connection(("127.0.0.1", port))
-                read_frame(half)
-                half.close()  # hung up in the middle of the challenge
-                threading.Thread(target=self._wrong_key, args=(port,), daemon=True).start()
+                if "silent" in self.kinds:
+                    self.sockets.append(probe)  # silent from here on
+                if "half" in self.kinds:
+                    half = socket.create_connection(("127.0.0.1", port))
+                    read_frame(half)
+                    half.close()  # hung up in the middle of the challenge
+                if "silent" not in self.kinds:
+                    probe.close()  # read the challenge and hung up: one more half-finished handshake
+                if "wrong key" in self.kinds:
+                    threading.Thread(target=self._wrong_key, args=(port,), daemon=True).start()
                 self.opened_at = time.time()
             time.sleep(0.002)
 
@@ -205,11 +212,13 @@ def world_size_times_ten(fabric):
     return fabric.world_size * 10
 
 
-def test_hostile_local_connections_before_the_ranks_connect_cost_the_launch_nothing():
+@pytest.mark.parametrize("kinds", [("silent",), ("wrong key",), ("half",), ("silent", "wrong key", "half")],
+                         ids=["silent", "wrong key", "half handshake", "all three"])
+def test_hostile_local_connections_before_the_ranks_connect_cost_the_launch_nothing(kinds):
     started = time.monotonic()
     assert launch(world_size_times_ten, accelerator="cpu", devices=2, start_method="spawn") == 20
     clean = time.monotonic() - started
-    intruder = Intruder()
+    intruder = Intruder(kinds)
     sink = RecordingSink()
     try:
         started = time.monotonic()
@@ -221,7 +230,11 @@ def test_hostile_local_connections_before_the_ranks_connect_cost_the_launch_noth
     assert intruder.opened_at, "the intruder never found the event channel"
     first_rank_started = min(e.time for e in sink.events if isinstance(e, RankStarted))
     assert intruder.opened_at < first_rank_started, "the ranks connected before the intruder: nothing was tested"
-    assert intruder.wrong_key_refused
+    if "wrong key" in kinds:
+        deadline = time.monotonic() + 10
+        while not intruder.wrong_key_refused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert intruder.wrong_key_refused
     assert intruder.listening_ips == {"127.0.0.1"}  # the event channel and the rendezvous store
     assert hostile < clean + 10.0, f"clean launch {clean:.1f} s, with intruders {hostile:.1f} s"
 
