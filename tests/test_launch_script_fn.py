@@ -14,6 +14,7 @@ pytestmark = pytest.mark.timeout(300)
 
 STRATEGIES = [
     "ddp", "fsdp", "model_parallel",
+    "ddp_spawn",  # spawned ranks: fn travels by value, the script (no main guard) is never imported again
     pytest.param("deepspeed", marks=pytest.mark.skipif(not deepspeed_available(), reason="deepspeed is not installed")),
 ]
 
