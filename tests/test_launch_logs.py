@@ -45,9 +45,10 @@ def talks_a_lot(fabric):
     return fabric.global_rank
 
 
-def test_launch_with_log_dir_writes_every_line_of_every_rank(tmp_path, capsys):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_launch_with_log_dir_writes_every_line_of_every_rank(tmp_path, capsys, start_method):
     logs = tmp_path / "logs"
-    assert launch(talks_a_lot, accelerator="cpu", devices=2, log_dir=logs, sink=None) == 0
+    assert launch(talks_a_lot, accelerator="cpu", devices=2, log_dir=logs, start_method=start_method) == 0
     for rank in range(2):
         stdout = (logs / f"rank{rank}" / "stdout.log").read_text().splitlines()
         assert stdout[:LINES] == [f"rank {rank} line {i}" for i in range(LINES)]
@@ -76,9 +77,12 @@ def test_the_default_folder_is_kept_and_named_after_a_failure(private_tempdir, c
         assert (kept / "logs" / f"rank{rank}" / "stdout.log").read_text() == f"last words of {rank}\n"
 
 
-def test_log_dir_is_checked_before_any_rank_starts():
+def test_log_dir_and_timeout_are_checked_before_any_rank_starts():
     with pytest.raises(TypeError, match="log_dir must be a path"):
         launch(talks_a_lot, accelerator="cpu", devices=2, log_dir=3)
+    for bad in (0, -1, "10"):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            launch(talks_a_lot, accelerator="cpu", devices=2, timeout=bad)
     assert wait_no_children(timeout=0) == []
 
 
