@@ -144,8 +144,10 @@ class Fabric:
         environment = getattr(strategy, "cluster_environment", None)
         outside = environment is not None and environment.creates_processes_externally
         needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
-        if needs_ranks and start_method == "popen" and function is not None:
-            start_method = None  # launch(fn) runs fn only, never the script again: launch/ picks fork or spawn
+        if needs_ranks and start_method == "popen" and function is not None and strategy.num_nodes == 1:
+            # launch(fn) runs fn only, never the script again: launch/ picks fork or spawn. (Several nodes
+            # started by hand keep re-running the script: a local pool cannot hold the other nodes' ranks.)
+            start_method = None
         if needs_ranks and start_method in (*_FUNCTION_START_METHODS, None):
             if function is None:
                 raise RuntimeError(
