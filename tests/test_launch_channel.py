@@ -76,7 +76,7 @@ class Touch:
 
 
 def test_the_listener_is_bound_to_loopback_only():
-    listener = EventListener()
+    listener = EventListener().start()
     try:
         assert listener.address[0] == "127.0.0.1"
         mine = [c for c in listening_sockets() if c.laddr.port == listener.address[1]]
@@ -92,7 +92,7 @@ def test_the_listener_is_bound_to_loopback_only():
 
 
 def test_a_wrong_key_is_refused_and_the_right_one_still_gets_in():
-    listener = EventListener()
+    listener = EventListener().start()
     try:
         with pytest.raises(AuthenticationError):
             Client(listener.address, family="AF_INET", authkey=os.urandom(32))
@@ -108,7 +108,7 @@ def test_a_wrong_key_is_refused_and_the_right_one_still_gets_in():
 
 
 def test_a_strangers_pickle_is_never_unpickled(tmp_path):
-    listener = EventListener()
+    listener = EventListener().start()
     proof = tmp_path / "unpickled"
     try:
         small = socket.create_connection(listener.address)  # answers the challenge with a pickle
@@ -132,7 +132,7 @@ def test_a_strangers_pickle_is_never_unpickled(tmp_path):
 
 
 def test_a_silent_connection_is_hung_up_after_the_handshake_deadline():
-    listener = EventListener(handshake_timeout=0.5)
+    listener = EventListener(handshake_timeout=0.5).start()
     try:
         silent = socket.create_connection(listener.address)
         assert read_frame(silent).startswith(b"#CHALLENGE#")

@@ -80,6 +80,8 @@ def test_the_default_folder_is_kept_and_named_after_a_failure(private_tempdir, c
 def test_log_dir_and_timeout_are_checked_before_any_rank_starts():
     with pytest.raises(TypeError, match="log_dir must be a path"):
         launch(talks_a_lot, accelerator="cpu", devices=2, log_dir=3)
+    with pytest.raises(ValueError, match="names no folder"):
+        launch(talks_a_lot, accelerator="cpu", devices=2, log_dir=" ")
     for bad in (0, -1, "10"):
         with pytest.raises(ValueError, match="timeout must be a positive number"):
             launch(talks_a_lot, accelerator="cpu", devices=2, timeout=bad)
@@ -94,6 +96,14 @@ def test_fabric_magic_log_dir(tmp_path):
     kernel = Kernel()
     try:
         kernel.ok("%load_ext notebook_fabric")
+        # the default folder: named when the pool starts, kept after a failed cell, named again at stop
+        kernel.ok("%%fabric --devices 2 --accelerator cpu\nprint('before the failure')")
+        kernel.run("%%fabric\nraise ValueError('cell failed')")
+        stopped = kernel.ok("%fabric stop")
+        marker = "per-rank logs (complete stdout and stderr): "
+        [default] = [line.split(marker, 1)[1].strip() for line in stopped.all_text.splitlines() if marker in line]
+        assert (Path(default) / "rank0" / "stdout.log").read_text() == "before the failure\n"
+
         started = kernel.ok(f"%%fabric --devices 2 --accelerator cpu --log-dir {logs}\nprint('cell one', fabric.global_rank)")
         assert f"per-rank logs in {logs.resolve()}" in started.all_text
         kernel.ok("%%fabric\nprint('cell two', fabric.global_rank)")

@@ -82,6 +82,8 @@ class RankPool:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
         if log_dir is True or not (log_dir is None or log_dir is False or isinstance(log_dir, (str, os.PathLike))):
             raise TypeError(f"log_dir must be a path, None (a temporary folder) or False (no logs), got {log_dir!r}")
+        if isinstance(log_dir, str) and not log_dir.strip():
+            raise ValueError("log_dir='' names no folder: pass a path, None (a temporary folder) or False (no logs)")
         self._log_setting = log_dir
         self._logs: Optional[RankLogs] = None
         self.fabric_kwargs: Dict[str, Any] = dict(fabric_kwargs or {})

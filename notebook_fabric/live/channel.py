@@ -11,6 +11,10 @@ What the standard ``Listener`` lacks is protection against the rest of the machi
 nothing would block every rank behind it. Here the door (a thread) only accepts sockets; each
 challenge runs in a thread of its own and is hung up after ``handshake_timeout`` seconds, so a
 silent, wrong-keyed or half-finished connection costs the ranks nothing.
+
+The door opens with :meth:`EventListener.start`, once the ranks are started: a rank forked while a
+challenge runs in another thread of the notebook could inherit a lock that thread holds (OpenSSL's,
+under the HMAC) and hang in its own challenge. Connections made before wait in the backlog.
 """
 from __future__ import annotations
 
@@ -56,10 +60,17 @@ class EventListener:
         self._lock = threading.Lock()
         self._handshakes: Dict[Connection, float] = {}  # connection in its challenge -> deadline
         self._door = threading.Thread(target=self._door_loop, name="notebook-fabric door", daemon=True)
-        self._door.start()
+
+    def start(self) -> "EventListener":
+        """Open the door: accept connections and run their challenges (call it after forking the ranks)."""
+        if not self._door.is_alive() and not self._closed.is_set():
+            self._door.start()
+        return self
 
     def accept(self) -> Optional[Connection]:
-        """The next authenticated connection, or ``None`` once :meth:`wake` or :meth:`close` ran."""
+        """The next authenticated connection, or ``None`` once :meth:`wake` or :meth:`close` ran.
+
+        Connections are admitted only after :meth:`start`."""
         if self._waking.is_set() or self._closed.is_set():
             return None
         connection = self._admitted.get()
@@ -83,7 +94,8 @@ class EventListener:
             self._socket.shutdown(socket.SHUT_RDWR)  # wakes the door's accept() at once
         except OSError:
             pass
-        self._door.join(timeout=2 * _DOOR_TICK + 1.0)
+        if self._door.is_alive():
+            self._door.join(timeout=2 * _DOOR_TICK + 1.0)
         self._socket.close()
         with self._lock:
             pending = list(self._handshakes)
