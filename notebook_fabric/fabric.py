@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
-import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -125,9 +123,11 @@ class Fabric:
     def launch(self, function: Optional[Callable[..., Any]] = None, *args: Any, **kwargs: Any) -> Any:
         """Start the ranks and prepare this process; with ``function``, run ``function(fabric, *args)`` on each.
 
-        In a script with ``strategy="ddp"``, ``fabric.launch()`` re-runs the script for the other
-        ranks. With ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` (or from a notebook), pass the
-        function: it runs on every rank and rank 0's return value comes back here.
+        In a script with ``strategy="ddp"`` (or ``fsdp``, ``deepspeed``, ``model_parallel``),
+        ``fabric.launch()`` re-runs the script for the other ranks. ``fabric.launch(function)``
+        runs ``function`` on every rank and nothing else (in a script, a notebook or a REPL alike:
+        the same supervised ranks as ``notebook_fabric.launch``), and rank 0's return value comes
+        back here.
         """
         if function is not None and not callable(function):
             raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
@@ -154,8 +154,10 @@ class Fabric:
         environment = getattr(strategy, "cluster_environment", None)
         outside = environment is not None and environment.creates_processes_externally
         needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
-        if needs_ranks and start_method == "popen" and function is not None and _interactive_session():
-            start_method = None  # no script to re-run: launch/ picks fork or spawn and says so
+        if needs_ranks and start_method == "popen" and function is not None and strategy.num_nodes == 1:
+            # launch(fn) runs fn only, never the script again: launch/ picks fork or spawn. (Several nodes
+            # started by hand keep re-running the script: a local pool cannot hold the other nodes' ranks.)
+            start_method = None
         if needs_ranks and start_method in (*_FUNCTION_START_METHODS, None):
             if function is None:
                 raise RuntimeError(
@@ -516,11 +518,3 @@ def _unconfigured(value: Any) -> Any:
         except Exception:  # noqa: BLE001 - an object that cannot be copied travels as it is
             return value
     return value
-
-
-def _interactive_session() -> bool:
-    """True in a notebook kernel or a REPL, where there is no script to re-run."""
-    if hasattr(sys, "ps1"):
-        return True
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return not main_file or os.path.basename(main_file).startswith("ipykernel")
