@@ -27,6 +27,7 @@ from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_trace
 from .rank_io import Outbox, OutputCapture
 from .rank_isolation import forget_kernel
 from .rank_telemetry import MemorySampler, report_metrics, report_progress
+from .rank_logs import rank_log_paths
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
@@ -79,7 +80,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     outbox = Outbox(lambda: connect_to_notebook(bootstrap.address, bootstrap.authkey), on_connected)
     outbox.start()
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
-                                                                    text=text))).start()
+                                                                    text=text)),
+                            log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
     forget_kernel()  # a rank forked from a kernel is not the kernel
     report_progress(rank, outbox)
