@@ -18,11 +18,14 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..live.events import (
-    Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
+    LedgerSnapshot, Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
 )
 from ..live.sinks import EventSink
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
+)
+from .hang import (
+    CollectiveHangError, describe_gone, entry_at_failure, explain, find_certain_hang, task_label, waiting_note,
 )
 from .protocol import RunTask
 from .rank_control import LAUNCH_DIR, innermost_user_frame
@@ -30,6 +33,7 @@ from .rank_control import LAUNCH_DIR, innermost_user_frame
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
 
+HANG_CHECK_EVERY = 0.25  # seconds between looks at the waiting ranks once some rank finished the task
 DEATH_GRACE = 0.3  # seconds to gather ranks that die together ("ranks 0-1 exited with code 3")
 EXIT_EVENT_WAIT = 3.0  # at most this long past failure_grace for the exit event of a rank already gone
 
@@ -96,9 +100,13 @@ class RunLoop:
         self.interrupted: List[int] = []
         self.deaths: Dict[int, RankExited] = {}
         self._we_interrupted = False
+        self._label = "the task"
+        self._hang_check_at: Optional[float] = None
+        self._hang: Optional[CollectiveHangError] = None
 
     def run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
+        self._label = task_label(task)
         self.pool.drain_events(self.sink)
         self.task_id = self.pool.next_id()
         message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
@@ -122,9 +130,14 @@ class RunLoop:
             self._on_death()
         if outcome == "timeout":
             self._on_timeout()
+        if outcome == "hang" and self._hang is not None:
+            self.pool.stop(grace=0.2)  # the waiting ranks sit in the backend's wait: no interrupt reaches them
+            raise self._hang
         if self.failures:
+            error = self._hang_from_failures() or rebuild_exception(self.failures, self.arrival)
+            self._note_waiting(error)
             self._settle_stragglers()
-            raise rebuild_exception(self.failures, self.arrival)
+            raise error
         return {rank: self.results[rank] for rank in self.ranks}
 
     # -- waiting --------------------------------------------------------------------------------
@@ -148,11 +161,18 @@ class RunLoop:
             event = self.pool.next_event(0.05)
             if event is not None:
                 self._dispatch(event)
+            if self._hang_check_at is not None and self.pending and time.monotonic() >= self._hang_check_at:
+                self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
+                if self._certain_hang():
+                    return "hang"
         return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
-        if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
+        if isinstance(event, LedgerSnapshot):
+            self.pool.ledgers[event.rank] = event.entries
+        elif isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
             self.pending.discard(event.rank)
+            self._hang_check_at = self._hang_check_at or time.monotonic() + 0.1
             try:
                 self.results[event.rank] = pickle.loads(event.payload)
             except Exception as error:
@@ -177,6 +197,55 @@ class RunLoop:
             pass  # a late answer to an earlier, abandoned task
         else:
             self.sink.handle(event)
+
+    def _certain_hang(self) -> bool:
+        """Do pending ranks wait in a collective that a rank which finished the task never issued?"""
+        replies = self.pool.where_replies(timeout=1.0)
+        waiting = {r: replies[r].waiting for r in sorted(self.pending)
+                   if r in replies and getattr(replies[r], "waiting", None) is not None}
+        gone = {r: describe_gone("finished", self._label) for r in self.results}
+        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting else None
+        if verdict is None:
+            return False
+        for rank, reply in self.pool.where_replies(timeout=1.0, ledger=True).items():
+            if reply.ledger is not None:
+                self.pool.ledgers[rank] = reply.ledger
+        ledgers = dict(self.pool.ledgers)
+        self._hang = CollectiveHangError(explain(verdict, ledgers, self._label), waiting=verdict.waiting,
+                                         gone=verdict.gone, ledgers=ledgers)
+        return True
+
+    def _hang_from_failures(self) -> Optional[CollectiveHangError]:
+        """A rank failed inside a collective (the backend saw its peer leave) that a rank which finished
+        the task never issued: the same certain hang, explained the same way."""
+        if not self.results:
+            return None
+        waiting = {}
+        for rank, failure in self.failures.items():
+            entry = entry_at_failure(self.pool.ledgers.get(rank, ()), failure.traceback)
+            if entry is not None:
+                waiting[rank] = entry
+        gone = {r: describe_gone("finished", self._label) for r in self.results}
+        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting else None
+        if verdict is None:
+            return None
+        ledgers = dict(self.pool.ledgers)
+        error = CollectiveHangError(explain(verdict, ledgers, self._label), waiting=verdict.waiting,
+                                    gone=verdict.gone, ledgers=ledgers)
+        for rank in sorted(verdict.waiting):
+            _note(error, f"the backend then gave up on rank {rank}: {self.failures[rank].summary}")
+        return error
+
+    def _note_waiting(self, error: BaseException) -> None:
+        """Add to ``error`` which ranks waited in which collective when it came (they cannot go on)."""
+        try:
+            replies = self.pool.where_replies(timeout=0.5)
+        except Exception:  # noqa: BLE001 - a note only
+            return
+        waiting = {r: replies[r].waiting for r in sorted(self.pending)
+                   if r in replies and getattr(replies[r], "waiting", None) is not None}
+        if waiting:
+            _note(error, waiting_note(waiting))
 
     def _pending_rank_exited(self) -> bool:
         return any(self.pool.handle(rank).process.exitcode is not None for rank in self.pending)
@@ -210,8 +279,9 @@ class RunLoop:
             if event is not None:
                 self._dispatch(event)
         survivors = [h.rank for h in self.pool.handles if h.alive]
-        self.pool.stop(grace=0.2)
         error = _death_error(self.deaths, "while running the task")
+        self._note_waiting(error)
+        self.pool.stop(grace=0.2)
         if survivors:
             _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
         if self.failures:

@@ -1,0 +1,134 @@
+"""In the notebook: a hang that is certain, found the moment it becomes so, and explained.
+
+While some ranks still run a task, others may already have finished it, failed or died. A rank
+still waiting in a collective that one of those ranks would have to join can then never go on,
+whatever a threshold would say: the finished rank issues nothing more in this task. The run loop
+asks the waiting ranks what they wait in (their ledger's current entry, Fabric's collectives and
+torch's internal ones alike) and compares it with what the other ranks' ledgers show they issued.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..collectives.callsite import describe_place, rank_zero_guard
+from ..collectives.ledger import LedgerEntry
+from .errors import LaunchError, format_ranks
+from .rank_control import innermost_user_frame
+
+
+class CollectiveHangError(LaunchError):
+    """Some ranks wait in a collective that the other ranks can no longer join (they finished,
+    failed or died). ``waiting`` maps each waiting rank to its ledger entry; ``ledgers`` holds every
+    rank's ledger as far as it is known (see ``notebook_fabric.collectives.ledger_view``)."""
+
+    def __init__(self, message: str, *, waiting: Dict[int, LedgerEntry], gone: Dict[int, str],
+                 ledgers: Dict[int, Tuple[LedgerEntry, ...]]) -> None:
+        super().__init__(message)
+        self.waiting = waiting
+        self.gone = gone
+        self.ledgers = ledgers
+        self.ranks = sorted(waiting)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The waiting ranks whose collective can never complete, and why."""
+
+    waiting: Dict[int, LedgerEntry]
+    gone: Dict[int, str]  # rank -> "finished the cell" / "failed: ValueError: ..." / "died: ..."
+
+
+def _issued_up_to(ledger: Sequence[LedgerEntry], group: str) -> int:
+    return max((e.last_seq for e in ledger if e.group == group), default=0)
+
+
+def find_certain_hang(waiting: Dict[int, LedgerEntry], gone: Dict[int, str],
+                      ledgers: Dict[int, Tuple[LedgerEntry, ...]]) -> Optional[Verdict]:
+    """The ranks of ``waiting`` whose collective needs a rank of ``gone`` that never issued it.
+
+    A gone rank whose ledger is unknown counts as not having issued it (it cannot any more)."""
+    stuck: Dict[int, LedgerEntry] = {}
+    culprits: Dict[int, str] = {}
+    for rank, entry in waiting.items():
+        members = set(entry.group_ranks) if entry.group_ranks else None
+        for other, how in gone.items():
+            if members is not None and other not in members:
+                continue
+            known = ledgers.get(other)
+            if known is not None and _issued_up_to(known, entry.group) >= entry.seq:
+                continue  # it took part in this one: the waiting rank is about to go on
+            stuck[rank] = entry
+            culprits[other] = how
+    return Verdict(waiting=stuck, gone=culprits) if stuck else None
+
+
+def explain(verdict: Verdict, ledgers: Dict[int, Tuple[LedgerEntry, ...]], task_label: str) -> str:
+    """The message of the :class:`CollectiveHangError` for ``verdict``."""
+    lines = ["a collective can never complete (reported at once: no threshold needed):"]
+    by_call: Dict[Tuple[Any, ...], List[int]] = {}
+    for rank, entry in sorted(verdict.waiting.items()):
+        by_call.setdefault((entry.describe(), entry.group), []).append(rank)
+    for (text, _), ranks in by_call.items():
+        lines.append(f"  {format_ranks(ranks)} {'waits' if len(ranks) == 1 else 'wait'} in {text}")
+    for rank, how in sorted(verdict.gone.items()):
+        entry = next(iter(verdict.waiting.values()))
+        last = [e for e in ledgers.get(rank, ()) if e.group == entry.group]
+        done = f"; its last collective there was {last[-1].describe()}" if last else "; it issued no collective there"
+        lines.append(f"  rank {rank} {how} without calling it{done if rank in ledgers else ''}")
+    guards = {rank_zero_guard(e.place) for e in verdict.waiting.values()} - {None}
+    if guards:
+        lines.append(f"  The call sits under `{sorted(guards)[0]}`, so only some ranks make it. It is a collective "
+                     "(fabric.save, fabric.load and fabric.barrier are too): every rank must call it; "
+                     "move it out of the `if` (fabric.save already writes on rank 0 only).")
+    else:
+        lines.append(f"  Every rank must issue the same collectives in the same order within {task_label}.")
+    return "\n".join(lines)
+
+
+def task_label(task: Any) -> str:
+    """"the cell" for a %%fabric cell, else "the function"."""
+    return "the cell" if type(task).__name__ == "CellTask" else "the function"
+
+
+def describe_gone(kind: str, label: str, detail: str = "") -> str:
+    """``finished the cell``, ``failed (ValueError: x)``, ``died (killed by SIGKILL)``."""
+    if kind == "finished":
+        return f"finished {label}"
+    return f"{kind}" + (f" ({detail})" if detail else "")
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
+
+
+def entry_at_failure(entries: Sequence[LedgerEntry], traceback_text: str) -> Optional[LedgerEntry]:
+    """The collective a rank was in when its task raised (the newest entry not finished), with the
+    user's line from the traceback when the ledger has none (torch-internal collectives)."""
+    open_entries = [e for e in entries if e.state != "finished"]
+    if not open_entries:
+        return None
+    entry = max(open_entries, key=lambda e: e.started_ns)
+    if entry.place is None:
+        frame = innermost_user_frame(traceback_text)
+        found = _FRAME.search(frame) if frame else None
+        if found:
+            entry = replace(entry, place=(found["file"], int(found["line"]), found["name"]),
+                            via=entry.via or _issuer_from_traceback(entry.op, traceback_text))
+    return entry
+
+
+def _issuer_from_traceback(op: str, text: str) -> Optional[str]:
+    from ..collectives.ledger import issuer
+
+    return issuer(op, [m["file"] for m in _FRAME.finditer(text)])
+
+
+def waiting_note(waiting: Dict[int, LedgerEntry]) -> str:
+    """One line for an exception note: who waited in what when the others failed or died."""
+    parts = [f"{format_ranks([r])} waited in {e.describe()}" for r, e in sorted(waiting.items())]
+    return "meanwhile " + "; ".join(parts) + ", which could not complete"
+
+
+__all__ = ["CollectiveHangError", "Verdict", "find_certain_hang", "explain", "task_label", "describe_gone",
+           "waiting_note", "describe_place"]
