@@ -11,7 +11,6 @@ import importlib.util
 import linecache
 import os
 import sys
-import traceback
 from types import FrameType
 from typing import Optional, Tuple
 
@@ -110,27 +109,3 @@ def _tests_rank_zero(condition: str) -> bool:
         f"{name}==0" in compact or f"0=={name}" in compact
         for name in ("global_rank", "local_rank", "rank", "get_rank()", "node_rank")
     )
-
-
-def fold_library_frames(frames: "traceback.StackSummary", show_all: bool = False) -> str:
-    """``frames`` formatted, each run of frames inside notebook-fabric and torch (and the standard
-    library's helpers between them) folded into one line saying how many were hidden."""
-    if show_all:
-        return "".join(traceback.format_list(frames)).rstrip()
-    out = []
-    hidden = 0
-    for summary in frames:
-        if is_library_file(summary.filename):
-            hidden += 1
-            continue
-        if hidden:
-            out.append(_fold_line(hidden))
-            hidden = 0
-        out.append("".join(traceback.format_list([summary])).rstrip("\n"))
-    if hidden:
-        out.append(_fold_line(hidden))
-    return "\n".join(out)
-
-
-def _fold_line(count: int) -> str:
-    return f"  ... {count} frame{'s' if count != 1 else ''} inside notebook_fabric/torch hidden"

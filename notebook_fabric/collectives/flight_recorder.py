@@ -5,7 +5,8 @@ reduce-scatters never pass through ``notebook_fabric.collectives``; torch record
 Flight Recorder (a ring buffer in c10d) when ``TORCH_FR_BUFFER_SIZE`` is set before the process
 group is created. :func:`enable` sets it (ranks do this before building their Fabric), :func:`read`
 returns what it holds. With gloo every entry says ``scheduled``; whether a collective finished is
-told by ``retired`` and by the group's ``last_completed_collective``.
+told by the group's ``last_completed_collective`` (``retired`` also marks failed work whose handle
+was dropped).
 """
 from __future__ import annotations
 
@@ -74,22 +75,27 @@ def read() -> Optional[Recording]:
 
 def parse(data: dict) -> Recording:
     """A :class:`Recording` from the JSON ``_dump_fr_trace_json`` returns."""
-    entries = []
-    for item in data.get("entries", ()):
-        group = item.get("process_group") or ["0"]
-        name = str(item.get("profiling_name", ""))
-        entries.append(RecordedCollective(
-            pg_id=str(group[0]), seq=int(item.get("collective_seq_id", 0)),
-            op=name.split(":", 1)[-1] if ":" in name else name,
-            input_sizes=tuple(tuple(int(d) for d in size) for size in item.get("input_sizes", ())),
-            input_dtypes=tuple(str(d) for d in item.get("input_dtypes", ())),
-            created_ns=int(item.get("time_created_ns", 0)),
-            finished=bool(item.get("retired")) or item.get("state") == "completed",
-            thread_name=str(item.get("thread_name", "")),
-        ))
     enqueued: Dict[str, int] = {}
     completed: Dict[str, int] = {}
     for pg_id, status in (data.get("pg_status") or {}).items():
         enqueued[str(pg_id)] = int(status.get("last_enqueued_collective", -1))
         completed[str(pg_id)] = int(status.get("last_completed_collective", -1))
+    entries = []
+    for item in data.get("entries", ()):
+        group = item.get("process_group") or ["0"]
+        name = str(item.get("profiling_name", ""))
+        pg_id, seq = str(group[0]), int(item.get("collective_seq_id", 0))
+        if pg_id in completed:  # the group's own count; ``retired`` also marks failed work whose handle went away
+            finished = seq <= completed[pg_id]
+        else:
+            finished = bool(item.get("retired")) or item.get("state") == "completed"
+        entries.append(RecordedCollective(
+            pg_id=pg_id, seq=seq,
+            op=name.split(":", 1)[-1] if ":" in name else name,
+            input_sizes=tuple(tuple(int(d) for d in size) for size in item.get("input_sizes", ())),
+            input_dtypes=tuple(str(d) for d in item.get("input_dtypes", ())),
+            created_ns=int(item.get("time_created_ns", 0)),
+            finished=finished,
+            thread_name=str(item.get("thread_name", "")),
+        ))
     return Recording(entries=tuple(entries), enqueued=enqueued, completed=completed)

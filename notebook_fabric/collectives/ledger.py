@@ -50,6 +50,15 @@ class LedgerEntry:
         parts = [f"{_short_dtype(d)}{list(s)}" for s, d in zip(self.shapes, self.dtypes)]
         return ", ".join(parts) or ("object" if "object" in self.dtypes else "")
 
+    def bucket(self) -> str:
+        """``bucket of 36 float32`` for DDP's gradient all-reduce, else ``""``."""
+        if self.via != "DDP's gradient all-reduce" or len(self.shapes) != 1:
+            return ""
+        count = 1
+        for size in self.shapes[0]:
+            count *= size
+        return f"bucket of {count} {_short_dtype(self.dtypes[0]) if self.dtypes else 'values'}"
+
     def signature(self) -> Tuple[Any, ...]:
         """What must agree across ranks for this collective to complete."""
         return (self.op, self.group, self.shapes, self.dtypes, self.reduce_op, self.src)
@@ -57,6 +66,8 @@ class LedgerEntry:
     def describe(self, with_place: bool = True) -> str:
         """``all_reduce #17 (float32[4, 8], reduce_op=sum) at cell line 9: fabric.all_reduce(x)``."""
         detail = [self.tensors()] if self.tensors() else []
+        if self.bucket():
+            detail = [self.bucket()]
         if self.name:
             detail.insert(0, f"name={self.name!r}")
         if self.reduce_op:
@@ -135,7 +146,7 @@ class Ledger:
                 spans = covered.get(record.pg_id, ())
                 if any(low <= record.seq <= high for low, high in spans):
                     continue
-                finished = record.finished or record.seq <= recording.completed.get(record.pg_id, -1)
+                finished = record.finished
                 out.append(LedgerEntry(
                     seq=record.seq, last_seq=record.seq, op=record.op, group=record.pg_id,
                     group_ranks=ranks_of.get(record.pg_id, _world_ranks() if record.pg_id == "0" else ()),
@@ -199,6 +210,13 @@ def process_ledger() -> Ledger:
     if _LEDGER is None:
         _LEDGER = Ledger()
     return _LEDGER
+
+
+def with_live_entry(entries: Tuple[LedgerEntry, ...], waiting: Optional[LedgerEntry]) -> Tuple[LedgerEntry, ...]:
+    """``entries`` with the entry a rank waits in replaced by the live one (which knows its place)."""
+    if waiting is None:
+        return entries
+    return tuple(waiting if (e.group, e.seq) == (waiting.group, waiting.seq) else e for e in entries)
 
 
 def issuer(op: str, files: List[str]) -> Optional[str]:

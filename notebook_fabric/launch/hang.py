@@ -31,6 +31,12 @@ class CollectiveHangError(LaunchError):
         self.ledgers = ledgers
         self.ranks = sorted(waiting)
 
+    def ledger(self, last: Optional[int] = None) -> Any:
+        """Every rank's ledger side by side (a :class:`~notebook_fabric.collectives.LedgerTable`)."""
+        from ..collectives.ledger_view import LedgerTable
+
+        return LedgerTable(self.ledgers, last)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -52,6 +58,8 @@ def find_certain_hang(waiting: Dict[int, LedgerEntry], gone: Dict[int, str],
     stuck: Dict[int, LedgerEntry] = {}
     culprits: Dict[int, str] = {}
     for rank, entry in waiting.items():
+        if not entry.group_ranks and entry.group != "0":
+            continue  # a group whose members are unknown: nothing is certain
         members = set(entry.group_ranks) if entry.group_ranks else None
         for other, how in gone.items():
             if members is not None and other not in members:
@@ -76,7 +84,8 @@ def explain(verdict: Verdict, ledgers: Dict[int, Tuple[LedgerEntry, ...]], task_
         entry = next(iter(verdict.waiting.values()))
         last = [e for e in ledgers.get(rank, ()) if e.group == entry.group]
         done = f"; its last collective there was {last[-1].describe()}" if last else "; it issued no collective there"
-        lines.append(f"  rank {rank} {how} without calling it{done if rank in ledgers else ''}")
+        verb = "" if how.startswith("is ") else " without calling it"
+        lines.append(f"  rank {rank} {how}{verb}{done if rank in ledgers else ''}")
     guards = {rank_zero_guard(e.place) for e in verdict.waiting.values()} - {None}
     if guards:
         lines.append(f"  The call sits under `{sorted(guards)[0]}`, so only some ranks make it. It is a collective "
@@ -106,9 +115,12 @@ def entry_at_failure(entries: Sequence[LedgerEntry], traceback_text: str) -> Opt
     """The collective a rank was in when its task raised (the newest entry not finished), with the
     user's line from the traceback when the ledger has none (torch-internal collectives)."""
     open_entries = [e for e in entries if e.state != "finished"]
-    if not open_entries:
-        return None
-    entry = max(open_entries, key=lambda e: e.started_ns)
+    if open_entries:
+        entry = max(open_entries, key=lambda e: e.started_ns)
+    else:
+        entry = _refused_collective(entries, traceback_text)
+        if entry is None:
+            return None
     if entry.place is None:
         frame = innermost_user_frame(traceback_text)
         found = _FRAME.search(frame) if frame else None
@@ -116,6 +128,28 @@ def entry_at_failure(entries: Sequence[LedgerEntry], traceback_text: str) -> Opt
             entry = replace(entry, place=(found["file"], int(found["line"]), found["name"]),
                             via=entry.via or _issuer_from_traceback(entry.op, traceback_text))
     return entry
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_C10D_CALL = re.compile(r'File "[^"]*torch/distributed/distributed_c10d\.py", line \d+, in (?P<name>\w+)')
+
+
+def _refused_collective(entries: Sequence[LedgerEntry], traceback_text: str) -> Optional[LedgerEntry]:
+    """The collective the backend refused to start because a peer had left (it never reached the
+    Flight Recorder): named from the traceback, numbered after the last one on the world group."""
+    if not any(marker in traceback_text for marker in _PEER_GONE):
+        return None
+    calls = _C10D_CALL.findall(traceback_text)
+    if not calls:
+        return None
+    op = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+          "reduce_scatter_tensor": "reduce_scatter", "_all_gather_base": "all_gather"}.get(calls[-1], calls[-1])
+    world = [e for e in entries if e.group == "0"]
+    seq = max((e.last_seq for e in world), default=0) + 1
+    ranks = world[-1].group_ranks if world else ()
+    return LedgerEntry(seq=seq, last_seq=seq, op=op, group="0", group_ranks=ranks, shapes=(), dtypes=(),
+                       reduce_op=None, src=None, name=None, state="failed", origin="torch", place=None,
+                       started_ns=0)
 
 
 def _issuer_from_traceback(op: str, text: str) -> Optional[str]:

@@ -134,9 +134,17 @@ def live_collective(state: RankState) -> Tuple[Optional[CollectiveState], Any]:
         entry = state.ledger.current(sys._current_frames().get(state.main_thread_id))
     except Exception:  # noqa: BLE001 - a report must not kill the control thread
         return state.collective, None
-    if entry is None or (entry.origin == "fabric" and state.collective is not None):
+    if entry is None:
         return state.collective, entry
-    meta = {"shapes": entry.shapes, "dtypes": entry.dtypes, "via": entry.via, "origin": entry.origin}
+    from ..collectives.callsite import describe_place
+
+    place = describe_place(entry.place) if entry.place is not None else None
+    traced = state.collective
+    if entry.origin == "fabric" and traced is not None:
+        return CollectiveState(seq=traced.seq, op=traced.op, meta={**traced.meta, "place": place},
+                               entered_at=traced.entered_at), entry
+    meta = {"shapes": entry.shapes, "dtypes": entry.dtypes, "via": entry.via, "origin": entry.origin, "place": place,
+            "detail": entry.bucket() or None}
     return CollectiveState(seq=entry.seq, op=entry.op, meta=meta, entered_at=entry.started_ns / 1e9), entry
 
 

@@ -27,6 +27,7 @@ from .errors import (
 from .hang import (
     CollectiveHangError, describe_gone, entry_at_failure, explain, find_certain_hang, task_label, waiting_note,
 )
+from ..collectives.ledger import with_live_entry
 from .protocol import RunTask
 from .rank_control import LAUNCH_DIR, innermost_user_frame
 
@@ -102,6 +103,7 @@ class RunLoop:
         self._we_interrupted = False
         self._label = "the task"
         self._hang_check_at: Optional[float] = None
+        self._idle = sorted(set(range(pool.num_processes)) - set(ranks))  # not running this task (--ranks)
         self._hang: Optional[CollectiveHangError] = None
 
     def run(self, task: Any) -> Dict[int, Any]:
@@ -117,6 +119,8 @@ class RunLoop:
             handle.exit_expected = handle.exit_expected or self.last
             handle.send(message)
         self.pool.task_running(True)
+        if self._idle:  # a collective needing an idle rank can never complete: watch from the start
+            self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
@@ -204,12 +208,13 @@ class RunLoop:
         waiting = {r: replies[r].waiting for r in sorted(self.pending)
                    if r in replies and getattr(replies[r], "waiting", None) is not None}
         gone = {r: describe_gone("finished", self._label) for r in self.results}
+        gone.update({r: f"is not running {self._label} (--ranks)" for r in self._idle})
         verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting else None
         if verdict is None:
             return False
         for rank, reply in self.pool.where_replies(timeout=1.0, ledger=True).items():
             if reply.ledger is not None:
-                self.pool.ledgers[rank] = reply.ledger
+                self.pool.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
         ledgers = dict(self.pool.ledgers)
         self._hang = CollectiveHangError(explain(verdict, ledgers, self._label), waiting=verdict.waiting,
                                          gone=verdict.gone, ledgers=ledgers)
