@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import flight_recorder
-from .callsite import Place, describe_place, place_of, user_place
+from .callsite import Place, describe_place, place_of, rank_zero_guard, source_line, user_place
 from .trace import Tracer
 
 MAX_CALLS = 4000
@@ -44,11 +44,18 @@ class LedgerEntry:
     place: Optional[Place]
     started_ns: int
     via: Optional[str] = None  # who issued a torch-internal one, when known: "DDP's gradient all-reduce"
+    code: str = ""  # the source line at ``place`` (read in the rank, which has the cells' source)
+    guard: Optional[str] = None  # the enclosing ``if`` when it tests for rank zero (``if fabric.is_global_zero:``)
 
     def tensors(self) -> str:
         """``float32[4, 8]``, several joined by ``, ``; ``object`` for pickled objects."""
         parts = [f"{_short_dtype(d)}{list(s)}" for s, d in zip(self.shapes, self.dtypes)]
         return ", ".join(parts) or ("object" if "object" in self.dtypes else "")
+
+    def where(self) -> str:
+        """``cell line 9: fabric.backward(loss)``: the place, with its source line."""
+        text = describe_place(self.place, with_source=not self.code)
+        return f"{text}: {self.code}" if self.code else text
 
     def bucket(self) -> str:
         """``bucket of 36 float32`` for DDP's gradient all-reduce, else ``""``."""
@@ -78,7 +85,7 @@ class LedgerEntry:
         text = f"{label} #{self.seq}" + (f"-{self.last_seq}" if self.last_seq > self.seq else "")
         text += f" ({', '.join(detail)})" if detail else ""
         if with_place and self.place is not None:
-            text += f" at {describe_place(self.place)}"
+            text += f" at {self.where()}"
         return text
 
 
@@ -178,7 +185,7 @@ class Ledger:
             group_ranks=_world_ranks() if record.pg_id == "0" else (), shapes=record.input_sizes,
             dtypes=tuple(_torch_dtype(d) for d in record.input_dtypes), reduce_op=None, src=None, name=None,
             state="issued", origin="torch", place=place_of(frame), started_ns=record.created_ns,
-            via=issuer(record.op, files),
+            via=issuer(record.op, files), **_source_of(place_of(frame)),
         )  # fmt: skip
 
 
@@ -289,8 +296,14 @@ def _fabric_entry(call: _Call) -> LedgerEntry:
         shapes=tuple(tuple(int(d) for d in s) for s in meta.get("shapes") or ()),
         dtypes=tuple(str(d).replace("torch.", "") for d in meta.get("dtypes") or ()),
         reduce_op=meta.get("reduce_op"), src=meta.get("src"), name=meta.get("name"),
-        state=state, origin="fabric", place=call.place, started_ns=call.started_ns,
+        state=state, origin="fabric", place=call.place, started_ns=call.started_ns, **_source_of(call.place),
     )  # fmt: skip
+
+
+def _source_of(place: Optional[Place]) -> Dict[str, Any]:
+    if place is None:
+        return {}
+    return {"code": source_line(place), "guard": rank_zero_guard(place)}
 
 
 _DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16", "BFloat16": "bfloat16", "Long": "int64",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .callsite import describe_place
 from .ledger import LedgerEntry
 
 _STATES = {"finished": "done", "issued": "WAITING", "failed": "FAILED"}
@@ -91,10 +90,10 @@ def side_by_side(ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[in
     lines = [header, "-" * len(header)]
     for key in keys:
         entries = [by_rank[r].get(key) for r in ranks]
-        place = next((e.place for e in entries if e is not None and e.place is not None), None)
+        placed = next((e for e in entries if e is not None and e.place is not None), None)
         mark = ">> " if key == diverge else "   "
         cells = " | ".join(f"{_cell(e)[:width]:<{width}}" for e in entries)
-        where = describe_place(place) if place is not None else ""
+        where = placed.where() if placed is not None else ""
         lines.append(f"{mark}{_group_label(key[0]):<6} {'#' + str(key[1]):>5} | {cells} | {where}")
     if diverge is not None:
         lines.append(f">> first divergence: {_group_label(diverge[0])} #{diverge[1]}")

@@ -86,7 +86,7 @@ def explain(verdict: Verdict, ledgers: Dict[int, Tuple[LedgerEntry, ...]], task_
         done = f"; its last collective there was {last[-1].describe()}" if last else "; it issued no collective there"
         verb = "" if how.startswith("is ") else " without calling it"
         lines.append(f"  rank {rank} {how}{verb}{done if rank in ledgers else ''}")
-    guards = {rank_zero_guard(e.place) for e in verdict.waiting.values()} - {None}
+    guards = {e.guard or rank_zero_guard(e.place) for e in verdict.waiting.values()} - {None}
     if guards:
         lines.append(f"  The call sits under `{sorted(guards)[0]}`, so only some ranks make it. It is a collective "
                      "(fabric.save, fabric.load and fabric.barrier are too): every rank must call it; "
