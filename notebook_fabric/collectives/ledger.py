@@ -18,6 +18,8 @@ from types import FrameType
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+import torch.distributed as _dist
+
 from . import flight_recorder
 from .callsite import Place, describe_place, place_of, rank_zero_guard, source_line, user_place
 from .trace import Tracer
@@ -254,11 +256,7 @@ def _stack_files(frame: Optional[FrameType]) -> List[str]:
 
 # -- helpers --------------------------------------------------------------------------------------
 def _group_object(group: Any) -> Any:
-    if group is not None:
-        return group
-    import torch.distributed as dist
-
-    return dist.group.WORLD if dist.is_initialized() else None
+    return group if group is not None else _dist.group.WORLD  # None before init_process_group
 
 
 def _group_seq(group: Any, default: Optional[int]) -> Optional[int]:
