@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .callsite import describe_place, user_place
+from .callsite import Place, source_line, user_place
 from .ops import _all_gather_single
 from .trace import Tracer, get_tracer, set_tracer
 
@@ -88,7 +88,7 @@ class SignatureChecker:
         mine = CallSignature(
             seq=self._seq, op=op, shapes=tuple(tuple(s) for s in meta.get("shapes", ())),
             dtypes=tuple(meta.get("dtypes", ())), reduce_op=meta.get("reduce_op"), src=meta.get("src"),
-            name=meta.get("name"), place=describe_place(user_place(3)),
+            name=meta.get("name"), place=_format_place(user_place(3)),
         )  # fmt: skip
         via = self.check_group if (group is None or group is dist.group.WORLD) and self.check_group is not None else group
         size = dist.get_world_size(via)
@@ -130,3 +130,11 @@ def _check_group() -> Any:
 
     process_ledger().ignore_groups.add(str(getattr(group, "group_name", "")))
     return group
+
+
+def _format_place(place: Optional[Place]) -> str:
+    """``file:line in function: source`` (cells show as ``<fabric-cell-N>:line``)."""
+    if place is None:
+        return "<unknown>"
+    code = source_line(place)
+    return f"{place[0]}:{place[1]} in {place[2]}" + (f": {code}" if code else "")
