@@ -225,3 +225,21 @@ def test_mismatched_collectives_are_named_with_ranks_shapes_and_lines(what: str,
         reduces = _internal_all_reduces(entries)
         assert reduces and all(e.seq > 0 and e.state == "finished" for e in reduces), rank
     _assert_no_children()
+
+
+# -- folding ---------------------------------------------------------------------
+def test_library_frames_fold_into_one_line_and_an_option_shows_them(monkeypatch) -> None:
+    import traceback
+
+    from notebook_fabric.live.fold import ALL_FRAMES_VARIABLE, fold_frames
+
+    try:
+        nn.Linear(3, 3)(torch.ones(2))  # raises below torch's own Python frames (Module.__call__ ...)
+    except RuntimeError as error:
+        text = "".join(traceback.format_exception(error))
+    folded = fold_frames(text)
+    assert "test_collective_hangs.py" in folded and "RuntimeError" in folded
+    assert re.search(r"\.\.\. \d+ frames? inside notebook_fabric/torch hidden", folded), folded
+    assert "torch/nn/modules/module.py" in text and "torch/nn/modules/module.py" not in folded
+    monkeypatch.setenv(ALL_FRAMES_VARIABLE, "1")
+    assert fold_frames(text) == text

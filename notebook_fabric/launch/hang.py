@@ -158,6 +158,20 @@ def _issuer_from_traceback(op: str, text: str) -> Optional[str]:
     return issuer(op, [m["file"] for m in _FRAME.finditer(text)])
 
 
+def torch_debug_note(last_words: str) -> Optional[str]:
+    """What to say when a rank crashed with ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` set: torch 2.13's DDP
+    constructor segfaults on CPU under it (measured with plain torch.distributed, no notebook-fabric)."""
+    import os
+
+    if os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() != "DETAIL":
+        return None
+    if "_ddp_init_helper" in last_words or "distributed.py" in last_words:
+        return ("TORCH_DISTRIBUTED_DEBUG=DETAIL is set: this torch's DDP crashes in its constructor on CPU with it. "
+                "Unset it and use Fabric(debug=True) (%%fabric --debug), which compares every collective's op, "
+                "shapes, dtypes and source across ranks.")
+    return "TORCH_DISTRIBUTED_DEBUG=DETAIL was set in the ranks; the crash may come from torch's debug wrapper."
+
+
 def waiting_note(waiting: Dict[int, LedgerEntry]) -> str:
     """One line for an exception note: who waited in what when the others failed or died."""
     parts = [f"{format_ranks([r])} waited in {e.describe()}" for r, e in sorted(waiting.items())]

@@ -25,7 +25,8 @@ from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
 from .hang import (
-    CollectiveHangError, describe_gone, entry_at_failure, explain, find_certain_hang, task_label, waiting_note,
+    CollectiveHangError, describe_gone, entry_at_failure, explain, find_certain_hang, task_label, torch_debug_note,
+    waiting_note,
 )
 from ..collectives.ledger import with_live_entry
 from .protocol import RunTask
@@ -286,6 +287,9 @@ class RunLoop:
         survivors = [h.rank for h in self.pool.handles if h.alive]
         error = _death_error(self.deaths, "while running the task")
         self._note_waiting(error)
+        advice = torch_debug_note("".join(event.last_words for event in self.deaths.values()))
+        if advice:
+            _note(error, advice)
         self.pool.stop(grace=0.2)
         if survivors:
             _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
