@@ -243,3 +243,23 @@ def test_library_frames_fold_into_one_line_and_an_option_shows_them(monkeypatch)
     assert "torch/nn/modules/module.py" in text and "torch/nn/modules/module.py" not in folded
     monkeypatch.setenv(ALL_FRAMES_VARIABLE, "1")
     assert fold_frames(text) == text
+
+
+# -- a rank that fails while another waits --------------------------------------------------------
+def _rank_one_fails_before_the_barrier(fabric):
+    fabric.all_reduce(torch.ones(2))
+    if fabric.global_rank == 1:
+        raise ValueError("bad batch on rank 1")
+    fabric.barrier("after-step")
+
+
+def test_a_failing_rank_raises_its_error_and_names_who_waited_in_what() -> None:
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="bad batch on rank 1") as caught:
+        launch(_rank_one_fails_before_the_barrier, devices=2, accelerator="cpu", **PATIENT)
+    assert time.monotonic() - started < AT_ONCE
+    notes = "\n".join(caught.value.__notes__)
+    assert "rank 0 waits in barrier #2 (name='after-step')" in notes
+    assert 'fabric.barrier("after-step")' in notes
+    assert "rank 1 failed (ValueError: bad batch on rank 1) without calling it" in notes
+    _assert_no_children()

@@ -106,6 +106,7 @@ class RunLoop:
         self._hang_check_at: Optional[float] = None
         self._idle = sorted(set(range(pool.num_processes)) - set(ranks))  # not running this task (--ranks)
         self._hang: Optional[CollectiveHangError] = None
+        self._failure_story: Optional[str] = None
 
     def run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
@@ -140,6 +141,8 @@ class RunLoop:
             raise self._hang
         if self.failures:
             error = self._hang_from_failures() or rebuild_exception(self.failures, self.arrival)
+            if self._failure_story:
+                _note(error, self._failure_story)
             self._note_waiting(error)
             self._settle_stragglers()
             raise error
@@ -222,22 +225,29 @@ class RunLoop:
         return True
 
     def _hang_from_failures(self) -> Optional[CollectiveHangError]:
-        """A rank failed inside a collective (the backend saw its peer leave) that a rank which finished
-        the task never issued: the same certain hang, explained the same way."""
-        if not self.results:
-            return None
+        """Ranks failed inside a collective (the backend saw its peer leave) that another rank never
+        issued: that rank finished the task (a :class:`CollectiveHangError`, the same certain hang
+        explained the same way), or failed elsewhere first (``None``; the explanation is kept for a
+        note on that rank's own exception, see :meth:`_explain_failure`)."""
+        self._failure_story = None
         waiting = {}
         for rank, failure in self.failures.items():
             entry = entry_at_failure(self.pool.ledgers.get(rank, ()), failure.traceback)
             if entry is not None:
                 waiting[rank] = entry
         gone = {r: describe_gone("finished", self._label) for r in self.results}
-        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting else None
+        gone.update({r: describe_gone("failed", self._label, f.summary) for r, f in self.failures.items()
+                     if r not in waiting})
+        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting and gone else None
         if verdict is None:
             return None
         ledgers = dict(self.pool.ledgers)
-        error = CollectiveHangError(explain(verdict, ledgers, self._label), waiting=verdict.waiting,
-                                    gone=verdict.gone, ledgers=ledgers)
+        story = explain(verdict, ledgers, self._label)
+        if any(rank in self.failures for rank in verdict.gone):
+            self._failure_story = story.replace("a collective can never complete (reported at once: no threshold "
+                                                "needed):", "because of it, a collective could never complete:")
+            return None
+        error = CollectiveHangError(story, waiting=verdict.waiting, gone=verdict.gone, ledgers=ledgers)
         for rank in sorted(verdict.waiting):
             _note(error, f"the backend then gave up on rank {rank}: {self.failures[rank].summary}")
         return error
