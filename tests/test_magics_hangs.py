@@ -49,7 +49,7 @@ def test_save_under_is_global_zero_in_a_cell_is_reported_at_once_and_the_ledger_
     assert re.search(r">> world +#\d+ \| barrier WAITING +\| - +\| cell line 5: fabric.save\(", ledger), ledger
     reduces = re.findall(r"world +#(\d+) \| torch:all_reduce float32\[15\] done +\| torch:all_reduce float32\[15\] done",
                          ledger)
-    assert len(reduces) == 2 and int(reduces[1]) > int(reduces[0])  # DDP's bucket all-reduces, numbered
+    assert len(reduces) == 2 and int(reduces[1]) > int(reduces[0]), ledger  # DDP's bucket all-reduces, numbered
     last = kernel.ok("%fabric ledger --last 1").stdout
     assert "fabric.save(" in last and "torch:all_reduce" not in last
 

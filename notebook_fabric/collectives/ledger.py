@@ -169,6 +169,10 @@ class Ledger:
         out.sort(key=lambda e: (int(e.group) if e.group.isdigit() else 10**9, e.seq, e.origin != "fabric"))
         return out
 
+    def progress(self) -> Tuple[int, int]:
+        """Cheap: (Fabric calls recorded, torch's collective count on the world group)."""
+        return self.count, _group_seq(None, 0) or 0
+
     def current(self, frame: Optional[FrameType] = None,
                 recording: Optional["flight_recorder.Recording"] = None) -> Optional[LedgerEntry]:
         """The collective this rank waits in now, if any: the innermost open Fabric call, else the

@@ -93,7 +93,7 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
             rss = process.memory_info().rss
         except psutil.Error:
             rss = 0
-        collective, _ = live_collective(state)
+        collective, _ = live_collective(state, heartbeat=True)
         outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
                              collective=collective))
 
@@ -125,11 +125,19 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
     return thread
 
 
-def live_collective(state: RankState) -> Tuple[Optional[CollectiveState], Any]:
+def live_collective(state: RankState, heartbeat: bool = False) -> Tuple[Optional[CollectiveState], Any]:
     """The collective the main thread waits in, Fabric's or torch's own (from the ledger), as the
-    heartbeat's :class:`CollectiveState` and the ledger's entry."""
+    heartbeat's :class:`CollectiveState` and the ledger's entry.
+
+    For a ``heartbeat`` the Flight Recorder is read only when the rank's torch collective count did
+    not move since the last beat (a training loop that makes progress pays nothing)."""
     if state.ledger is None or not state.in_task:
         return state.collective, None
+    if heartbeat and state.collective is None:
+        count = state.ledger.progress()
+        moved, state.beat_progress = count != getattr(state, "beat_progress", None), count
+        if moved:
+            return None, None
     try:
         entry = state.ledger.current(sys._current_frames().get(state.main_thread_id))
     except Exception:  # noqa: BLE001 - a report must not kill the control thread

@@ -37,6 +37,11 @@ def ledger_snapshot(state: RankState, task_id: int) -> Optional[LedgerSnapshot]:
     from ..collectives import flight_recorder
 
     recording = flight_recorder.read()
+    for _ in range(10):  # the backend counts a finished collective a moment after the wait returned
+        if recording is None or not recording.waiting():
+            break
+        time.sleep(0.005)
+        recording = flight_recorder.read()
     mark = (ledger.count, tuple(sorted(recording.enqueued.items())) if recording is not None else ())
     if mark == getattr(state, "ledger_mark", None):
         return None
