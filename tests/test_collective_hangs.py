@@ -145,6 +145,27 @@ def test_uneven_data_under_ddp_names_the_gradient_all_reduce(ranks: int) -> None
     _assert_no_children()
 
 
+def _ddp_uneven_launched(fabric):
+    return _ddp_uneven_steps(fabric)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_uneven_data_under_ddp_in_launch(start_method: str) -> None:
+    """launch(fn) ranks exit once done, so the waiting rank's all-reduce fails (gloo: peer gone) rather
+    than hangs; it is explained the same way."""
+    started = time.monotonic()
+    with pytest.raises(CollectiveHangError) as caught:
+        launch(_ddp_uneven_launched, devices=2, accelerator="cpu", start_method=start_method, **PATIENT)
+    assert time.monotonic() - started < AT_ONCE + 10  # spawn starts fresh interpreters
+    message = str(caught.value)
+    seq = caught.value.waiting[0].seq
+    assert re.search(rf"rank 0 waits in DDP's gradient all-reduce #{seq} \(bucket of 15 float32\) at "
+                     r"\S*test_collective_hangs.py:\d+ in _ddp_uneven_steps: fabric.backward\(loss\)", message), message
+    assert f"its last collective there was torch-internal all_reduce #{seq - 1} (float32[15])" in message
+    assert len(_internal_all_reduces(last_ledger().ledgers[1])) >= 3
+    _assert_no_children()
+
+
 def test_a_barrier_skipped_by_one_of_four_ranks() -> None:
     pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 4}, num_processes=4).start()
     try:

@@ -111,12 +111,21 @@ def describe_gone(kind: str, label: str, detail: str = "") -> str:
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
 
 
-def entry_at_failure(entries: Sequence[LedgerEntry], traceback_text: str) -> Optional[LedgerEntry]:
+def entry_at_failure(entries: Sequence[LedgerEntry], traceback_text: str,
+                     others: Optional[Dict[int, Tuple[LedgerEntry, ...]]] = None) -> Optional[LedgerEntry]:
     """The collective a rank was in when its task raised (the newest entry not finished), with the
-    user's line from the traceback when the ledger has none (torch-internal collectives)."""
+    user's line from the traceback when the ledger has none (torch-internal collectives).
+
+    When its peer left, gloo may count the failed collective as completed: then the newest entry
+    is it, if some other rank (``others``' ledgers) never issued it."""
     open_entries = [e for e in entries if e.state != "finished"]
+    newest = max(entries, key=lambda e: e.started_ns) if entries else None
+    peer_gone = any(marker in traceback_text for marker in _PEER_GONE)
     if open_entries:
         entry = max(open_entries, key=lambda e: e.started_ns)
+    elif peer_gone and newest is not None and others and any(
+            _issued_up_to(ledger, newest.group) < newest.seq for ledger in others.values()):
+        entry = replace(newest, state="failed")
     else:
         entry = _refused_collective(entries, traceback_text)
         if entry is None:

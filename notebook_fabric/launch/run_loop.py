@@ -232,7 +232,8 @@ class RunLoop:
         self._failure_story = None
         waiting = {}
         for rank, failure in self.failures.items():
-            entry = entry_at_failure(self.pool.ledgers.get(rank, ()), failure.traceback)
+            others = {r: e for r, e in self.pool.ledgers.items() if r != rank and (r in self.results or r in self.failures)}
+            entry = entry_at_failure(self.pool.ledgers.get(rank, ()), failure.traceback, others)
             if entry is not None:
                 waiting[rank] = entry
         gone = {r: describe_gone("finished", self._label) for r in self.results}
