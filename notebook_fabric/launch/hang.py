@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..collectives.callsite import describe_place, rank_zero_guard
-from ..collectives.ledger import LedgerEntry
+from ..collectives.callsite import rank_zero_guard
+from ..collectives.ledger import LedgerEntry, with_live_entry
 from .errors import LaunchError, format_ranks
 from .rank_control import innermost_user_frame
 
@@ -181,11 +181,68 @@ def torch_debug_note(last_words: str) -> Optional[str]:
     return "TORCH_DISTRIBUTED_DEBUG=DETAIL was set in the ranks; the crash may come from torch's debug wrapper."
 
 
-def waiting_note(waiting: Dict[int, LedgerEntry]) -> str:
+# -- what the run loop asks (it owns the waiting; these look at the ranks and decide) ------------------
+def check_waiting(pool: Any, pending: Iterable[int], finished: Iterable[int], idle: Iterable[int],
+                  label: str) -> Optional[CollectiveHangError]:
+    """The error for pending ranks waiting in a collective a finished or idle rank never issued."""
+    replies = pool.where_replies(timeout=1.0)
+    waiting = {r: replies[r].waiting for r in sorted(pending)
+               if r in replies and getattr(replies[r], "waiting", None) is not None}
+    gone = {r: describe_gone("finished", label) for r in finished}
+    gone.update({r: f"is not running {label} (--ranks)" for r in idle})
+    verdict = find_certain_hang(waiting, gone, pool.ledgers) if waiting else None
+    if verdict is None:
+        return None
+    for rank, reply in pool.where_replies(timeout=1.0, ledger=True).items():
+        if reply.ledger is not None:
+            pool.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
+    ledgers = dict(pool.ledgers)
+    return CollectiveHangError(explain(verdict, ledgers, label), waiting=verdict.waiting, gone=verdict.gone,
+                               ledgers=ledgers)
+
+
+def explain_failures(pool: Any, failures: Dict[int, Any], finished: Iterable[int],
+                     label: str) -> Tuple[Optional[CollectiveHangError], Optional[str]]:
+    """Ranks failed inside a collective (the backend saw its peer leave) that another rank never issued.
+
+    When that rank finished the task: ``(CollectiveHangError, None)``, the same certain hang explained
+    the same way. When it failed elsewhere first: ``(None, story)``, a note for its own exception."""
+    finished = list(finished)
+    waiting = {}
+    for rank, failure in failures.items():
+        others = {r: e for r, e in pool.ledgers.items() if r != rank and (r in finished or r in failures)}
+        entry = entry_at_failure(pool.ledgers.get(rank, ()), failure.traceback, others)
+        if entry is not None:
+            waiting[rank] = entry
+    gone = {r: describe_gone("finished", label) for r in finished}
+    gone.update({r: describe_gone("failed", label, f.summary) for r, f in failures.items() if r not in waiting})
+    verdict = find_certain_hang(waiting, gone, pool.ledgers) if waiting and gone else None
+    if verdict is None:
+        return None, None
+    ledgers = dict(pool.ledgers)
+    story = explain(verdict, ledgers, label)
+    if any(rank in failures for rank in verdict.gone):
+        return None, story.replace("a collective can never complete (reported at once: no threshold needed):",
+                                   "because of it, a collective could never complete:")
+    error = CollectiveHangError(story, waiting=verdict.waiting, gone=verdict.gone, ledgers=ledgers)
+    for rank in sorted(verdict.waiting):
+        error.add_note(f"the backend then gave up on rank {rank}: {failures[rank].summary}")
+    return error, None
+
+
+def waiting_note(pool: Any, pending: Iterable[int]) -> Optional[str]:
     """One line for an exception note: who waited in what when the others failed or died."""
+    try:
+        replies = pool.where_replies(timeout=0.5)
+    except Exception:  # noqa: BLE001 - a note only
+        return None
+    waiting = {r: replies[r].waiting for r in sorted(pending)
+               if r in replies and getattr(replies[r], "waiting", None) is not None}
+    if not waiting:
+        return None
     parts = [f"{format_ranks([r])} waited in {e.describe()}" for r, e in sorted(waiting.items())]
     return "meanwhile " + "; ".join(parts) + ", which could not complete"
 
 
 __all__ = ["CollectiveHangError", "Verdict", "find_certain_hang", "explain", "task_label", "describe_gone",
-           "waiting_note", "describe_place"]
+           "check_waiting", "explain_failures", "waiting_note", "entry_at_failure", "torch_debug_note"]

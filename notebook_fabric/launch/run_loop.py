@@ -24,11 +24,7 @@ from ..live.sinks import EventSink
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
-from .hang import (
-    CollectiveHangError, describe_gone, entry_at_failure, explain, find_certain_hang, task_label, torch_debug_note,
-    waiting_note,
-)
-from ..collectives.ledger import with_live_entry
+from .hang import CollectiveHangError, check_waiting, explain_failures, task_label, torch_debug_note, waiting_note
 from .protocol import RunTask
 from .rank_control import LAUNCH_DIR, innermost_user_frame
 
@@ -207,62 +203,18 @@ class RunLoop:
             self.sink.handle(event)
 
     def _certain_hang(self) -> bool:
-        """Do pending ranks wait in a collective that a rank which finished the task never issued?"""
-        replies = self.pool.where_replies(timeout=1.0)
-        waiting = {r: replies[r].waiting for r in sorted(self.pending)
-                   if r in replies and getattr(replies[r], "waiting", None) is not None}
-        gone = {r: describe_gone("finished", self._label) for r in self.results}
-        gone.update({r: f"is not running {self._label} (--ranks)" for r in self._idle})
-        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting else None
-        if verdict is None:
-            return False
-        for rank, reply in self.pool.where_replies(timeout=1.0, ledger=True).items():
-            if reply.ledger is not None:
-                self.pool.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
-        ledgers = dict(self.pool.ledgers)
-        self._hang = CollectiveHangError(explain(verdict, ledgers, self._label), waiting=verdict.waiting,
-                                         gone=verdict.gone, ledgers=ledgers)
-        return True
+        """Do pending ranks wait in a collective that a finished (or idle) rank never issued?"""
+        self._hang = check_waiting(self.pool, self.pending, self.results, self._idle, self._label)
+        return self._hang is not None
 
     def _hang_from_failures(self) -> Optional[CollectiveHangError]:
-        """Ranks failed inside a collective (the backend saw its peer leave) that another rank never
-        issued: that rank finished the task (a :class:`CollectiveHangError`, the same certain hang
-        explained the same way), or failed elsewhere first (``None``; the explanation is kept for a
-        note on that rank's own exception, see :meth:`_explain_failure`)."""
-        self._failure_story = None
-        waiting = {}
-        for rank, failure in self.failures.items():
-            others = {r: e for r, e in self.pool.ledgers.items() if r != rank and (r in self.results or r in self.failures)}
-            entry = entry_at_failure(self.pool.ledgers.get(rank, ()), failure.traceback, others)
-            if entry is not None:
-                waiting[rank] = entry
-        gone = {r: describe_gone("finished", self._label) for r in self.results}
-        gone.update({r: describe_gone("failed", self._label, f.summary) for r, f in self.failures.items()
-                     if r not in waiting})
-        verdict = find_certain_hang(waiting, gone, self.pool.ledgers) if waiting and gone else None
-        if verdict is None:
-            return None
-        ledgers = dict(self.pool.ledgers)
-        story = explain(verdict, ledgers, self._label)
-        if any(rank in self.failures for rank in verdict.gone):
-            self._failure_story = story.replace("a collective can never complete (reported at once: no threshold "
-                                                "needed):", "because of it, a collective could never complete:")
-            return None
-        error = CollectiveHangError(story, waiting=verdict.waiting, gone=verdict.gone, ledgers=ledgers)
-        for rank in sorted(verdict.waiting):
-            _note(error, f"the backend then gave up on rank {rank}: {self.failures[rank].summary}")
+        error, self._failure_story = explain_failures(self.pool, self.failures, self.results, self._label)
         return error
 
     def _note_waiting(self, error: BaseException) -> None:
-        """Add to ``error`` which ranks waited in which collective when it came (they cannot go on)."""
-        try:
-            replies = self.pool.where_replies(timeout=0.5)
-        except Exception:  # noqa: BLE001 - a note only
-            return
-        waiting = {r: replies[r].waiting for r in sorted(self.pending)
-                   if r in replies and getattr(replies[r], "waiting", None) is not None}
-        if waiting:
-            _note(error, waiting_note(waiting))
+        note = waiting_note(self.pool, self.pending)
+        if note:
+            _note(error, note)
 
     def _pending_rank_exited(self) -> bool:
         return any(self.pool.handle(rank).process.exitcode is not None for rank in self.pending)
