@@ -55,7 +55,7 @@ def with_render(error: BaseException, lines: List[str]) -> BaseException:
 
 
 class PoolCommands:
-    """``%fabric status | where | stop | restart | pull | push`` (see the module docstring)."""
+    """``%fabric status | where | ledger | stop | restart | pull | push`` (see the module docstring)."""
 
     pool: Any
     settings: Optional[PoolSettings]
@@ -96,6 +96,21 @@ class PoolCommands:
             age = time.time() - self.snapshot.time
             text += f"\n\nAt the last {self.snapshot.what} ({age:.0f} s ago):\n{self.snapshot.text}"
         return text
+
+    def ledger(self, last: Optional[int] = None) -> str:
+        """Every rank's collective ledger side by side, aligned by sequence number, the first
+        divergence marked (asked of the ranks, so it works while a cell is stuck)."""
+        from notebook_fabric.collectives.ledger import with_live_entry
+        from notebook_fabric.collectives.ledger_view import LedgerTable
+
+        if self.pool is None:
+            return "no pool is running"
+        ledgers = dict(self.pool.ledgers)
+        if self.pool.alive:
+            for rank, reply in self.pool.where_replies(3.0, ledger=True).items():
+                if reply.ledger is not None:
+                    ledgers[rank] = with_live_entry(reply.ledger, reply.waiting)
+        return str(LedgerTable(ledgers, last))
 
     def stop(self) -> str:
         self._require_idle("%fabric stop")

@@ -17,6 +17,8 @@ LINE_USAGE = """\
 %fabric where                        every rank's current Python stack (works while a cell is stuck,
                                      from a kernel subshell), then where ranks were at the last
                                      interrupt or stall report
+%fabric ledger [--last N]            every rank's collectives (Fabric's and torch's own, e.g. DDP's) side
+                                     by side by sequence number, the first divergence marked
 %fabric stop                         end the pool
 %fabric restart                      end the pool and start it again with the same settings
 %fabric pull NAME [--rank R | --all] copy a rank's variable (default rank 0; --all: list by rank)
@@ -97,6 +99,9 @@ class FabricMagics(Magics):
                 print(session.status())
             elif command == "where":
                 print(session.where())
+            elif command == "ledger":
+                parsed = _parse(rest, "ledger", [("--last", {"type": int, "default": None})])
+                print(session.ledger(parsed.last))
             elif command == "stop":
                 print(session.stop())
             elif command == "restart":

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from ..live.events import Notice
 from ..live.dashboard import DashboardSink, want_dashboard
 from ..live.sinks import EventSink, TextSink
+from ..collectives.ledger_view import remember as remember_ledgers
 from ..live.stall import StallWatchdog, StallWatchdogSink
 from .pool import RankPool
 from .preflight import START_METHODS, check_picklable, resolve_start_method
@@ -111,6 +112,7 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
                            sink=run_sink)
     finally:
         pool.stop(grace=1.0)
+        remember_ledgers(pool.ledgers)
     return [results[rank] for rank in range(num_processes)] if return_all else results[0]
 
 

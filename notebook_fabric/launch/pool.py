@@ -108,6 +108,7 @@ class RankPool:
         self._state = "new"  # new | running | stopped
         self._ids = itertools.count(1)
         self._shipped_sources: set = set()
+        self.ledgers: Dict[int, tuple] = {}  # each rank's newest collective ledger entries (see collectives.ledger)
         self._lock = threading.RLock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -311,13 +312,14 @@ class RankPool:
                 stacks[handle.rank] = prefix + reply.stack
         return stacks
 
-    def where_replies(self, timeout: float = 3.0) -> Dict[int, Any]:
-        """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered."""
+    def where_replies(self, timeout: float = 3.0, ledger: bool = False) -> Dict[int, Any]:
+        """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered
+        (with the rank's collective ledger when ``ledger``)."""
         if self._supervisor is None:
             return {}
         request_id = next(self._ids)
         self._supervisor.expect_where(request_id)
-        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id))]
+        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id, ledger=ledger))]
         return self._supervisor.where_replies(request_id, asked, timeout)
 
     def status(self) -> Dict[int, RankStatus]:

@@ -23,7 +23,8 @@ from ..live.channel import connect_to_notebook
 from .errors import describe_exception, pickle_for_parent
 from .processes import close_inherited_listeners, die_with_parent, kill_own_children
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
-from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
+from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, start_control_thread
+from .rank_ledger import install_ledger, ledger_snapshot
 from .rank_io import Outbox, OutputCapture
 from .rank_isolation import forget_kernel
 from .rank_telemetry import MemorySampler, report_metrics, report_progress
@@ -89,7 +90,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
         _adopt_notebook_paths(setup)
-        install_tracer(CollectiveTracer(state, outbox, bootstrap.trace_collectives))
+        install_ledger(state, CollectiveTracer(state, outbox, bootstrap.trace_collectives))
         fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
     except BaseException as error:
         capture.flush()
@@ -112,6 +113,9 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
             capture.flush()
             metrics.flush()
             memory.send()
+            snapshot = ledger_snapshot(state, message.task_id)
+            if snapshot is not None:
+                outbox.put(snapshot)
             outbox.put(event)
             if message.exit_after:
                 break

@@ -61,8 +61,10 @@ class CollectiveState:
         dtypes = self.meta.get("dtypes") or ()
         parts = [f"{str(d).replace('torch.', '')}{list(s)}" for s, d in zip(shapes, dtypes)]
         name = self.meta.get("name")
-        detail = ", ".join(([f"name={name!r}"] if name else []) + parts)
-        text = f"{self.op} #{self.seq}" + (f" ({detail})" if detail else "")
+        detail = self.meta.get("detail") or ", ".join(([f"name={name!r}"] if name else []) + parts)
+        text = f"{self.meta.get('via') or self.op} #{self.seq}" + (f" ({detail})" if detail else "")
+        if self.meta.get("place"):
+            text += f" at {self.meta['place']}"
         if now is not None:
             text += f" for {max(0.0, now - self.entered_at):.1f} s"
         return text
@@ -148,6 +150,16 @@ class WhereReply(RankEvent):
     stack: str
     in_task: bool
     collective: Optional[CollectiveState] = None
+    waiting: Any = None  # the collective ledger's entry this rank waits in (a LedgerEntry), if any
+    ledger: Optional[Tuple[Any, ...]] = None  # the rank's ledger entries, when the request asked for them
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot(RankEvent):
+    """The rank's collective ledger at the end of a task (sent before its result when it changed)."""
+
+    task_id: int
+    entries: Tuple[Any, ...]
 
 
 @dataclass(frozen=True)
