@@ -79,5 +79,5 @@ def test_an_exception_on_rank_five_of_eight():
 def test_a_sigkill_of_rank_seven_of_eight():
     error = fails(killed_on_rank_seven)
     assert type(error) is RankDiedError
-    assert error.rank == 7 and error.signal == signal.SIGKILL
+    assert 7 in error.ranks  # peers that left the broken barrier meanwhile may be named too
     assert "rank 7 killed by signal SIGKILL" in str(error)
