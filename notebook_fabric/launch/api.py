@@ -21,7 +21,7 @@ _LAUNCHED = "__notebook_fabric_launched__"
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
-           **fabric_kwargs: Any) -> Any:
+           post_mortem: bool = False, **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -33,6 +33,9 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
     ``stall``: when some ranks have waited this many seconds in a collective the others have not
     entered, print who waits where and every rank's stack (once per stall; ``None`` turns it off).
+    ``post_mortem``: when ``fn`` raises on a rank, open pdb on the failing frame (``(Pdb rank N)``,
+    asked here: the kernel's stdin or the terminal) before the ranks are stopped.
+    ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
 
     Rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
@@ -51,13 +54,13 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
         return Fabric(**kwargs).launch(fn, *args)
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
-                        timeout=timeout, return_all=return_all, stall=stall, sink=sink)
+                        timeout=timeout, return_all=return_all, stall=stall, sink=sink, post_mortem=post_mortem)
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
-                 sink: Optional[EventSink] = None) -> Any:
+                 sink: Optional[EventSink] = None, post_mortem: bool = False) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
@@ -70,6 +73,10 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
     sink = sink if sink is not None else TextSink()
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
+    if post_mortem:
+        from ..stepping.post_mortem import PostMortemOnFailure
+
+        fn = PostMortemOnFailure(fn)
     if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,

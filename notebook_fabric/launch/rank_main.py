@@ -25,6 +25,7 @@ from .processes import close_inherited_listeners, die_with_parent, kill_own_chil
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
 from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
 from .rank_io import Outbox, OutputCapture
+from ..stepping import rank_prompts
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
@@ -79,6 +80,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
                                                                     text=text))).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
     try:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
@@ -126,6 +128,7 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
             value = task(fabric, namespace)
         finally:
             state.in_task = False
+            rank_prompts.task_ended()
         payload = pickle_for_parent(_to_cpu(value))
         if payload is None:
             raise TypeError(f"the value returned on rank {rank} (a {type(value).__module__}.{type(value).__qualname__}) "
@@ -133,8 +136,10 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
         return TaskDone(rank=rank, time=time.time(), task_id=message.task_id, payload=payload)
     except KeyboardInterrupt as error:
         interrupted = True
+        rank_prompts.remember_failure(error)
         failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
     except BaseException as error:  # SystemExit included: a task must not end the rank
+        rank_prompts.remember_failure(error)
         failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
     return TaskFailed(rank=rank, time=time.time(), task_id=message.task_id, failure=failure, interrupted=interrupted)
 

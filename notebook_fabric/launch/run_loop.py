@@ -21,6 +21,7 @@ from ..live.events import (
     Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
 )
 from ..live.sinks import EventSink
+from ..stepping.prompt_server import PromptServer
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
@@ -96,6 +97,7 @@ class RunLoop:
         self.interrupted: List[int] = []
         self.deaths: Dict[int, RankExited] = {}
         self._we_interrupted = False
+        self.prompts = PromptServer(pool, sink)  # ranks at breakpoint()/input(): asked here, one at a time
 
     def run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
@@ -137,17 +139,18 @@ class RunLoop:
                 return "died"
             if until is not None and now > until:
                 return "grace"
-            if self.failures and settle_on_failure:
+            if self.failures and settle_on_failure and not self.prompts.debugging:
                 first_failure = first_failure or now
                 # a rank whose process is gone explains the others' "connection closed": wait for its exit event
                 waiting_for_exit = self._pending_rank_exited() and now - first_failure < self.failure_grace + EXIT_EVENT_WAIT
                 if now - first_failure > self.failure_grace and not waiting_for_exit:
                     return "failed"
-            if self.timeout is not None and now - started > self.timeout:
+            if self.timeout is not None and now - started - self.prompts.paused_seconds() > self.timeout:
                 return "timeout"
-            event = self.pool.next_event(0.05)
+            event = self.prompts.observe(self.pool.next_event(0.05))
             if event is not None:
                 self._dispatch(event)
+            self.prompts.serve()
         return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
@@ -190,6 +193,7 @@ class RunLoop:
         """The caller was interrupted: interrupt the busy ranks; stop the pool if they stay busy."""
         busy = sorted(self.pending)
         self._we_interrupted = True
+        self.prompts.abort()
         self.pool.interrupt(busy)
         try:
             self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
@@ -254,6 +258,7 @@ class RunLoop:
             self.pool.stop(grace=0.2)
             return
         self._we_interrupted = True
+        self.prompts.abort()
         self.pool.interrupt(sorted(self.pending))
         try:
             outcome = self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
