@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import pdb
 import sys
 from types import FrameType, TracebackType
@@ -30,7 +31,17 @@ USER_CODE_CALLERS = frozenset({
     ("notebook_fabric.stepping.post_mortem", "__call__"),
 })
 
-_STANDARD_PDB = pdb.Pdb
+
+def _standard_pdb() -> type:
+    """The standard library's ``pdb.Pdb``, even where a kernel replaced the module's attribute with
+    IPython's debugger (a forked rank inherits that)."""
+    for cls in pdb.Pdb.__mro__:
+        if cls.__module__ == "pdb" and cls.__name__ == "Pdb":
+            return cls
+    return pdb.Pdb
+
+
+_STANDARD_PDB = _standard_pdb()
 
 
 class RankPdb(_STANDARD_PDB):  # type: ignore[misc, valid-type]
@@ -88,9 +99,28 @@ def user_traceback(tb: Optional[TracebackType]) -> Optional[TracebackType]:
     return start
 
 
+def set_trace(*, header: Optional[str] = None) -> None:
+    """``pdb.set_trace()`` in a rank: stop in the caller's frame."""
+    debugger = RankPdb()
+    if header is not None:
+        debugger.message(header)
+    debugger.set_trace(sys._getframe().f_back)
+
+
+def breakpointhook(*args: Any, **kwargs: Any) -> Any:
+    """``breakpoint()`` in a rank: the rank's pdb, unless ``PYTHONBREAKPOINT`` names another hook
+    (``0`` turns breakpoints off, as in Python)."""
+    if os.environ.get("PYTHONBREAKPOINT"):
+        return sys.__breakpointhook__(*args, **kwargs)
+    debugger = RankPdb()
+    debugger.set_trace(sys._getframe().f_back)
+    return None
+
+
 def install(rank: int) -> None:
-    """Make ``pdb.Pdb`` the rank's pdb, and ``breakpoint()`` the standard hook (which calls it),
-    whatever the notebook had set before a fork."""
+    """Make ``pdb.Pdb``, ``pdb.set_trace`` and ``breakpoint()`` the rank's, whatever the notebook
+    had set before a fork (a kernel puts IPython's debugger and debugpy's hook there)."""
     RankPdb.rank = rank
-    pdb.Pdb = RankPdb  # pdb.set_trace(), pdb.post_mortem() and breakpoint() build ``Pdb()`` from here
-    sys.breakpointhook = sys.__breakpointhook__
+    pdb.Pdb = RankPdb  # pdb.post_mortem(), pdb.pm() and code that builds ``pdb.Pdb()`` get it from here
+    pdb.set_trace = set_trace
+    sys.breakpointhook = breakpointhook
