@@ -28,6 +28,8 @@ class StdinKernel(Kernel):
         content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                    "allow_stdin": allow_stdin, "stop_on_error": False}
         msg = self.client.session.msg("execute_request", content)
+        if subshell is not None:
+            msg["header"]["subshell_id"] = subshell
         self.client.shell_channel.send(msg)
         return msg["header"]["msg_id"]
 
@@ -110,6 +112,7 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
             "x = 10 * (fabric.global_rank + 1)\n"
             "if fabric.global_rank == 1:\n"
             "    breakpoint()\n"
+            "    print('stepped over', x)\n"
             "    y = x + 1\n"
             "total = fabric.all_reduce(torch.tensor([float(x)]), reduce_op='sum')\n"
             "total.item()")
@@ -133,6 +136,8 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
     time.sleep(max(1.5, 5.0 - (time.monotonic() - sent)))  # the cell has now run past --timeout 4
     pool.answer("n")
     assert pool.prompt() == "(Pdb rank 1) "
+    pool.answer("n")
+    assert pool.prompt() == "(Pdb rank 1) "
     pool.answer("p y")
     assert pool.prompt() == "(Pdb rank 1) "
     pool.answer("c")
@@ -140,7 +145,8 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
     assert reply.status == "ok", reply.all_text
     assert reply.result == "[ranks 0-1] 30.0"
     text = plain(reply.stdout)
-    assert "[rank 1] -> y = x + 1" in text  # where it stopped, from the rank whose output is not shown
+    assert "[rank 1] -> print('stepped over', x)" in text  # where it stopped, though the cell shows rank 0 only
+    assert "[rank 1] stepped over 20" in text  # what it printed while stepping
     assert "[rank 1] 21" in text  # p y after n
     assert "[rank 1] -> total = fabric.all_reduce" in text
     assert "stall" not in reply.all_text and "timeout" not in reply.all_text, reply.all_text
@@ -207,6 +213,8 @@ def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: St
     before = parse_status_pids(pool.ok("%fabric status").stdout)
     msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n    after = 1\n'done'")
     assert pool.prompt() == "(Pdb rank 1) "
+    status = pool.run_in_subshell("%fabric status").stdout  # a kernel subshell answers meanwhile
+    assert re.search(r"^1\s+\d+\s+in the debugger", status, re.M), status
     pool.interrupt()
     interrupted = time.monotonic()
     reply = pool.collect(msg, timeout=60)

@@ -5,6 +5,8 @@ between events, in the caller's thread, so the question is asked with the notebo
 ``input()``: the kernel's stdin (an ``input_request`` to the frontend) in a notebook, the terminal
 in a script. Policy:
 
+- what the rank holding the floor prints while it steps is shown, tagged with its rank, whatever
+  ``--show`` says (it is part of the dialogue);
 - a rank at pdb's prompt holds the floor until it leaves the debugger (``continue``, ``quit``, its
   task ends); ``input()`` holds it for one answer. Ranks that stop together (within
   :data:`GATHER` seconds) are served in rank order; the next is served when the floor is free, or
@@ -28,8 +30,8 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
-from ..live.events import Heartbeat, Notice, RankExited, TaskDone, TaskFailed
-from ..live.sinks import EventSink
+from ..live.events import Heartbeat, Notice, Output, RankExited, TaskDone, TaskFailed
+from ..live.sinks import EventSink, TextSink
 from .messages import DebuggerLeft, InputReply, InputRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +63,7 @@ class PromptServer:
         self._paused = 0.0
         self._resumed_at = 0.0  # wall clock (like the ranks' heartbeats) at the end of the last session
         self._announced: Set[Tuple[int, int]] = set()
+        self._stepping_output = TextSink()  # the holder's own output, shown whatever the cell shows
         self.served: Set[int] = set()
 
     # -- what the run loop calls ----------------------------------------------------------------
@@ -83,6 +86,9 @@ class PromptServer:
         if isinstance(event, DebuggerLeft):
             self._show(event.rank, event.text)
             self._release(event.rank)
+            return None
+        if isinstance(event, Output) and event.rank == self.holder:
+            self._stepping_output.handle(event)
             return None
         if isinstance(event, (TaskDone, TaskFailed, RankExited)):
             self.waiting.pop(event.rank, None)
@@ -177,6 +183,7 @@ class PromptServer:
 
     def _release(self, rank: int) -> None:
         if self.holder == rank:
+            self._stepping_output.flush()
             self.holder = None
             self._first_waiting = time.monotonic() if self.waiting else None
         if rank not in self.waiting:
@@ -189,6 +196,7 @@ class PromptServer:
     # -- showing --------------------------------------------------------------------------------
     def _show(self, rank: int, text: str) -> None:
         """The debugger's output, each line tagged with its rank, in the cell (stdout)."""
+        self._stepping_output.flush()
         if not text:
             return
         self.sink.flush()
