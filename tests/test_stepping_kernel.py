@@ -79,6 +79,13 @@ class StdinKernel(Kernel):
         return [p.pid for p in self.children() if not is_multiprocessing_helper(p) and p.status() != "zombie"]
 
 
+def running_pids(kernel: StdinKernel) -> "dict[int, int]":
+    """``{rank: pid}`` of the pool, which must be running."""
+    status = kernel.ok("%fabric status").stdout
+    assert ": running" in status, status
+    return parse_status_pids(status)
+
+
 def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
@@ -176,7 +183,7 @@ def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: StdinKernel)
                        "    return loss\n"
                        "train_step(3.0)")
     assert failing.ename == "ValueError", failing.all_text
-    before = parse_status_pids(pool.ok("%fabric status").stdout)
+    before = running_pids(pool)
     msg = pool.send("%fabric debug")
     assert pool.prompt() == "(Pdb rank 1) "
     pool.answer("p scale, loss")
@@ -189,7 +196,7 @@ def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: StdinKernel)
     assert "-> raise ValueError(f'loss exploded: {loss.item()}')" in text
     assert "[rank 1] (3.0, tensor(6.))" in text
     assert "left the debugger on rank 1" in text
-    assert parse_status_pids(pool.ok("%fabric status").stdout) == before  # the pool stayed
+    assert running_pids(pool) == before  # the pool stayed
     assert pool.ok("%%fabric\nfabric.global_rank").result == "[rank 0] 0\n[rank 1] 1"
     assert "rank 0 has no failure to debug" in pool.ok("%fabric debug --rank 0").stdout
 
@@ -210,7 +217,7 @@ def test_input_in_a_rank_returns_what_was_typed(kernel: StdinKernel, method: str
 
 
 def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: StdinKernel) -> None:
-    before = parse_status_pids(pool.ok("%fabric status").stdout)
+    before = running_pids(pool)
     msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n    after = 1\n'done'")
     assert pool.prompt() == "(Pdb rank 1) "
     status = pool.run_in_subshell("%fabric status").stdout  # a kernel subshell answers meanwhile
@@ -222,20 +229,21 @@ def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: St
     assert reply.ename == "KeyboardInterrupt", reply.all_text
     assert "rank 1 stopped with KeyboardInterrupt" in reply.error_text
     assert "The pool is still running" in reply.error_text
-    assert parse_status_pids(pool.ok("%fabric status").stdout) == before
+    assert running_pids(pool) == before
     assert pool.ok("%%fabric\nfabric.global_rank").result == "[rank 0] 0\n[rank 1] 1"  # no prompt left over
 
 
 def test_no_stdin_is_a_clear_error_not_a_hang(pool: StdinKernel) -> None:
-    before = parse_status_pids(pool.ok("%fabric status").stdout)
+    before = running_pids(pool)
     started = time.monotonic()
-    msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\nfabric.barrier()", allow_stdin=False)
+    msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n'unreached'", allow_stdin=False)
     reply: Reply = pool.collect(msg, timeout=60)
     assert time.monotonic() - started < 30
     assert reply.ename == "StdinUnavailableError", reply.all_text
     assert "the debugger on rank 1 waits for a line from the notebook" in reply.error_text
     assert "does not answer input requests" in reply.error_text
-    assert parse_status_pids(pool.ok("%fabric status").stdout) == before
+    assert "The pool is still running" in reply.error_text
+    assert running_pids(pool) == before
     assert pool.ok("%%fabric\nfabric.global_rank").result == "[rank 0] 0\n[rank 1] 1"
 
 
@@ -256,3 +264,55 @@ def test_launch_post_mortem_opens_the_failing_frame_before_ranks_stop(kernel: St
     text = plain(reply.stdout)
     assert "[rank 1] post-mortem of ValueError: bad scale" in text and "[rank 1] 8" in text
     assert wait_gone(kernel.leftovers()) == []
+
+
+def test_a_rank_stepping_into_a_collective_hands_over_to_the_rank_it_waits_for(pool: StdinKernel) -> None:
+    """Rank 0 steps (``n``) into an all_reduce that needs rank 1, still at its prompt: rank 1 is
+    served meanwhile, and rank 0 gets its prompt back once the all_reduce is through."""
+    msg = pool.send("%%fabric\nfabric.barrier()\nbreakpoint()\n"
+                    "t = fabric.all_reduce(torch.tensor([1.0]), reduce_op='sum')\nt.item()")
+    prompts = []
+    for line in ("n", "c", "p t", "c"):
+        prompts.append(pool.prompt())
+        pool.answer(line)
+    reply = pool.collect(msg)
+    assert reply.status == "ok", reply.all_text
+    assert prompts == ["(Pdb rank 0) ", "(Pdb rank 1) ", "(Pdb rank 0) ", "(Pdb rank 0) "]
+    assert "[rank 0] tensor([2.])" in plain(reply.stdout)
+    assert reply.result == "[ranks 0-1] 2.0"
+
+
+def test_a_notebook_run_by_nbclient_fails_clearly_at_a_breakpoint(tmp_path) -> None:
+    """nbclient answers no input requests: the cell fails with StdinUnavailableError, in seconds,
+    the pool survives it, and no rank outlives the kernel."""
+    import os
+    import sys
+
+    import nbformat
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext notebook_fabric"),
+        nbformat.v4.new_code_cell(f"{POOL}\nif fabric.global_rank == 1:\n    breakpoint()\n'unreached'"),
+        nbformat.v4.new_code_cell("%fabric status"),
+    ])
+    km = KernelManager(kernel_name="python3")
+    km.kernel_spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    client = NotebookClient(nb, km=km, timeout=120, kernel_name="python3", allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    ranks: List[int] = []
+    try:
+        started = time.monotonic()
+        client.execute()
+        assert time.monotonic() - started < 90
+        error = [o for o in nb.cells[1].outputs if o["output_type"] == "error"]
+        assert error and error[0]["ename"] == "StdinUnavailableError", nb.cells[1].outputs
+        assert "does not answer input requests" in plain("\n".join(error[0]["traceback"]))
+        status = "".join(o.get("text", "") for o in nb.cells[2].outputs)
+        ranks = list(parse_status_pids(status).values())
+        assert len(ranks) == 2 and ": running" in status, nb.cells[1].outputs  # the pool survived the failed cell
+    finally:
+        if km.is_alive():  # nbclient leaves a kernel it was handed running
+            km.shutdown_kernel(now=False)
+    assert wait_gone(ranks) == []  # the ranks end with the kernel
