@@ -162,14 +162,15 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
 def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: StdinKernel) -> None:
     msg = pool.send("%%fabric\nwho = f'rank {fabric.global_rank}'\nfabric.barrier()\nbreakpoint()\nfabric.barrier()\nwho")
     prompts = []
-    for line in ("p who", "c", "p who", "c"):
+    for line in ("p who", "c", "where", "c"):
         prompts.append(pool.prompt())
         pool.answer(line)
     reply = pool.collect(msg)
     assert reply.status == "ok", reply.all_text
     assert prompts == ["(Pdb rank 0) ", "(Pdb rank 0) ", "(Pdb rank 1) ", "(Pdb rank 1) "]
     text = plain(reply.stdout)
-    assert text.index("[rank 0] 'rank 0'") < text.index("[rank 1] 'rank 1'")
+    assert "[rank 0] 'rank 0'" in text
+    assert "[rank 1] > <fabric-cell-" in text and "ipykernel" not in text, text  # the stack starts at the cell
     assert "rank 0 is in the debugger; rank 1 waits their turn" in reply.stderr
     assert reply.result == "[rank 0] 'rank 0'\n[rank 1] 'rank 1'"
 

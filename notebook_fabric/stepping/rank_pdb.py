@@ -7,7 +7,9 @@
 - it never installs its own SIGINT handler (``nosigint``): an interrupt from the notebook must stay
   a KeyboardInterrupt in the rank, not a new stop in the debugger;
 - it does not stop in notebook-fabric's own frames, nor in code they call after the user's code
-  returned (stepping off the end of a cell ends in the next task-free place: nowhere);
+  returned (stepping off the end of a cell ends in the next task-free place: nowhere), and its
+  stack (``where``, ``up``) starts at the user's code, not at the launcher (or, in a forked rank,
+  the kernel it was forked from);
 - leaving it (``continue``, ``quit``, the end of a post-mortem) tells the notebook, which then
   serves the next rank; an interrupt from the notebook leaves it with KeyboardInterrupt.
 """
@@ -17,7 +19,7 @@ import os
 import pdb
 import sys
 from types import FrameType, TracebackType
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional, Tuple
 
 from .messages import StdinUnavailableError
 from .rank_prompts import DebuggerTerminal, PromptAborted, prompter
@@ -60,6 +62,14 @@ class RankPdb(_STANDARD_PDB):  # type: ignore[misc, valid-type]
     def stop_here(self, frame: FrameType) -> bool:
         return super().stop_here(frame) and in_user_code(frame)
 
+    def get_stack(self, f: Optional[FrameType], t: Optional[TracebackType]) -> Tuple[List[Any], int]:
+        stack, index = super().get_stack(f, t)
+        start = 0
+        for position, (frame, _) in enumerate(stack[:index]):
+            if _calls_user_code(frame):
+                start = position + 1
+        return (stack[start:], index - start) if 0 < start <= index else (stack, index)
+
     def interaction(self, frame: Optional[FrameType], traceback: Optional[TracebackType]) -> None:
         try:
             super().interaction(frame, traceback)
@@ -75,6 +85,10 @@ class RankPdb(_STANDARD_PDB):  # type: ignore[misc, valid-type]
     def _stop_tracing(self) -> None:
         self.set_quit()
         prompter().left_debugger(self.terminal.take())
+
+
+def _calls_user_code(frame: FrameType) -> bool:
+    return (frame.f_globals.get("__name__"), frame.f_code.co_name) in USER_CODE_CALLERS
 
 
 def in_user_code(frame: Optional[FrameType]) -> bool:
