@@ -203,7 +203,7 @@ def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: StdinKernel)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_input_in_a_rank_returns_what_was_typed(kernel: StdinKernel, method: str) -> None:
+def test_input_and_breakpoint_in_a_rank_under_every_start_method(kernel: StdinKernel, method: str) -> None:
     msg = kernel.send(f"{POOL} --start-method {method}\n"
                       "name = input('your name: ') if fabric.global_rank == 1 else 'rank zero'\n"
                       "name.upper()")
@@ -212,6 +212,15 @@ def test_input_in_a_rank_returns_what_was_typed(kernel: StdinKernel, method: str
     reply = kernel.collect(msg)
     assert reply.status == "ok", reply.all_text
     assert reply.result == "[rank 0] 'RANK ZERO'\n[rank 1] 'ADA'"
+    msg = kernel.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n    shout = name * 2\nname")
+    assert kernel.prompt() == "(Pdb rank 1) "
+    kernel.answer("p name")
+    assert kernel.prompt() == "(Pdb rank 1) "
+    kernel.answer("c")
+    reply = kernel.collect(msg)
+    assert reply.status == "ok", reply.all_text
+    text = plain(reply.stdout)
+    assert "[rank 1] -> shout = name * 2" in text and "[rank 1] 'ada'" in text  # cell source shown under any method
     pids = list(parse_status_pids(kernel.ok("%fabric status").stdout).values())
     kernel.ok("%fabric stop")
     assert wait_gone(pids) == [] and kernel.leftovers() == []
