@@ -23,7 +23,7 @@ class DebugCommands:
     def _idle_pool(self, what: str) -> Any:  # pragma: no cover - provided by PoolCommands
         raise NotImplementedError
 
-    def remember_failure(self, ranks: Sequence[int]) -> None:
+    def remember_failed_ranks(self, ranks: Sequence[int]) -> None:
         """The ranks that failed in the last failing cell (first to fail first), not merely interrupted."""
         self._debug_target = (self.pool, list(ranks))
 

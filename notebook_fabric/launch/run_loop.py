@@ -9,7 +9,10 @@ the cell and a kernel interrupt arrives here as KeyboardInterrupt. Policy on tro
 - ``timeout`` passed: ask every rank where it is, then raise :class:`LaunchTimeoutError` naming
   the ranks waiting in a collective and the stacks of the others;
 - the caller was interrupted: SIGINT to busy ranks, wait ``interrupt_grace``, stop the pool if
-  some do not stop (a second interrupt stops it at once), re-raise KeyboardInterrupt.
+  some do not stop (a second interrupt stops it at once), re-raise KeyboardInterrupt;
+- a rank waits at a prompt (``breakpoint()``, ``input()``): the loop's
+  :class:`~notebook_fabric.stepping.prompt_server.PromptServer` asks here; meanwhile the timeout
+  does not run and failures of other ranks are not settled.
 """
 from __future__ import annotations
 
