@@ -4,7 +4,7 @@ Like IPython's ``%debug``, but on a rank: the rank kept its exception (``sys.las
 the frame's locals are still there. The session runs as a task on that rank through the pool's
 run loop, whose prompt server asks through the kernel's stdin (``(Pdb rank 1)``); the pool stays
 as it was. :class:`DebugCommands` is mixed into :class:`~.session.FabricSession`, which calls
-:meth:`DebugCommands.remember_failure` when a cell fails.
+:meth:`DebugCommands.remember_failed_ranks` when a cell fails.
 """
 from __future__ import annotations
 

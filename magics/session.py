@@ -160,7 +160,8 @@ class FabricSession(PoolCommands, DebugCommands):
             raise self._interrupted(error, record, ranks, sink.notices) from None
         except Exception as error:
             self.tracker.forget(shipment.values)
-            self.remember_failed_ranks([r for r in record.arrival if record.failures[r].type_name != "KeyboardInterrupt"])
+            self.remember_failed_ranks([r for r in record.arrival
+                                        if record.failures[r].type_name != "KeyboardInterrupt"])
             raise self._failed(error, record, ranks) from None
         finally:
             self.cell_running = False
