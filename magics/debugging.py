@@ -48,4 +48,5 @@ class DebugCommands:
         if note:
             return note
         others = [r for r in failed if r != rank]
-        return f"left the debugger on rank {rank}" + (f" ({format_ranks(others)} failed too: --rank R)" if others else "")
+        also = f" ({format_ranks(others)} failed too: --rank R)" if others else ""
+        return f"left the debugger on rank {rank}{also}"

@@ -160,7 +160,8 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
 
 
 def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: StdinKernel) -> None:
-    msg = pool.send("%%fabric\nwho = f'rank {fabric.global_rank}'\nfabric.barrier()\nbreakpoint()\nfabric.barrier()\nwho")
+    msg = pool.send("%%fabric\nwho = f'rank {fabric.global_rank}'\n"
+                    "fabric.barrier()\nbreakpoint()\nfabric.barrier()\nwho")
     prompts = []
     for line in ("p who", "c", "where", "c"):
         prompts.append(pool.prompt())
