@@ -75,3 +75,17 @@ def test_post_mortem_from_the_terminal(tmp_path) -> None:
     finally:
         finish(child, marker)
     assert child.exitstatus == 1
+
+
+def test_post_mortem_without_a_terminal_raises_the_failure_itself(tmp_path) -> None:
+    """stdin at its end (``< /dev/null``): pdb reads EOF and quits; the rank's own error is raised."""
+    import subprocess
+
+    marker = uuid.uuid4().hex
+    done = subprocess.run([sys.executable, str(SCRIPT), "fork", "post-mortem"], cwd=str(tmp_path),
+                          env=script_environment(marker), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=120)
+    survivors = _wait_gone(marker, grace=10.0)
+    _kill(survivors)
+    assert survivors == []
+    assert done.returncode == 1 and "ValueError: bad scale" in done.stderr, done.stderr

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Dict, Optional
 
+from .messages import StdinUnavailableError
 from .rank_pdb import user_traceback
 
 
@@ -55,5 +56,9 @@ class PostMortemOnFailure:
         try:
             return self.fn(fabric, *args, **kwargs)
         except Exception as error:
-            post_mortem(error.__traceback__, error)
+            try:
+                post_mortem(error.__traceback__, error)
+            except StdinUnavailableError as unavailable:  # nobody to ask: the failure itself is the news
+                if hasattr(error, "add_note"):
+                    error.add_note(f"no post-mortem: {unavailable}")
             raise
