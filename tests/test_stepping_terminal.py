@@ -5,6 +5,7 @@ Every test asserts that no process of the script survives it.
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 
 import pytest
@@ -39,15 +40,21 @@ def test_breakpoint_in_a_rank_is_answered_from_the_terminal(tmp_path, method: st
     child, marker = start(tmp_path, method)
     try:
         child.expect_exact("(Pdb rank 1) ")
-        assert "[rank 1] -> total = fabric.all_reduce" in child.before
+        seen = child.before
+        assert "[rank 1] -> total = fabric.all_reduce" in seen
+        time.sleep(4.0)  # past stall=1 and timeout=3 of the launch
         child.sendline("p x")
         child.expect_exact("[rank 1] 41")
+        seen += child.before
         child.expect_exact("(Pdb rank 1) ")
         child.sendline("c")
         child.expect_exact("RESULT 81.0")
+        seen += child.before
     finally:
         rest = finish(child, marker)
     assert child.exitstatus == 0, rest
+    assert "rank 0 waits in all_reduce #1 (float32[1]) for rank 1 (in the debugger)" in seen + rest
+    assert "stall" not in seen + rest and "Timeout" not in seen + rest
 
 
 def test_ctrl_c_at_the_prompt_ends_the_launch_cleanly(tmp_path) -> None:

@@ -29,4 +29,5 @@ if __name__ == "__main__":
     if sys.argv[2:] == ["post-mortem"]:
         launch(failing, accelerator="cpu", devices=2, start_method=method, post_mortem=True)
     else:
-        print("RESULT", launch(step, accelerator="cpu", devices=2, start_method=method))
+        # stall=1 and timeout=3: the time rank 1 spends in the debugger counts for neither
+        print("RESULT", launch(step, accelerator="cpu", devices=2, start_method=method, stall=1, timeout=3))
