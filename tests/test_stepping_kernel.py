@@ -327,3 +327,23 @@ def test_a_notebook_run_by_nbclient_fails_clearly_at_a_breakpoint(tmp_path) -> N
         if km.is_alive():  # nbclient leaves a kernel it was handed running
             km.shutdown_kernel(now=False)
     assert wait_gone(ranks) == []  # the ranks end with the kernel
+
+
+def test_interrupting_fabric_debug_keeps_the_failure_to_debug_again(pool: StdinKernel) -> None:
+    failing = pool.run("%%fabric\nif fabric.global_rank == 0:\n    depth = 3\n    raise KeyError('missing')")
+    assert failing.ename == "KeyError", failing.all_text
+    before = running_pids(pool)
+    msg = pool.send("%fabric debug")
+    assert pool.prompt() == "(Pdb rank 0) "
+    pool.interrupt()
+    assert pool.collect(msg, timeout=60).ename == "KeyboardInterrupt"
+    assert running_pids(pool) == before
+    msg = pool.send("%fabric debug")  # the same failure, not the interrupt of the first session
+    assert pool.prompt() == "(Pdb rank 0) "
+    pool.answer("p depth")
+    assert pool.prompt() == "(Pdb rank 0) "
+    pool.answer("q")
+    reply = pool.collect(msg)
+    assert reply.status == "ok", reply.all_text
+    assert "[rank 0] post-mortem of KeyError: 'missing'" in plain(reply.stdout)
+    assert "[rank 0] 3" in plain(reply.stdout)
