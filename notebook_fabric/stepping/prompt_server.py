@@ -211,7 +211,7 @@ class PromptServer:
         if not others:
             return
         try:
-            replies = self.pool.where_replies(timeout=0.5)
+            replies = self.pool.where_replies(timeout=0.2)
         except Exception:  # noqa: BLE001 - an announcement only
             return
         for rank in others:
