@@ -13,7 +13,7 @@ in a script. Policy:
   when the holder has run for :data:`HANDOVER_AFTER` seconds without asking again (e.g. ``next``
   over a collective that waits for a rank still at its prompt);
 - while any rank is in the debugger the stall clock stands still (heartbeats' collective entry
-  times are moved up to the end of the last debugger session) and :meth:`paused_seconds` tells the
+  times are moved up to "now", then to the end of the last debugger session) and :meth:`paused_seconds` tells the
   run loop how long to add to the task's timeout; ranks waiting in a collective meanwhile are
   announced once: ``rank 0 waits in all_reduce #1 for rank 1 (in the debugger)``;
 - an interrupt at the prompt (KeyboardInterrupt out of ``input()``) answers every waiting rank
@@ -64,6 +64,7 @@ class PromptServer:
         self._resumed_at = 0.0  # wall clock (like the ranks' heartbeats) at the end of the last session
         self._announced: Set[Tuple[int, int]] = set()
         self._stepping_output = TextSink()  # the holder's own output, shown whatever the cell shows
+        self._beats: Dict[int, Heartbeat] = {}  # each rank's latest heartbeat
         self.served: Set[int] = set()
 
     # -- what the run loop calls ----------------------------------------------------------------
@@ -93,7 +94,7 @@ class PromptServer:
         if isinstance(event, (TaskDone, TaskFailed, RankExited)):
             self.waiting.pop(event.rank, None)
             self._release(event.rank)
-        elif isinstance(event, Heartbeat) and event.collective is not None:
+        elif isinstance(event, Heartbeat):
             return self._paused_heartbeat(event)
         return event
 
@@ -192,6 +193,7 @@ class PromptServer:
             self._paused += time.monotonic() - self._debug_since
             self._debug_since = None
             self._resumed_at = time.time()
+            self._refresh_beats(self._resumed_at)
 
     # -- showing --------------------------------------------------------------------------------
     def _show(self, rank: int, text: str) -> None:
@@ -229,15 +231,21 @@ class PromptServer:
         self._announced.add(key)
         self._notice(f"rank {rank} waits in {collective.describe()} for {format_ranks(stopped)} ({IN_DEBUGGER})")
 
-    def _paused_heartbeat(self, beat: Heartbeat) -> Heartbeat:
+    def _paused_heartbeat(self, beat: Heartbeat) -> Optional[Heartbeat]:
+        """A stall watchdog re-reads every rank's last collective on each heartbeat, so while a rank
+        is in the debugger every rank's latest heartbeat is passed on anew, its collective entered
+        "now"; afterwards collectives count from the end of the session."""
+        self._beats[beat.rank] = beat
         if self.debugging:
-            self._announce(beat.rank, beat.collective)
-            floor = time.time()
-        else:
-            floor = self._resumed_at
-        if beat.collective.entered_at >= floor:
-            return beat
-        return replace(beat, collective=replace(beat.collective, entered_at=floor))
+            if beat.collective is not None:
+                self._announce(beat.rank, beat.collective)
+            self._refresh_beats(time.time())
+            return None
+        return _entered_after(beat, self._resumed_at)
+
+    def _refresh_beats(self, floor: float) -> None:
+        for rank in sorted(self._beats):
+            self.sink.handle(_entered_after(self._beats[rank], floor))
 
     def _notice(self, text: str, level: str = "info") -> None:
         self.sink.handle(Notice(rank=-1, time=time.time(), text=text, level=level))
@@ -254,3 +262,10 @@ class PromptServer:
         if only_from is None or handle.state == only_from:
             if handle.alive and handle.state != "exited":
                 handle.state = state
+
+
+def _entered_after(beat: Heartbeat, floor: float) -> Heartbeat:
+    """``beat`` with its collective entered no earlier than ``floor`` (wall clock)."""
+    if beat.collective is None or beat.collective.entered_at >= floor:
+        return beat
+    return replace(beat, collective=replace(beat.collective, entered_at=floor))
