@@ -1,6 +1,6 @@
-"""Launch latency: from the call to the returned value, a trivial function on 2 CPU ranks.
+"""Launch latency: from the call to the returned value, a trivial function on N CPU ranks.
 
-Every variant starts 2 processes, joins a gloo process group in each, returns a value from rank 0
+Every variant starts N processes (``--ranks 2 4 8``: each count is measured against its own floor), joins a gloo process group in each, returns a value from rank 0
 and ends the processes before the call returns:
 
 - floor: raw ``multiprocessing`` (fork / spawn / forkserver) + ``init_process_group`` + a queue;
@@ -13,7 +13,7 @@ Lightning and Accelerate are not dependencies: install them to compare
 Variants are interleaved round by round so load drift on a shared machine hits all alike;
 medians are reported with ratios to the floor of the same start method.
 
-    python benchmarks/launch_latency.py [--rounds 7] [--only fork]
+    python benchmarks/launch_latency.py [--rounds 7] [--only fork] [--ranks 2 4 8]
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ FLOOR = "floor: raw multiprocessing + init_process_group"
 
 
 # -- the trivial work, per framework ------------------------------------------------------------
-def raw_rank(rank: int, port: int, results) -> None:  # noqa: ANN001 - a multiprocessing queue
+def raw_rank(rank: int, port: int, results, world_size: int = 2) -> None:  # noqa: ANN001 - a multiprocessing queue
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     if rank == 0:
         results.put(rank + 42)
     dist.destroy_process_group()
@@ -62,13 +62,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def floor(method: str) -> Callable[[], object]:
+def floor(method: str, world_size: int = 2) -> Callable[[], object]:
     context = multiprocessing.get_context(method)
 
     def call() -> object:
         port = free_port()
         results = context.SimpleQueue()
-        ranks = [context.Process(target=raw_rank, args=(r, port, results)) for r in range(2)]
+        ranks = [context.Process(target=raw_rank, args=(r, port, results, world_size)) for r in range(world_size)]
         for process in ranks:
             process.start()
         value = results.get()
@@ -80,24 +80,24 @@ def floor(method: str) -> Callable[[], object]:
     return call
 
 
-def notebook_fabric(method: str) -> Callable[[], object]:
+def notebook_fabric(method: str, world_size: int = 2) -> Callable[[], object]:
     from notebook_fabric import launch
     from notebook_fabric.live.sinks import NullSink
 
-    return lambda: launch(fabric_work, accelerator="cpu", devices=2, start_method=method, sink=NullSink())
+    return lambda: launch(fabric_work, accelerator="cpu", devices=world_size, start_method=method, sink=NullSink())
 
 
-def lightning(strategy: str) -> Optional[Callable[[], object]]:
+def lightning(strategy: str, world_size: int = 2) -> Optional[Callable[[], object]]:
     try:
         from lightning_fabric import Fabric
     except ImportError:
         return None
     logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    return lambda: Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(fabric_work)
+    return lambda: Fabric(accelerator="cpu", devices=world_size, strategy=strategy).launch(fabric_work)
 
 
-def accelerate() -> Optional[Callable[[], object]]:
+def accelerate(world_size: int = 2) -> Optional[Callable[[], object]]:
     try:
         from accelerate import notebook_launcher
     except ImportError:
@@ -105,31 +105,32 @@ def accelerate() -> Optional[Callable[[], object]]:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
 
     def call() -> object:
-        return notebook_launcher(accelerate_work, num_processes=2, use_port=str(free_port()))
+        return notebook_launcher(accelerate_work, num_processes=world_size, use_port=str(free_port()))
 
     return call
 
 
 # -- running ------------------------------------------------------------------------------------
-def variants(only: Optional[str]) -> Dict[str, Dict[str, Optional[Callable[[], object]]]]:
+def variants(only: Optional[str], world_size: int = 2) -> Dict[str, Dict[str, Optional[Callable[[], object]]]]:
+    n = world_size
     table: Dict[str, Dict[str, Optional[Callable[[], object]]]] = {
         "fork": {
-            FLOOR: floor("fork"),
-            "notebook-fabric launch()": notebook_fabric("fork"),
-            "Lightning Fabric ddp_notebook": lightning("ddp_notebook"),
-            "Accelerate notebook_launcher": accelerate(),
+            FLOOR: floor("fork", n),
+            "notebook-fabric launch()": notebook_fabric("fork", n),
+            "Lightning Fabric ddp_notebook": lightning("ddp_notebook", n),
+            "Accelerate notebook_launcher": accelerate(n),
         },
         "spawn": {
-            FLOOR: floor("spawn"),
-            "notebook-fabric launch()": notebook_fabric("spawn"),
-            "Lightning Fabric ddp_spawn": lightning("ddp_spawn"),
+            FLOOR: floor("spawn", n),
+            "notebook-fabric launch()": notebook_fabric("spawn", n),
+            "Lightning Fabric ddp_spawn": lightning("ddp_spawn", n),
         },
         "forkserver": {
-            FLOOR: floor("forkserver"),
-            "notebook-fabric launch()": notebook_fabric("forkserver"),
+            FLOOR: floor("forkserver", n),
+            "notebook-fabric launch()": notebook_fabric("forkserver", n),
         },
     }
-    return {method: row for method, row in table.items() if only in (None, method)}
+    return {f"{method} x{n}": row for method, row in table.items() if only in (None, method)}
 
 
 @contextlib.contextmanager
@@ -166,11 +167,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (one warm-up round is not counted)")
     parser.add_argument("--only", choices=["fork", "spawn", "forkserver"], help="one start method only")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2], metavar="N",
+                        help="rank counts to measure, each against the floor at the same count (default 2)")
     options = parser.parse_args(argv)
     from notebook_fabric.launch.starters import FORKSERVER_PRELOAD
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)  # the same server for all
-    table = variants(options.only)
+    table = {key: row for n in options.ranks for key, row in variants(options.only, n).items()}
     missing = sorted({name for row in table.values() for name, call in row.items() if call is None})
     times: Dict[str, Dict[str, List[float]]] = {m: {n: [] for n, c in row.items() if c} for m, row in table.items()}
     for round_index in range(options.rounds + 1):
@@ -183,14 +186,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                     times[method][name].append(elapsed)
         print(f"round {round_index}/{options.rounds} done", file=sys.stderr, flush=True)
 
-    print(f"\nlaunch latency, call -> value, trivial function on 2 CPU ranks "
+    print(f"\nlaunch latency, call -> value, trivial function on {', '.join(map(str, options.ranks))} CPU ranks "
           f"(torch {torch.__version__}, {os.cpu_count()} cores, median of {options.rounds})\n")
-    print(f"{'start method':<12} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8}")
+    print(f"{'method x ranks':<15} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8}")
     for method, row in times.items():
         base = statistics.median(row[FLOOR])
         for name, samples in row.items():
             median = statistics.median(samples)
-            print(f"{method:<12} {name:<50} {median:>9.3f} {min(samples):>7.3f} {median / base:>8.2f}")
+            print(f"{method:<15} {name:<50} {median:>9.3f} {min(samples):>7.3f} {median / base:>8.2f}")
     if missing:
         print(f"\nskipped (not installed): {', '.join(missing)} -> pip install lightning-fabric accelerate")
 

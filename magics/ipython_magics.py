@@ -43,6 +43,9 @@ class FabricMagics(Magics):
     @argument("--precision", default=None, help="e.g. 32-true, bf16-mixed, 16-mixed")
     @argument("--start-method", dest="start_method", default=None, choices=["fork", "spawn", "forkserver"],
               help="how ranks start (default: fork where safe, else spawn)")
+    @argument("--log-dir", dest="log_dir", default=None, metavar="DIR",
+              help="also write every rank's complete stdout/stderr to DIR/rank<N>/stdout.log, stderr.log "
+                   "(default: a temporary folder, kept if a cell fails)")
     @argument("--debug", dest="debug", action="store_true", default=None,
               help="Fabric debug mode: ranks compare collective signatures before each collective")
     @argument("--no-debug", dest="debug", action="store_false", help="switch debug mode off again")
@@ -72,7 +75,8 @@ class FabricMagics(Magics):
         args = parse_argstring(self.fabric, line)
         options = CellOptions(
             settings={"devices": args.devices, "accelerator": args.accelerator, "strategy": args.strategy,
-                      "precision": args.precision, "start_method": args.start_method, "debug": args.debug},
+                      "precision": args.precision, "start_method": args.start_method, "debug": args.debug,
+                      "log_dir": args.log_dir},
             ranks=args.ranks, timeout=args.timeout, stall=args.stall, show=args.show,
             outs=args.out, out_all=args.out_all,
         )

@@ -96,7 +96,7 @@ class FabricSession(PoolCommands, DebugCommands):
                                       "Nothing was started; fix the option and run the cell again."]) from None
         pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes,
                         start_method=settings.start_method or declared, sink=TextSink(),
-                        heartbeat_interval=self.heartbeat_interval)
+                        heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir)
         try:
             pool.start()
         except BaseException as error:
@@ -109,7 +109,7 @@ class FabricSession(PoolCommands, DebugCommands):
         info = pool.run(probe_rank, sink=NullSink())
         self.devices = {rank: str(value["device"]) for rank, value in info.items()}
         notify(f"started {settings.describe()}, start_method={pool.start_method!r} "
-               f"in {time.monotonic() - started:.1f} s")
+               f"in {time.monotonic() - started:.1f} s; per-rank logs in {pool.log_dir}")
         return pool
 
     def _stop_pool(self) -> None:

@@ -21,6 +21,7 @@ class PoolSettings:
     precision: Optional[str] = None
     start_method: Optional[str] = None
     debug: bool = False
+    log_dir: Optional[str] = None  # the pool's per-rank log folder (None: a temporary one)
 
     def fabric_kwargs(self) -> Dict[str, Any]:
         """The ``Fabric(**kwargs)`` every rank builds."""

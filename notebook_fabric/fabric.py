@@ -6,8 +6,7 @@ Every method delegates: to the strategy (models, collectives, checkpoints), to `
 from __future__ import annotations
 
 import copy
-import os
-import sys
+import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -74,6 +73,7 @@ class Fabric:
         self._loggers = _as_list(loggers)
         self._debug = bool(debug)
         self._launched = False
+        self._prepared_outside = False  # prepared without launch(), the ranks having been created outside
         self._setup_modules: list[nn.Module] = []  # what each setup() handed the strategy
 
     # ----- what this rank is ---------------------------------------------------------------------
@@ -123,12 +123,22 @@ class Fabric:
     def launch(self, function: Optional[Callable[..., Any]] = None, *args: Any, **kwargs: Any) -> Any:
         """Start the ranks and prepare this process; with ``function``, run ``function(fabric, *args)`` on each.
 
-        In a script with ``strategy="ddp"``, ``fabric.launch()`` re-runs the script for the other
-        ranks. With ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` (or from a notebook), pass the
-        function: it runs on every rank and rank 0's return value comes back here.
+        In a script with ``strategy="ddp"`` (or ``fsdp``, ``deepspeed``, ``model_parallel``),
+        ``fabric.launch()`` re-runs the script for the other ranks. ``fabric.launch(function)``
+        runs ``function`` on every rank and nothing else (in a script, a notebook or a REPL alike:
+        the same supervised ranks as ``notebook_fabric.launch``), and rank 0's return value comes
+        back here.
         """
         if function is not None and not callable(function):
             raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
+        if function is not None and not _takes_an_argument(function):
+            raise TypeError(
+                f"fabric.launch({getattr(function, '__name__', 'fn')}) needs a function that takes the Fabric as its"
+                " first argument: def train(fabric): ..."
+            )
+        if self._launched and self._prepared_outside:  # the ranks came from outside and this one is ready
+            self._prepared_outside = False
+            return function(self, *args, **kwargs) if function is not None else None
         if self._launched:
             raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
         strategy = self._strategy
@@ -144,8 +154,10 @@ class Fabric:
         environment = getattr(strategy, "cluster_environment", None)
         outside = environment is not None and environment.creates_processes_externally
         needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
-        if needs_ranks and start_method == "popen" and function is not None and _interactive_session():
-            start_method = None  # no script to re-run: launch/ picks fork or spawn and says so
+        if needs_ranks and start_method == "popen" and function is not None and strategy.num_nodes == 1:
+            # launch(fn) runs fn only, never the script again: launch/ picks fork or spawn. (Several nodes
+            # started by hand keep re-running the script: a local pool cannot hold the other nodes' ranks.)
+            start_method = None
         if needs_ranks and start_method in (*_FUNCTION_START_METHODS, None):
             if function is None:
                 raise RuntimeError(
@@ -163,18 +175,21 @@ class Fabric:
             from .launch.rerun_script import start_script_ranks
 
             start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
-        self._launched = True
-        strategy.setup_environment()
-        if self._debug:
-            enable_signature_checks()
+        self._prepare_this_rank()
         return function(self, *args, **kwargs) if function is not None else None
 
     # ----- models, optimizers, data --------------------------------------------------------------
-    def setup(self, module: nn.Module, *optimizers: Optimizer, move_to_device: bool = True) -> Any:
+    def setup(
+        self, module: nn.Module, *optimizers: Optimizer, scheduler: Optional[Any] = None, move_to_device: bool = True
+    ) -> Any:
         """Wrap ``module`` (and its ``optimizers``) for this strategy and precision.
 
-        Returns the module alone, or ``(module, optimizer, ...)`` when optimizers are given.
+        Returns the module alone, or ``(module, optimizer, ...)`` when optimizers are given, with the
+        ``scheduler`` last when one is passed (``model, optimizer, scheduler = fabric.setup(model,
+        optimizer, scheduler=scheduler)``). The scheduler is returned as it is: you step it.
         """
+        if scheduler is not None and not optimizers:
+            raise ValueError("setup(scheduler=...) needs the optimizer it drives: fabric.setup(model, optimizer, scheduler=...)")
         self._check_launched()
         self._check_not_wrapped(module, optimizers)
         original = module
@@ -188,7 +203,7 @@ class Fabric:
         self.call("on_after_setup", fabric=self, module=wrapped)
         if not fabric_optimizers:
             return wrapped
-        return (wrapped, *fabric_optimizers)
+        return (wrapped, *fabric_optimizers, scheduler) if scheduler is not None else (wrapped, *fabric_optimizers)
 
     def setup_module(self, module: nn.Module, move_to_device: bool = True) -> nn.Module:
         """Wrap a module alone (set up its optimizers afterwards with :meth:`setup_optimizers`)."""
@@ -222,7 +237,9 @@ class Fabric:
         if not isinstance(loader, DataLoader):
             raise TypeError(f"setup_dataloaders() takes torch DataLoaders, got {type(loader).__name__}")
         sampler_kwargs = self._strategy.distributed_sampler_kwargs
-        if use_distributed_sampler and sampler_kwargs is not None and sampler_kwargs["num_replicas"] > 1:
+        # with several ranks the sampler is replaced even for one replica (ranks of a tensor-parallel group
+        # must read the same batches: a DistributedSampler seeded alike, not each rank's own RandomSampler)
+        if use_distributed_sampler and sampler_kwargs is not None and self.world_size > 1:
             loader = shard_dataloader(loader, **sampler_kwargs)
         loader = self._strategy.process_dataloader(with_seeded_workers(loader, self.global_rank))
         return _FabricDataLoader(loader, device=self.device if move_to_device else None)
@@ -296,15 +313,22 @@ class Fabric:
         """Tensors created inside land on the device, in the precision's dtype."""
         return self._strategy.tensor_init_context()
 
+    def sharded_model(self) -> ContextManager:
+        """Deprecated in Lightning in favour of :meth:`init_module`, which it is here."""
+        warnings.warn("fabric.sharded_model() is deprecated: use fabric.init_module()", DeprecationWarning, stacklevel=2)
+        return self.init_module()
+
     def init_module(self, empty_init: Optional[bool] = None) -> ContextManager:
         """Modules created inside land on the device in the right dtype (on the meta device where the strategy shards)."""
         self._check_launched()
         return self._strategy.module_init_context(empty_init=empty_init)
 
     @staticmethod
-    def seed_everything(seed: Optional[int] = None, workers: Optional[bool] = None) -> int:
-        """Seed Python, NumPy and torch on this rank (and the ranks it starts); see :func:`seed_everything`."""
-        return _seed_everything(seed, workers=True if workers is None else workers)
+    def seed_everything(seed: Optional[int] = None, workers: Optional[bool] = None, verbose: bool = True) -> int:
+        """Seed Python, NumPy and torch on this rank (and the ranks it starts); see :func:`seed_everything`.
+
+        ``workers=None`` means True here: DataLoader workers are seeded too."""
+        return _seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on global rank 0 only."""
@@ -314,14 +338,21 @@ class Fabric:
     # ----- collectives ---------------------------------------------------------------------------
     def barrier(self, name: Optional[str] = None) -> None:
         """Wait until every rank gets here. ``name`` appears in stall reports and the dashboard."""
+        self._check_launched()
         self._strategy.barrier(name=name)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """``src``'s value on every rank: a tensor, or any picklable object."""
+        self._check_launched()
         return self._strategy.broadcast(obj, src=src)
 
     def all_gather(self, data: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
-        """Every rank's tensors, stacked on a new first dimension (collections gathered leaf by leaf)."""
+        """Every rank's tensors, stacked on a new first dimension (collections gathered leaf by leaf).
+
+        Python bools (as uint8), ints, floats and NumPy arrays are turned into tensors first, so
+        ``all(fabric.all_gather(ok))`` works. With one rank no dimension is added.
+        """
+        self._check_launched()
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_gather(t, group=group, sync_grads=sync_grads))
@@ -329,6 +360,7 @@ class Fabric:
     def all_reduce(self, data: Any, group: Optional[Any] = None, reduce_op: Union[str, Any] = "mean") -> Any:
         """The reduction (sum, mean, max, min) over ranks; the caller's tensors are not modified."""
         normalize_reduce_op(reduce_op)  # the same error on one process as on many
+        self._check_launched()
         strategy = self._strategy
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))
@@ -350,15 +382,33 @@ class Fabric:
         Call it on every rank, not under ``if fabric.is_global_zero:``: the other ranks must reach
         the wait (and sharded strategies gather the state from every rank first).
         """
+        self._check_launched()
         self._strategy.save_checkpoint(path, state, filter=filter)
 
-    def load(self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True) -> dict[str, Any]:
-        """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None)."""
-        return self._strategy.load_checkpoint(path, state=state, strict=strict)
+    def load(
+        self, path: Union[str, Path], state: Optional[dict[str, Any]] = None, strict: bool = True, *,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        """Restore ``state`` in place and return the rest of the checkpoint (all of it when ``state`` is None).
 
-    def load_raw(self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True) -> None:
-        """Load a plain ``torch.save``-d state dict (not written by Fabric) into a module or optimizer."""
-        state_dict = checkpoint_io.load(path, map_location="cpu", weights_only=True)
+        ``weights_only=True``: unpickle only tensors and plain containers (default False: Fabric's own
+        checkpoints hold optimizer states and your objects)."""
+        self._check_launched()
+        if not weights_only:
+            return self._strategy.load_checkpoint(path, state=state, strict=strict)
+        if "weights_only" not in inspect.signature(self._strategy.load_checkpoint).parameters:
+            raise NotImplementedError(f"{type(self._strategy).__name__} reads its checkpoints itself: load(weights_only=True) is not possible there")
+        return self._strategy.load_checkpoint(path, state=state, strict=strict, weights_only=True)
+
+    def load_raw(
+        self, path: Union[str, Path], obj: Union[nn.Module, Optimizer], strict: bool = True, *,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """Load a plain ``torch.save``-d state dict (not written by Fabric) into a module or optimizer.
+
+        ``weights_only`` (default True): unpickle tensors and plain containers only; pass False for a
+        file you trust that holds other objects."""
+        state_dict = checkpoint_io.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
         if isinstance(obj, nn.Module):
             self._strategy.load_module_state_dict(obj, state_dict, strict=strict)
         elif isinstance(obj, Optimizer) or isinstance(getattr(obj, "_optimizer", None), Optimizer):
@@ -396,13 +446,27 @@ class Fabric:
 
     # ----- checks --------------------------------------------------------------------------------
     def _check_launched(self) -> None:
+        """Ready to talk to the other ranks: where they were created outside (``notebook-fabric run``,
+        torchrun, SLURM), prepare this one now, as ``launch()`` would; else insist on ``launch()``."""
         strategy = self._strategy
-        if isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not self._launched:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                raise RuntimeError(
-                    "This Fabric runs on several ranks: call fabric.launch() first"
-                    " (or fabric.launch(train_fn) from a notebook)."
-                )
+        if self._launched or not (isinstance(strategy, ParallelStrategy) and strategy.world_size > 1):
+            return
+        environment = strategy.cluster_environment
+        if environment is not None and environment.creates_processes_externally:
+            self._prepare_this_rank()
+            self._prepared_outside = True
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(
+                "This Fabric runs on several ranks: call fabric.launch() first"
+                " (or fabric.launch(train_fn) from a notebook)."
+            )
+
+    def _prepare_this_rank(self) -> None:
+        self._launched = True
+        self._strategy.setup_environment()
+        if self._debug:
+            enable_signature_checks()
 
     @staticmethod
     def _check_not_wrapped(module: Optional[nn.Module], optimizers: Iterable[Any]) -> None:
@@ -412,9 +476,9 @@ class Fabric:
             raise ValueError("This optimizer was already set up with fabric.setup(); pass the original optimizer")
 
 
-def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
+def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: bool = True) -> int:
     """Seed Python, NumPy and torch; see :func:`notebook_fabric.utilities.seed.seed_everything`."""
-    return _seed_everything(seed, workers=workers)
+    return _seed_everything(seed, workers=workers, verbose=verbose)
 
 
 def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -422,6 +486,14 @@ def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, 
     fabric._launched = True
     fabric.strategy.setup_environment()
     return function(fabric, *args, **kwargs)
+
+
+def _takes_an_argument(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -446,11 +518,3 @@ def _unconfigured(value: Any) -> Any:
         except Exception:  # noqa: BLE001 - an object that cannot be copied travels as it is
             return value
     return value
-
-
-def _interactive_session() -> bool:
-    """True in a notebook kernel or a REPL, where there is no script to re-run."""
-    if hasattr(sys, "ps1"):
-        return True
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return not main_file or os.path.basename(main_file).startswith("ipykernel")

@@ -1,7 +1,9 @@
 """What ``fabric.setup()`` and ``fabric.setup_dataloaders()`` return: thin wrappers that keep the hot path clean."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+import functools
+from types import MethodType
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +12,11 @@ from torch.optim import Optimizer
 from .precision import Precision
 from .utilities.apply import apply_to_collection
 
-_WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_precision", "_plain")
+_WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_precision", "_plain", "_routes",
+                       "_forward_methods", "_forward_depth")
+#: methods that always run through the strategy's wrapped forward (as a LightningModule's steps do in Lightning)
+STEP_METHODS = frozenset({"training_step", "validation_step", "test_step", "predict_step"})
+_MISSING = object()
 _DELEGATED_OPTIMIZER_ATTRIBUTES = ("step", "state_dict", "zero_grad", "param_groups", "state", "defaults")
 
 
@@ -29,12 +35,40 @@ class _FabricModule(nn.Module):
         self._precision: Precision = strategy.precision
         # full precision needs no casting and no autocast: skip that work on every call
         self._plain = type(self._precision) is Precision
+        # a strategy that wraps the module (DDP, DeepSpeed's engine) or hooks into it (FSDP2, tensor
+        # parallel) only does its work when the call goes through the wrapped forward
+        self._routes = forward_module is not self._original_module or getattr(strategy, "hooks_module", False)
+        self._forward_methods: set[str] = set(STEP_METHODS)
+        self._forward_depth = [0]  # > 0 while the wrapped forward runs (a list: no nn.Module.__setattr__ per call)
 
     @property
     def module(self) -> nn.Module:
         return self._original_module
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (your module's own ``device`` attribute if it has one)."""
+        original = self._original_module
+        own = getattr(original, "device", _MISSING)
+        if own is not _MISSING:
+            return own
+        for tensor in original.parameters():
+            return tensor.device
+        for tensor in original.buffers():
+            return tensor.device
+        return self._strategy.root_device
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._routes:
+            depth = self._forward_depth
+            depth[0] += 1
+            try:
+                return self._forward(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._plain:
             return self._forward_module(*args, **kwargs)
         precision = self._precision
@@ -42,6 +76,78 @@ class _FabricModule(nn.Module):
         with precision.forward_context():
             output = self._forward_module(*args, **kwargs)
         return precision.convert_output(output)
+
+    def mark_forward_method(self, method: Union[MethodType, str]) -> None:
+        """Run ``model.<method>(...)`` through the strategy's wrapped forward, as ``model(...)`` runs.
+
+        ``training_step``, ``validation_step``, ``test_step`` and ``predict_step`` are marked already.
+        Under DDP, FSDP, DeepSpeed and model parallelism, calling another method of your model that
+        runs its layers raises until you mark it, since its gradients would not be synchronised::
+
+            model = fabric.setup(model)
+            model.mark_forward_method("generate")  # or model.mark_forward_method(model.generate)
+            tokens = model.generate(prompt)
+        """
+        if isinstance(method, str):
+            name = method
+        elif isinstance(method, MethodType):
+            name = method.__name__
+        else:
+            raise TypeError(f"mark_forward_method() takes a method or its name, got {type(method).__name__}")
+        if name == "forward":
+            raise ValueError("forward already runs through the wrapper: mark other methods, not 'forward'")
+        if not isinstance(getattr(self._original_module, name, None), MethodType):
+            raise AttributeError(f"{type(self._original_module).__name__} has no method {name!r} to mark")
+        self._forward_methods.add(name)
+
+    def _routed(self, name: str) -> Callable[..., Any]:
+        """``original.<name>`` called through the wrapped forward: while it runs, ``original.forward`` is
+        the method, so DDP's (or FSDP's, DeepSpeed's) ``__call__`` runs it with its hooks around it."""
+        original = self._original_module
+        method = getattr(original, name)
+
+        @functools.wraps(method)
+        def through_forward(*args: Any, **kwargs: Any) -> Any:
+            saved = original.__dict__.get("forward", _MISSING)
+
+            def as_forward(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                _restore_forward(original, saved)  # the method may call the real forward itself
+                return method(*inner_args, **inner_kwargs)
+
+            original.__dict__["forward"] = as_forward
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                if original.__dict__.get("forward") is as_forward:
+                    _restore_forward(original, saved)
+
+        return through_forward
+
+    def _guarded(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method``, refusing to run a layer of the model outside the wrapped forward."""
+        original = self._original_module
+        depth = self._forward_depth
+
+        def refuse(module: nn.Module, _: Any) -> None:
+            if depth[0] == 0:
+                raise RuntimeError(
+                    f"{type(original).__name__}.{name}() runs the model's layers outside the {type(self._strategy).__name__}"
+                    " wrapper, so its gradients would not be synchronised across ranks. Call the model itself, or mark"
+                    f" the method after setup: model.mark_forward_method({name!r})."
+                )
+
+        @functools.wraps(method)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if depth[0] > 0:
+                return method(*args, **kwargs)
+            handles = [module.register_forward_pre_hook(refuse) for module in original.modules()]
+            try:
+                return method(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return guarded
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self._original_module.state_dict(*args, **kwargs)
@@ -53,8 +159,14 @@ class _FabricModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            original = super().__getattr__("_original_module")
-            return getattr(original, name)
+            pass
+        original = super().__getattr__("_original_module")
+        attribute = getattr(original, name)
+        if not self.__dict__.get("_routes") or not isinstance(attribute, MethodType):
+            return attribute
+        if name in self.__dict__["_forward_methods"]:
+            return self._routed(name)
+        return self._guarded(name, attribute)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _WRAPPER_ATTRIBUTES or "_original_module" not in self._modules:
@@ -66,6 +178,13 @@ class _FabricModule(nn.Module):
 
     def __repr__(self) -> str:
         return f"FabricModule({self._original_module!r})"
+
+
+def _restore_forward(module: nn.Module, saved: Any) -> None:
+    if saved is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = saved
 
 
 class _FabricOptimizer:

@@ -275,8 +275,17 @@ def test_spec_migration_loop_trains_on_two_ranks(training) -> None:
     assert zero["params"] == one["params"]
     for record in (zero, one):
         assert record["world_size"] == 2
-        assert record["output_dtype"] == "torch.bfloat16" and record["param_dtype"] == "torch.float32"
+        assert record["output_dtype"] == "torch.float32" and record["param_dtype"] == "torch.float32"
         assert record["samples"] == 256 * record["epochs"]  # half of the 512 samples per epoch
+
+
+def test_spec_migration_loop_in_bf16_mixed_equals_the_plain_pytorch_loop(training) -> None:
+    """Issue 9, item 2: bf16-mixed casts inputs to bf16 and outputs to float32, as Lightning does, so the
+    migration loop ends bit-equal to plain DDP + autocast with those casts written by hand."""
+    result = ok(training["migration"])
+    fabric_zero, fabric_one = both(result, "migration")
+    plain_zero, plain_one = both(result, "migration_plain")
+    assert fabric_zero["params"] == plain_zero["params"] == fabric_one["params"] == plain_one["params"]
 
 
 def test_spec_gradient_accumulation_loop_trains_on_two_ranks(training) -> None:

@@ -295,8 +295,30 @@ def test_init_module_and_init_tensor() -> None:
     assert torch.zeros(2).dtype == torch.float32
     with Fabric(accelerator="cpu", devices=1, precision="64-true").init_module():
         assert nn.Linear(2, 2).weight.dtype == torch.float64
+
+
+
+def test_empty_init_without_sharding_allocates_and_skips_initialisation() -> None:
+    """Item 5 of issue 9: memory on the device (not meta), no random draws, and setup() works."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    expected_next_draw = torch.rand(1)
+    torch.manual_seed(0)
     with fabric.init_module(empty_init=True):
-        assert nn.Linear(2, 2).weight.device.type == "meta"
+        model = nn.Sequential(nn.Linear(4, 3), nn.TransformerEncoderLayer(3, 1, dim_feedforward=4), nn.LayerNorm(3))
+    assert torch.equal(torch.rand(1), expected_next_draw), "no initialiser should have drawn random numbers"
+    assert all(p.device.type == "cpu" and not p.is_meta for p in model.parameters())
+    source = nn.Sequential(nn.Linear(4, 3), nn.TransformerEncoderLayer(3, 1, dim_feedforward=4), nn.LayerNorm(3))
+    model.load_state_dict(source.state_dict())
+    wrapped = fabric.setup(model)
+    x = torch.randn(2, 1, 4)
+    source.eval(), wrapped.eval()
+    assert torch.equal(wrapped(x), source(x))
+    torch.manual_seed(1)
+    reference = nn.Linear(2, 2)
+    torch.manual_seed(1)
+    with fabric.init_module(empty_init=False):  # initialised as usual
+        assert torch.equal(nn.Linear(2, 2).weight, reference.weight)
 
 
 def test_autocast() -> None:
@@ -413,10 +435,14 @@ def test_collectives_on_one_process(fabric: Fabric) -> None:
     assert reduced["a"].item() == 2.0 and reduced["b"][0].tolist() == [1, 2] and reduced["b"][1].item() == 0.5
     assert torch.equal(tensor, torch.tensor([1.0, -2.0]))
 
-    gathered = fabric.all_gather(tensor)
-    assert gathered.shape == (1, 2) and torch.equal(gathered[0], tensor)
+    gathered = fabric.all_gather(tensor)  # one process: no dimension added (Lightning's contract)
+    assert gathered.shape == (2,) and torch.equal(gathered, tensor)
     nested = fabric.all_gather({"x": torch.ones(2, 2), "y": [torch.tensor(3.0), 0.5]})
-    assert nested["x"].shape == (1, 2, 2) and nested["y"][0].tolist() == [3.0] and nested["y"][1].tolist() == [0.5]
+    assert nested["x"].shape == (2, 2) and nested["y"][0].item() == 3.0 and nested["y"][1].item() == 0.5
+    flags = fabric.all_gather({"ok": True, "n": 3, "array": np.arange(3)})
+    assert flags["ok"].dtype == torch.uint8 and flags["ok"].item() == 1 and bool(fabric.all_gather(True))
+    assert flags["n"].dtype == torch.int32 and flags["array"].tolist() == [0, 1, 2]
+    assert fabric.all_reduce(False, reduce_op="max").dtype == torch.uint8
     leaf = torch.tensor([2.0], requires_grad=True)
     (fabric.all_gather(leaf, sync_grads=True) * 3).sum().backward()
     assert leaf.grad.tolist() == [3.0]

@@ -91,7 +91,7 @@ def test_torchelastic_bad_values(monkeypatch: pytest.MonkeyPatch, overrides: dic
 
 def test_torchelastic_rejects_fabric_settings_that_contradict_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     set_variables(monkeypatch, **TORCHRUN)
-    with pytest.raises(ValueError, match=r"devices=4, num_nodes=2\) asks for 8 ranks.*WORLD_SIZE=4.*--devices 2 --num-nodes 2"):
+    with pytest.raises(ValueError, match=r"devices=4, num_nodes=2\) asks for 8 ranks.*rank 3 of WORLD_SIZE=4.*--devices 2 --num-nodes 2"):
         TorchElasticEnvironment().validate_settings(num_devices=4, num_nodes=2)
 
 

@@ -18,6 +18,7 @@ from conftest import clean_rank_environment
 from helpers_launch import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.checkpoint import distributed as dist_ckpt
+from notebook_fabric.precision import MixedPrecision
 from notebook_fabric.strategies import STRATEGY_REGISTRY
 from notebook_fabric.strategies.fsdp import FSDPStrategy, select_modules
 from notebook_fabric.strategies.dtensor import rebuild_optimizer
@@ -263,8 +264,9 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with clean_rank_environment():
         wrapped = launch(wrapped_and_checkpointed, folder, devices=2, accelerator="cpu", strategy=strategy,
                          precision="bf16-mixed", return_all=True)  # fmt: skip
-        half = launch(half_precision_offload, devices=2, accelerator="cpu", strategy=offload, precision="16-mixed",
-                      return_all=True)  # fmt: skip
+        # float16 autocast and loss scaling on the CPU need the plugin itself (precision="16-mixed" means bf16 there)
+        half = launch(half_precision_offload, devices=2, accelerator="cpu", strategy=offload,
+                      plugins=[MixedPrecision("16-mixed", device_type="cpu")], return_all=True)  # fmt: skip
     return {"wrapped": wrapped, "half": half, "folder": folder}
 
 
@@ -360,7 +362,7 @@ def test_auto_wrap_and_activation_checkpointing_policies_under_bf16(features):
         assert seen["units"] == ["FSDPCheckpointWrapper", "FSDPCheckpointWrapper", "FSDPDecoder"]
         assert seen["checkpointed"] == ["TransformerDecoderLayer", "TransformerDecoderLayer"]
         assert seen["forward_calls"] == 2 * len(seen["losses"])  # every layer forward runs again in backward
-        assert seen["output_dtype"] == torch.bfloat16 and seen["param_dtype"] == torch.float32
+        assert seen["output_dtype"] == torch.float32 and seen["param_dtype"] == torch.float32  # outputs back in fp32
         assert seen["losses"][-1] < 0.5 * seen["losses"][0]
         assert seen["reshard_after_forward"] is False and seen["keys_match_plain_model"]
     checkpoint = torch.load(features["folder"] / "decoder.ckpt", weights_only=True)

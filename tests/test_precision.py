@@ -1,6 +1,8 @@
 """Precision settings on CPU: names and aliases, module dtypes, autocast in forward, loss scaling."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("clean_environment")
 ALIASES = [
     (32, "32-true", Precision), ("32", "32-true", Precision), ("32-true", "32-true", Precision),
     (64, "64-true", TruePrecision), ("64", "64-true", TruePrecision), ("64-true", "64-true", TruePrecision),
-    (16, "16-mixed", MixedPrecision), ("16", "16-mixed", MixedPrecision), ("16-mixed", "16-mixed", MixedPrecision),
+    (16, "bf16-mixed", MixedPrecision), ("16", "bf16-mixed", MixedPrecision), ("16-mixed", "bf16-mixed", MixedPrecision),
     ("bf16", "bf16-mixed", MixedPrecision), ("bf16-mixed", "bf16-mixed", MixedPrecision),
     ("16-true", "16-true", TruePrecision), ("bf16-true", "bf16-true", TruePrecision), (None, "32-true", Precision),
 ]  # fmt: skip
@@ -21,13 +23,28 @@ TRUE_DTYPES = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": 
 
 
 def cpu_fabric(precision) -> Fabric:
+    if precision == "16-mixed":  # float16 autocast and loss scaling on the CPU need the plugin itself
+        return Fabric(accelerator="cpu", devices=1, plugins=MixedPrecision("16-mixed", device_type="cpu"))
     return Fabric(accelerator="cpu", devices=1, precision=precision)
 
 
 @pytest.mark.parametrize("given, name, plugin", ALIASES)
 def test_every_precision_name_and_alias_resolves(given, name: str, plugin: type) -> None:
-    precision = cpu_fabric(given).strategy.precision
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-mixed on the CPU warns; tested below
+        precision = Fabric(accelerator="cpu", devices=1, precision=given).strategy.precision
     assert type(precision) is plugin and precision.precision == name
+
+
+@pytest.mark.parametrize("given", [16, "16", "16-mixed"])
+def test_16_mixed_on_the_cpu_becomes_bf16_mixed_with_a_warning(given) -> None:
+    with pytest.warns(UserWarning, match="'bf16-mixed' is used instead"):
+        fabric = Fabric(accelerator="cpu", devices=1, precision=given)
+    precision = fabric.strategy.precision
+    assert precision.precision == "bf16-mixed" and precision.dtype is torch.bfloat16 and precision.scaler is None
+    probe = AutocastProbe()
+    fabric.setup(probe)(torch.randn(2, 4))
+    assert probe.seen == (True, torch.bfloat16)
 
 
 @pytest.mark.parametrize("name, dtype", TRUE_DTYPES.items())
@@ -50,9 +67,11 @@ class AutocastProbe(nn.Module):
         super().__init__()
         self.linear = nn.Linear(4, 2)
         self.seen = None
+        self.inputs: list = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         self.seen = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        self.inputs = [x.dtype, *(t.dtype for t in extra)]
         return self.linear(x)
 
 
@@ -60,9 +79,11 @@ class AutocastProbe(nn.Module):
 def test_mixed_precision_autocasts_the_wrapped_forward(name: str, dtype: torch.dtype) -> None:
     probe = AutocastProbe()
     model = cpu_fabric(name).setup(probe)
-    output = model(torch.randn(3, 4))
+    output = model(torch.randn(3, 4), torch.arange(3), torch.randn(2, dtype=torch.complex64))
     assert probe.seen == (True, dtype)
-    assert output.dtype == dtype
+    assert probe.inputs == [dtype, torch.int64, torch.complex64]  # floating inputs in the half dtype, others kept
+    assert output.dtype == torch.float32  # the output comes back in float32
+    assert probe.linear(torch.randn(3, 4)).dtype == torch.float32  # no autocast left behind
     assert probe.linear.weight.dtype == torch.float32  # weights stay in float32
     assert not torch.is_autocast_enabled("cpu")
     assert probe(torch.randn(3, 4)).dtype == torch.float32  # the unwrapped module is untouched
@@ -146,3 +167,29 @@ def test_16_mixed_skips_a_step_whose_gradients_overflowed() -> None:
 def test_16_mixed_trains_on_cpu() -> None:
     losses = regression_losses(cpu_fabric("16-mixed"))
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+class WithComplex(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("phase", torch.tensor([1 + 2j, -3j], dtype=torch.complex64))
+        self.register_buffer("steps", torch.tensor([1, 2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.phase.abs().to(x.dtype)
+
+
+@pytest.mark.parametrize("name", ["64-true", "bf16-true"])
+def test_true_precision_converts_like_module_double_and_keeps_complex_tensors(name: str) -> None:
+    """Item 4 of issue 9: the imaginary part survives and torch does not warn about discarding it."""
+    module = WithComplex()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = cpu_fabric(name).setup(module)
+    assert module.linear.weight.dtype == TRUE_DTYPES[name]
+    assert module.phase.dtype == torch.complex64 and module.phase.tolist() == [1 + 2j, -3j]
+    assert module.steps.dtype == torch.int64
+    reference = WithComplex().double()
+    assert {k: v.dtype for k, v in reference.state_dict().items()}["phase"] == module.phase.dtype
+    assert model(torch.ones(1, 2)).dtype == torch.float32

@@ -47,14 +47,16 @@ class TorchElasticEnvironment(SchedulerEnvironment):
         return "TORCHELASTIC_RUN_ID" in os.environ
 
     def validate_settings(self, num_devices: int, num_nodes: int) -> None:
-        """``ValueError`` when ``devices x num_nodes`` is not the world torchrun started."""
-        if num_devices * num_nodes != self._world_size:
+        """``ValueError`` when ``devices x num_nodes`` is not the world torchrun started, or ``devices``
+        not the ranks it started per node."""
+        if num_devices * num_nodes != self._world_size or num_devices != self._local_world_size:
             raise ValueError(
                 f"Fabric(devices={num_devices}, num_nodes={num_nodes}) asks for {num_devices * num_nodes}"
-                f" ranks, but torchrun started WORLD_SIZE={self._world_size}"
-                f" ({self._local_world_size} per node). Make them agree: start the script with"
-                f" `notebook-fabric run --devices {self._local_world_size}"
+                f" ranks ({num_devices} per node), but torchrun started this process as rank {self._global_rank}"
+                f" of WORLD_SIZE={self._world_size} ({self._local_world_size} per node). Make them agree:"
+                f" start the script with `notebook-fabric run --devices {self._local_world_size}"
                 f" --num-nodes {self._world_size // self._local_world_size}`, or set devices and"
-                " num_nodes in Fabric(...) to match torchrun's --nproc-per-node and --nnodes."
+                " num_nodes in Fabric(...) to match torchrun's --nproc-per-node and --nnodes (or leave them"
+                " to 'auto'); to run this process on its own, pass strategy='single_device'."
             )
 

@@ -16,23 +16,29 @@ from .pool import RankPool
 from .preflight import START_METHODS, check_picklable, resolve_start_method
 
 _LAUNCHED = "__notebook_fabric_launched__"
+START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is given no timeout
 
 
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
-           post_mortem: bool = False, **fabric_kwargs: Any) -> Any:
+           log_dir: Any = None, post_mortem: bool = False, **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
     ``Fabric(accelerator=, strategy=, devices=, precision=, **fabric_kwargs)`` with its process
     group ready. ``start_method``: ``"fork"`` (default where safe: Linux, CUDA not yet
     initialised here), ``"spawn"`` or ``"forkserver"`` (which send ``fn`` and ``args`` with
-    cloudpickle). ``timeout``: seconds the function may run before the launch ends with a
-    :class:`LaunchTimeoutError` naming the ranks waiting in a collective and where the others are.
+    cloudpickle). ``timeout``: seconds the ranks may take to start (a :class:`LaunchTimeoutError`
+    names those that never connected apart from those that never joined the process group), and
+    then seconds the function may run before the launch ends with a :class:`LaunchTimeoutError`
+    naming the ranks waiting in a collective and where the others are.
     ``return_all``: return a list of every rank's value. Tensors come back on the CPU.
     ``stall``: when some ranks have waited this many seconds in a collective the others have not
     entered, print who waits where and every rank's stack (once per stall; ``None`` turns it off).
+    ``log_dir``: every rank's complete stdout and stderr also go to ``<log_dir>/rank<N>/stdout.log``
+    and ``stderr.log`` (path printed at the end); by default to a temporary folder that is removed
+    after a successful launch and kept (path printed) after a failure; ``False``: no log files.
     ``post_mortem``: when ``fn`` raises on a rank, open pdb on the failing frame (``(Pdb rank N)``,
     asked here: the kernel's stdin or the terminal) before the ranks are stopped.
     ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
@@ -46,21 +52,22 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     _check_start_method(start_method)
     kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
     if _starts_own_ranks(kwargs):  # torch_xla starts XLA ranks itself: no rank pool
-        if return_all or timeout is not None or start_method is not None:
-            raise ValueError("XLA strategies start their ranks with torch_xla: return_all=, timeout= and"
-                             " start_method= do not apply")
+        if return_all or timeout is not None or start_method is not None or log_dir is not None:
+            raise ValueError("XLA strategies start their ranks with torch_xla: return_all=, timeout=,"
+                             " start_method= and log_dir= do not apply")
         from ..fabric import Fabric
 
         return Fabric(**kwargs).launch(fn, *args)
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
-                        timeout=timeout, return_all=return_all, stall=stall, sink=sink, post_mortem=post_mortem)
+                        timeout=timeout, return_all=return_all, stall=stall, sink=sink, log_dir=log_dir,
+                        post_mortem=post_mortem)
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
-                 sink: Optional[EventSink] = None, post_mortem: bool = False) -> Any:
+                 sink: Optional[EventSink] = None, log_dir: Any = None, post_mortem: bool = False) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
@@ -70,6 +77,8 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
         raise TypeError(f"expected a function to run on every rank, got {type(fn).__name__}")
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
     sink = sink if sink is not None else TextSink()
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
@@ -80,9 +89,9 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
     if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
-                    namespace={_LAUNCHED: (fn, args, kwargs)})
+                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir)
     try:
-        pool.start()
+        pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
         watchdog = StallWatchdog(range(num_processes), pool.where, stall)
         run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
         results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,

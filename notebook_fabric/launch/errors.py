@@ -52,14 +52,21 @@ class RankDiedError(LaunchError):
 
 
 class LaunchTimeoutError(LaunchError, TimeoutError):
-    """The run outlived its ``timeout``; says which ranks wait in which collective, and where the rest are."""
+    """The run outlived its ``timeout``; says which ranks wait in which collective, and where the rest are.
+
+    At start-up: ``never_connected`` (ranks that never reached the notebook) and ``not_joined``
+    (ranks that reached it but never got their Fabric ready, usually waiting for the others in
+    the process group).
+    """
 
     def __init__(self, message: str, *, waiting: Dict[int, CollectiveState], elsewhere: Dict[int, str],
-                 stacks: Dict[int, str]) -> None:
+                 stacks: Dict[int, str], never_connected: Sequence[int] = (), not_joined: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.waiting = waiting
         self.elsewhere = elsewhere
         self.stacks = stacks
+        self.never_connected = list(never_connected)
+        self.not_joined = list(not_joined)
 
 
 class PoolClosedError(LaunchError):

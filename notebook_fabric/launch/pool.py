@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..live.channel import EventListener
 from ..live.events import CollectiveState, Notice, RankEvent
@@ -36,6 +36,7 @@ from .errors import PoolClosedError
 from .preflight import resolve_start_method
 from .processes import descendants, kill_all, kill_process_group, signal_process, wait_until
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
+from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
 from .run_loop import RunLoop, wait_until_ready
 from .starters import start_rank
@@ -66,15 +67,25 @@ class RankPool:
     ``namespace`` seeds every rank's namespace (inherited under fork, cloudpickled otherwise).
     ``sink`` receives every event (default: a :class:`TextSink` printing ``[rank N] ...``).
     ``trace_collectives`` sends every collective enter/exit as an event (heartbeats always carry
-    the current collective).
+    the current collective). ``log_dir``: every rank also appends its complete stdout and stderr
+    to ``<log_dir>/rank<N>/stdout.log`` / ``stderr.log``; ``None`` (default) uses a temporary folder,
+    removed at :meth:`stop` unless a start or a task failed; ``False``: no log files. A kept folder's
+    path is printed when the pool stops (see :mod:`.rank_logs`).
     """
 
     def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
                  start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
-                 heartbeat_interval: float = 2.0, trace_collectives: bool = False) -> None:
+                 heartbeat_interval: float = 2.0, trace_collectives: bool = False,
+                 log_dir: Union[str, "os.PathLike[str]", None, bool] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+        if log_dir is True or not (log_dir is None or log_dir is False or isinstance(log_dir, (str, os.PathLike))):
+            raise TypeError(f"log_dir must be a path, None (a temporary folder) or False (no logs), got {log_dir!r}")
+        if isinstance(log_dir, str) and not log_dir.strip():
+            raise ValueError("log_dir='' names no folder: pass a path, None (a temporary folder) or False (no logs)")
+        self._log_setting = log_dir
+        self._logs: Optional[RankLogs] = None
         self.fabric_kwargs: Dict[str, Any] = dict(fabric_kwargs or {})
         self.num_processes = num_processes
         self.requested_start_method = start_method
@@ -108,6 +119,16 @@ class RankPool:
     def pids(self) -> List[int]:
         return [h.pid for h in self._handles]
 
+    @property
+    def log_dir(self) -> Optional[str]:
+        """The folder of the per-rank log files (``None`` before :meth:`start` or with ``log_dir=False``)."""
+        return None if self._logs is None else self._logs.folder
+
+    def keep_logs(self) -> None:
+        """Keep the log folder at :meth:`stop` even if it is the temporary default (a run failed)."""
+        if self._logs is not None:
+            self._logs.keep()
+
     def start(self, timeout: float = 120.0) -> "RankPool":
         """Start the ranks and return once every one has its Fabric launched (or raise why not)."""
         if self._state != "new":
@@ -123,6 +144,7 @@ class RankPool:
         self._state = "running"
         _LIVE_POOLS.add(self)
         try:
+            self._logs = RankLogs(self._log_setting, self.num_processes)
             self._rendezvous = RendezvousStore()
             self._listener = listener = EventListener(backlog=max(64, self.num_processes))
             for rank in range(self.num_processes):
@@ -132,6 +154,7 @@ class RankPool:
                     env=self._rendezvous.rank_environment(rank, self.num_processes),
                     heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
                     close_ports=(listener.address[1], self._rendezvous.port) if method == "fork" else (),
+                    log_dir=self._logs.folder,
                 )
                 self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
@@ -139,6 +162,7 @@ class RankPool:
             wait_until_ready(self, timeout)
             self._supervisor.stop_accepting()
         except BaseException:
+            self.keep_logs()
             self.stop(grace=0.5)
             raise
         return self
@@ -168,6 +192,9 @@ class RankPool:
                 self._rendezvous.close()
             _LIVE_POOLS.discard(self)
             self.drain_events(self.sink)
+            kept = self._logs.finish() if self._logs is not None else None
+            if kept is not None:
+                self._notify(f"per-rank logs (complete stdout and stderr): {kept}")
             self.sink.flush()
 
     def _end_ranks(self, grace: float) -> None:

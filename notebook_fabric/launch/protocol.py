@@ -27,6 +27,7 @@ class RankBootstrap:
     trace_collectives: bool = False
     close_ports: Tuple[int, ...] = ()  # the notebook's listening sockets a forked rank inherits and closes
     crash_fd: Optional[int] = None  # spawn: where faulthandler writes (fork/forkserver get a pipe object)
+    log_dir: Optional[str] = None  # the rank appends its stdout and stderr to rank<N>/stdout.log, stderr.log here
 
 
 @dataclass

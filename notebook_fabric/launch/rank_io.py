@@ -81,12 +81,19 @@ class Outbox:
 
 
 class OutputCapture:
-    """Redirects fds 1 and 2 into pipes; ``emit(stream, text)`` receives what arrives, in order."""
+    """Redirects fds 1 and 2 into pipes; ``emit(stream, text)`` receives what arrives, in order.
+
+    ``log_paths`` (``{"stdout": path, "stderr": path}``): every byte of each stream is also appended
+    to that file, by the reading thread, as it arrives (the rank's complete output, whatever the
+    notebook shows or the channel's fate).
+    """
 
     _MARK = b"\x00nbf-flush:"
 
-    def __init__(self, emit: Callable[[str, str], None]) -> None:
+    def __init__(self, emit: Callable[[str, str], None], log_paths: Optional[Dict[str, str]] = None) -> None:
         self._emit = emit
+        self._log_paths = dict(log_paths or {})
+        self._log_fds: Dict[str, int] = {}
         self._readers: Dict[int, str] = {}
         self._decoders: Dict[int, Any] = {}
         self._pending: Dict[int, bytes] = {}
@@ -98,6 +105,8 @@ class OutputCapture:
         self.original_stderr_fd: Optional[int] = None
 
     def start(self) -> "OutputCapture":
+        for name, path in self._log_paths.items():
+            self._log_fds[name] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         _flush_c_stdio()
         for fd, name in ((1, "stdout"), (2, "stderr")):
             read_end, write_end = os.pipe()
@@ -194,9 +203,22 @@ class OutputCapture:
 
     def _send(self, fd: int, data: bytes) -> None:
         if data:
+            log_fd = self._log_fds.get(self._readers[fd])
+            if log_fd is not None:
+                _write_all(log_fd, data)
             text = self._decoders[fd].decode(data)
             if text:
                 self._emit(self._readers[fd], text)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``; a full disk loses log lines, never the rank."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
 
 
 def _partial_marker_suffix(data: bytes, mark: bytes) -> int:

@@ -25,6 +25,7 @@ from .processes import close_inherited_listeners, die_with_parent, kill_own_chil
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
 from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
 from .rank_io import Outbox, OutputCapture
+from .rank_logs import rank_log_paths
 from ..stepping import rank_prompts
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
@@ -78,7 +79,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     outbox = Outbox(lambda: connect_to_notebook(bootstrap.address, bootstrap.authkey), on_connected)
     outbox.start()
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
-                                                                    text=text))).start()
+                                                                    text=text)),
+                            log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
     rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
     try:

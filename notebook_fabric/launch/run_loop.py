@@ -51,9 +51,7 @@ def wait_until_ready(pool: "RankPool", timeout: float) -> None:
         if first_problem is not None and now - first_problem > 1.0:
             break
         if now > deadline:
-            raise LaunchTimeoutError(
-                f"{format_ranks(sorted(pending))} not ready {timeout:.0f} s after start "
-                "(building Fabric or joining the process group)", waiting={}, elsewhere={}, stacks={})
+            raise _start_timeout(pool, sorted(pending), timeout)
         event = pool.next_event(0.05)
         if event is None:
             continue
@@ -77,6 +75,24 @@ def wait_until_ready(pool: "RankPool", timeout: float) -> None:
         raise exc
     if deaths:
         raise _death_error(deaths, "while starting")
+
+
+def _start_timeout(pool: "RankPool", pending: List[int], timeout: float) -> LaunchTimeoutError:
+    """The start-up error: ranks that never reached the notebook apart from those that did but never
+    got their Fabric ready (the process group never formed, or building the Fabric hangs)."""
+    silent = [r for r in pending if pool.handle(r).connection is None]
+    joining = [r for r in pending if r not in silent]
+    lines = [f"the ranks were not ready within timeout={timeout:g} s of starting:"]
+    if silent:
+        pids = ", ".join(str(pool.handle(r).pid) for r in silent)
+        verb = "has" if len(silent) == 1 else "have"
+        lines.append(f"  {format_ranks(silent)} never connected to the notebook (pid {pids}): the process {verb} not "
+                     "come this far (still starting Python, importing, or stopped)")
+    if joining:
+        lines.append(f"  {format_ranks(joining)} connected but never joined the process group (building the Fabric or "
+                     "in init_process_group, waiting for the other ranks)")
+    return LaunchTimeoutError("\n".join(lines), waiting={}, elsewhere={}, stacks={}, never_connected=silent,
+                              not_joined=joining)
 
 
 class RunLoop:
@@ -103,6 +119,13 @@ class RunLoop:
         self.prompts = PromptServer(pool, sink)  # ranks at breakpoint()/input(): asked here, one at a time
 
     def run(self, task: Any) -> Dict[int, Any]:
+        try:
+            return self._run(task)
+        except BaseException:
+            self.pool.keep_logs()  # the logs of a failed run are kept
+            raise
+
+    def _run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
         self.pool.drain_events(self.sink)
         self.task_id = self.pool.next_id()
@@ -117,12 +140,15 @@ class RunLoop:
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
+            self.pool.keep_logs()  # before anything stops the pool: a failed run's logs are kept
             self._on_interrupt()
             raise
         finally:
             self.pool.task_running(False)
             self.pool.drain_events(self.sink)
             self.sink.flush()
+        if outcome != "done" or self.failures:
+            self.pool.keep_logs()
         if outcome == "died":
             self._on_death()
         if outcome == "timeout":
@@ -271,13 +297,18 @@ class RunLoop:
             self.pool.stop(grace=0.2)
 
     def _collective_hint(self, ranks: List[int]) -> str:
-        """``" (rank 0 in barrier #3)"``: asked of the ranks themselves (their side thread answers)."""
+        """``" (rank 0 in barrier #3)"``: asked of the ranks themselves (their side thread answers); a
+        rank too busy to answer in time is described by its last heartbeat."""
         try:
             replies = self.pool.where_replies(timeout=0.5)
         except Exception:  # noqa: BLE001 - a hint only
-            return ""
-        described = [f"rank {r} in {replies[r].collective.describe()}" for r in ranks
-                     if r in replies and replies[r].collective is not None]
+            replies = {}
+        described = []
+        for rank in ranks:
+            beat = self.pool.handle(rank).heartbeat
+            state = replies[rank].collective if rank in replies else (beat.collective if beat is not None else None)
+            if state is not None:
+                described.append(f"rank {rank} in {state.describe()}")
         return f" ({'; '.join(described)})" if described else ""
 
     def _notice(self, text: str) -> None:

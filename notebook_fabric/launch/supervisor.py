@@ -79,6 +79,7 @@ class Supervisor:
         self._reader = threading.Thread(target=self._read_loop, name="notebook-fabric supervisor", daemon=True)
 
     def start(self) -> None:
+        self._listener.start()  # only now: every rank is forked, no challenge runs while one forks
         self._acceptor.start()
         self._reader.start()
 

@@ -116,7 +116,7 @@ class _DirectoryLogger(Logger):
             raise ValueError("`version` must not be an empty string")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a str, got {type(prefix).__name__}")
-        self._root_dir = os.fspath(root_dir)
+        self._root_dir = os.path.expanduser(os.path.expandvars(os.fspath(root_dir)))  # "~/logs", "$SCRATCH/logs"
         self._name = name or ""
         self._prefix = prefix
         self._version: Union[int, str] = (

@@ -20,6 +20,7 @@ import weakref
 from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from notebook_fabric.utilities.rank_zero import rank_zero_experiment, rank_zero_only
 from notebook_fabric.loggers.base import (
     MetricValue,
     PathLike,
@@ -88,11 +89,19 @@ class CSVLogger(_DirectoryLogger):
         return os.path.join(self.log_dir, "metrics.csv")
 
     @property
+    @rank_zero_experiment
+    def experiment(self) -> "CSVLogger":
+        """The object that writes: this logger itself on rank 0 (``log_metrics``, ``log_hyperparams``,
+        ``save``), a stand-in whose methods do nothing on the other ranks."""
+        return self
+
+    @property
     def hparams(self) -> Dict[str, Any]:
         """A copy of all hyperparameters logged so far."""
         return dict(self._hparams)
 
     # ------------------------------------------------------------------ logging
+    @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, MetricValue], step: Optional[int] = None) -> None:
         """Buffer one row; ``step=None`` uses the step after the last one logged.
 
@@ -113,15 +122,18 @@ class CSVLogger(_DirectoryLogger):
         if len(self._pending) >= self._flush_every:
             self._flush()
 
+    @rank_zero_only
     def log_hyperparams(self, params: Union[Mapping[str, Any], Namespace]) -> None:
         """Merge ``params`` into the saved hyperparameters and rewrite the hparams file now."""
         self._hparams.update(params_to_dict(params))
         save_hparams_file(self.log_dir, self._hparams)
 
+    @rank_zero_only
     def save(self) -> None:
         """Write buffered rows to ``metrics.csv``."""
         self._flush()
 
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Write buffered rows; the logger stays usable afterwards."""
         self._flush()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from notebook_fabric.utilities.rank_zero import rank_zero_experiment, rank_zero_only
 from notebook_fabric.loggers.base import (
     MetricValue,
     PathLike,
@@ -112,13 +113,16 @@ class TensorBoardLogger(_DirectoryLogger):
         return dict(self._hparams)
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> "SummaryWriter":
-        """The underlying ``SummaryWriter`` (created, with its folder, on first access)."""
+        """The underlying ``SummaryWriter`` (created, with its folder, on first access); on ranks other
+        than 0 a stand-in whose methods do nothing, so only rank 0 writes event files."""
         if self._experiment is None:
             os.makedirs(self.log_dir, exist_ok=True)
             self._experiment = self._writer_cls(log_dir=self.log_dir, **self._writer_kwargs)
         return self._experiment
 
+    @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, MetricValue], step: Optional[int] = None) -> None:
         """``add_scalar`` per metric; a dict value ``{"a": 1, "b": 2}`` goes to ``add_scalars``.
 
@@ -137,6 +141,7 @@ class TensorBoardLogger(_DirectoryLogger):
             else:
                 writer.add_scalar(key, value, step)
 
+    @rank_zero_only
     def log_hyperparams(
         self,
         params: Union[Mapping[str, Any], Namespace],
@@ -163,6 +168,7 @@ class TensorBoardLogger(_DirectoryLogger):
         for key, value in metric_dict.items():
             writer.add_scalar(key, value, 0)
 
+    @rank_zero_only
     def log_graph(self, model: torch.nn.Module, input_array: Any = None) -> None:
         """Trace ``model`` on ``input_array`` (default: ``model.example_input_array``) and log its graph.
 
@@ -177,11 +183,13 @@ class TensorBoardLogger(_DirectoryLogger):
             )
         self.experiment.add_graph(model, input_array)
 
+    @rank_zero_only
     def save(self) -> None:
         """Flush pending events to disk (no-op before the first write)."""
         if self._experiment is not None:
             self._experiment.flush()
 
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         """Flush and close the writer; logging again later opens a new event file."""
         if self._experiment is not None:

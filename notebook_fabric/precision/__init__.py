@@ -1,6 +1,7 @@
 """Precision plugins and the mapping from ``precision=`` strings to them."""
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 from .base import Precision
@@ -29,10 +30,18 @@ def normalize_precision(precision: Union[str, int]) -> str:
 
 
 def resolve_precision(precision: Union[str, int, Precision], device_type: str) -> Precision:
-    """A ``Precision`` plugin for ``precision`` on ``device_type``."""
+    """A ``Precision`` plugin for ``precision`` on ``device_type`` (``16-mixed`` on the CPU becomes ``bf16-mixed``, with a warning)."""
     if isinstance(precision, Precision):
         return precision
     name = normalize_precision(precision)
+    if name == "16-mixed" and device_type == "cpu":
+        warnings.warn(
+            "precision='16-mixed' on the CPU: float16 autocast is not supported there, so 'bf16-mixed' is used instead"
+            " (pass precision='bf16-mixed' to silence this).",
+            UserWarning,
+            stacklevel=4,
+        )
+        name = "bf16-mixed"
     if name == "32-true":
         return Precision()
     if name.endswith("-mixed"):

@@ -76,3 +76,14 @@ class DtypeDefault:
 
     def __exit__(self, *exc: Any) -> None:
         torch.set_default_dtype(self._previous)
+
+
+def cast_floating(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype`` if it is a real floating tensor; integer, bool and complex tensors as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def module_to_floating_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``module``'s real floating parameters and buffers to ``dtype``, the way ``module.double()`` does:
+    complex and integer tensors keep their dtype (``module.to(dtype)`` would drop imaginary parts)."""
+    return module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..utilities.apply import apply_to_collection
-from .base import DtypeDefault, Precision
+from .base import DtypeDefault, Precision, module_to_floating_dtype
 
 #: the precisions DeepSpeed can run, and the dtype its engine computes in
 DEEPSPEED_PRECISIONS = {
@@ -67,7 +67,9 @@ class DeepSpeedPrecision(Precision):
         return {}
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        return module.to(dtype=self.dtype) if self.precision.endswith("-true") and self.dtype is not torch.float32 else module
+        if self.precision.endswith("-true") and self.dtype is not torch.float32:
+            return module_to_floating_dtype(module, self.dtype)
+        return module
 
     def module_init_context(self) -> ContextManager:
         return self.tensor_init_context()

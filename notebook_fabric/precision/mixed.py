@@ -1,4 +1,8 @@
-"""Automatic mixed precision: float32 weights, autocast in forward, loss scaling under float16."""
+"""Automatic mixed precision: float32 weights, autocast in forward, loss scaling under float16.
+
+Floating inputs of the model's forward are cast to the half dtype and floating outputs back to
+float32, as Lightning does, so a loop gives the same numbers under both.
+"""
 from __future__ import annotations
 
 from typing import Any, ContextManager, Optional
@@ -7,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 
-from .base import Precision
+from ..utilities.apply import apply_to_collection
+from .base import Precision, cast_floating
 
 
 class MixedPrecision(Precision):
@@ -31,8 +36,13 @@ class MixedPrecision(Precision):
     def forward_context(self) -> ContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def convert_input(self, data: Any) -> Any:
+        """Floating tensors entering the model's forward become the half dtype (integer ones stay)."""
+        return apply_to_collection(data, Tensor, cast_floating, self.dtype)
+
     def convert_output(self, data: Any) -> Any:
-        return data
+        """Floating tensors leaving the forward come back in the default dtype (float32), so the loss is."""
+        return apply_to_collection(data, Tensor, cast_floating, torch.get_default_dtype())
 
     def pre_backward(self, tensor: Tensor, module: Optional[nn.Module]) -> Tensor:
         return self.scaler.scale(tensor) if self.scaler is not None else tensor

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utilities.apply import apply_to_collection
-from .base import DtypeDefault, Precision
+from .base import DtypeDefault, Precision, module_to_floating_dtype
 
 
 class TruePrecision(Precision):
@@ -26,7 +26,7 @@ class TruePrecision(Precision):
         self.dtype = self.DTYPES[precision]
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        return module.to(dtype=self.dtype)
+        return module_to_floating_dtype(module, self.dtype)
 
     def module_init_context(self) -> ContextManager:
         return DtypeDefault(self.dtype)

@@ -16,6 +16,7 @@ from ..accelerators import Accelerator
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
 from ..precision import Precision
+from ..utilities.init import SkipInitialization
 
 
 class Strategy:
@@ -34,6 +35,9 @@ class Strategy:
     start_method: Optional[str] = None
     #: whether ``Fabric.init_module(empty_init=None)`` should create parameters on the meta device
     shards_parameters: bool = False
+    #: whether ``setup_module`` hooks into the module in place (FSDP2, tensor parallel) rather than returning
+    #: a wrapper: either way, ``model.training_step(...)`` must run through the wrapped forward
+    hooks_module: bool = False
 
     def __init__(
         self,
@@ -163,11 +167,17 @@ class Strategy:
         return stack
 
     def module_init_context(self, empty_init: Optional[bool] = None) -> ContextManager:
+        """Modules built inside land on the device in the precision's dtype. A sharding strategy builds them
+        on the meta device (unless ``empty_init=False``); elsewhere ``empty_init=True`` allocates the memory
+        but skips the ``torch.nn.init`` calls (load a checkpoint into the model next)."""
         stack = ExitStack()
-        if empty_init is True or (empty_init is None and self.shards_parameters):
+        if self.shards_parameters and empty_init is not False:
             stack.enter_context(torch.device("meta"))
-        elif self.root_device.type != "cpu":
-            stack.enter_context(self.root_device)
+        else:
+            if self.root_device.type != "cpu":
+                stack.enter_context(self.root_device)
+            if empty_init:
+                stack.enter_context(SkipInitialization())
         stack.enter_context(self.precision.module_init_context())
         return stack
 
@@ -211,7 +221,8 @@ class Strategy:
         return self.reduce(tensor, group=group, reduce_op=reduce_op)
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        return tensor.unsqueeze(0)
+        """Every rank's ``tensor`` stacked on a new first dimension; on one process, ``tensor`` itself."""
+        return tensor
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
@@ -254,14 +265,17 @@ class Strategy:
         self.barrier("save_checkpoint")
 
     def load_checkpoint(
-        self, path: Any, state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None, strict: bool = True
+        self, path: Any, state: Optional[Union[nn.Module, Optimizer, dict[str, Any]]] = None, strict: bool = True,
+        weights_only: bool = False,
     ) -> dict[str, Any]:
-        """Restore ``state`` in place from ``path`` and return what the file holds beyond it."""
+        """Restore ``state`` in place from ``path`` and return what the file holds beyond it.
+
+        ``weights_only=True`` unpickles only tensors and plain containers (a file from elsewhere)."""
         self.barrier("load_checkpoint")
         if self.checkpoint_io is not None:
             checkpoint = self.checkpoint_io.load_checkpoint(path)
         else:
-            checkpoint = checkpoint_io.load(path, map_location="cpu")
+            checkpoint = checkpoint_io.load(path, map_location="cpu", weights_only=weights_only)
         if state is None:
             return checkpoint
         return checkpoint_state.restore(self, state, checkpoint, strict=strict)

@@ -456,6 +456,9 @@ def register_strategies(registry: Any) -> None:
     entries = {
         "deepspeed": ("DeepSpeed ZeRO stage 2", {}),
         "deepspeed_stage_1": ("DeepSpeed ZeRO stage 1: optimizer states partitioned", {"stage": 1}),
+        "deepspeed_stage_1_offload": (
+            "DeepSpeed ZeRO stage 1, optimizer states offloaded to the CPU", {"stage": 1, "offload_optimizer": True}
+        ),
         "deepspeed_stage_2": ("DeepSpeed ZeRO stage 2: optimizer states and gradients partitioned", {"stage": 2}),
         "deepspeed_stage_2_offload": (
             "DeepSpeed ZeRO stage 2, optimizer states offloaded to CPU", {"stage": 2, "offload_optimizer": True}

@@ -32,6 +32,7 @@ class DTensorStrategy(ParallelStrategy):
     over DTensors, and checkpoints through torch.distributed.checkpoint (full file or sharded dir)."""
 
     shards_parameters = True
+    hooks_module = True
 
     def __init__(
         self,
@@ -162,12 +163,14 @@ class DTensorStrategy(ParallelStrategy):
             dcp_io.save_full(path, state, self._module_of, filter, self.is_global_zero, self.checkpoint_io)
         self.barrier("save_checkpoint")
 
-    def load_checkpoint(self, path: Any, state: Optional[Any] = None, strict: bool = True) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, state: Optional[Any] = None, strict: bool = True, weights_only: bool = False
+    ) -> dict[str, Any]:
         """Restore from a full file (saved by any strategy) or a sharded directory (any world size)."""
         if not dcp_io.is_sharded_checkpoint(path):
             if Path(path).is_dir():
                 raise FileNotFoundError(f"{str(path)!r} is a directory without a sharded checkpoint (.metadata) in it")
-            return super().load_checkpoint(path, state=state, strict=strict)
+            return super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
         if state is None:
             raise ValueError(
                 f"{str(path)!r} is a sharded checkpoint: pass the objects to restore, fabric.load(path,"

@@ -75,6 +75,7 @@ class FSDPStrategy(DTensorStrategy):
         start_method: str = "popen",
         accelerator: Optional[Accelerator] = None,
         precision_plugin: Optional[Precision] = None,
+        device_mesh: Optional[Any] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -98,6 +99,16 @@ class FSDPStrategy(DTensorStrategy):
         self.forward_prefetch = forward_prefetch
         self._fully_shard_kwargs = _check_fully_shard_kwargs(kwargs)
         self._mesh: Any = None
+        self._mesh_shape: Optional[tuple[int, int]] = None
+        if device_mesh is not None:  # Lightning's hybrid-sharding mesh: (replicas, shards) or a DeviceMesh
+            if self.sharding_strategy not in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+                raise ValueError("device_mesh= is for sharding_strategy='HYBRID_SHARD' (a replicate x shard mesh)")
+            if isinstance(device_mesh, tuple) and len(device_mesh) == 2 and all(isinstance(n, int) and n > 0 for n in device_mesh):
+                self._mesh_shape = device_mesh
+            elif type(device_mesh).__name__ == "DeviceMesh" and device_mesh.ndim == 2:
+                self._mesh = device_mesh
+            else:
+                raise ValueError(f"device_mesh={device_mesh!r}: pass (replicas, shards_per_replica) or a 2-D DeviceMesh")
 
     # ----- settings ------------------------------------------------------------------------------
     @property
@@ -107,7 +118,9 @@ class FSDPStrategy(DTensorStrategy):
             from torch.distributed.device_mesh import init_device_mesh
 
             self._require_process_group("the device mesh")
-            if self._hybrid:
+            if self._mesh_shape is not None:
+                shape, names = self._mesh_shape, ("replicate", "shard")
+            elif self._hybrid:
                 shape, names = (self.num_nodes, self.world_size // self.num_nodes), ("replicate", "shard")
             else:
                 shape, names = (self.world_size,), ("shard",)
@@ -144,7 +157,9 @@ class FSDPStrategy(DTensorStrategy):
 
     def configure(self, num_nodes: int) -> None:
         super().configure(num_nodes)
-        if self._hybrid and self.world_size % self.num_nodes:
+        if self._mesh_shape is not None and self._mesh_shape[0] * self._mesh_shape[1] != self.world_size:
+            raise ValueError(f"device_mesh={self._mesh_shape} must multiply to the number of ranks ({self.world_size})")
+        if self._hybrid and self._mesh_shape is None and self._mesh is None and self.world_size % self.num_nodes:
             raise ValueError(f"sharding_strategy={self.sharding_strategy} needs the same number of ranks on every node")
 
     def setup_environment(self) -> None:

@@ -95,8 +95,8 @@ class ParallelStrategy(Strategy):
         return ops.all_reduce(tensor, reduce_op=reduce_op, group=group)
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        if not self.distributed:
-            return tensor.unsqueeze(0)
+        if not self.distributed or (group is None and self.world_size == 1):
+            return tensor  # one rank: no dimension added (Lightning's documented contract)
         if sync_grads:
             return ops.all_gather_with_grads(tensor, group=group)
         return ops.all_gather(tensor, group=group)

@@ -20,12 +20,24 @@ class StrategyRegistry:
     def register(
         self,
         name: str,
-        strategy_class: type,
+        strategy_class: Optional[type] = None,
         description: Optional[str] = None,
         override: bool = False,
         **init_params: Any,
-    ) -> None:
-        """Make ``Fabric(strategy=name)`` build ``strategy_class(**init_params)``."""
+    ) -> Any:
+        """Make ``Fabric(strategy=name)`` build ``strategy_class(**init_params)``.
+
+        Without ``strategy_class`` it is a class decorator, as in Lightning::
+
+            @STRATEGY_REGISTRY.register("quiet_ddp", description="DDP, no unused-parameter search")
+            class QuietDDP(DDPStrategy): ...
+        """
+        if strategy_class is None:
+            def decorate(cls: type) -> type:
+                self.register(name, cls, description=description, override=override, **init_params)
+                return cls
+
+            return decorate
         if not isinstance(name, str) or not name:
             raise ValueError(f"A strategy name must be a non-empty string, got {name!r}")
         if not (isinstance(strategy_class, type) and issubclass(strategy_class, Strategy)):
@@ -37,9 +49,14 @@ class StrategyRegistry:
             "description": description or (strategy_class.__doc__ or "").strip().split("\n")[0],
             "init_params": init_params,
         }
+        return strategy_class
 
-    def get(self, name: str) -> type:
-        """The class registered under ``name``."""
+    def get(self, name: str, default: Optional[Any] = None) -> Any:
+        """The class registered under ``name`` (``default`` when given and ``name`` is unknown).
+
+        Lightning's ``get`` returns a new instance instead: use :meth:`create` for that."""
+        if default is not None and name not in self._entries:
+            return default
         return self._entry(name)["strategy"]
 
     def get_init_params(self, name: str) -> dict[str, Any]:

@@ -309,7 +309,7 @@ class XLAStrategy(ParallelStrategy):
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
         if not self.distributed:
-            return tensor.unsqueeze(0)
+            return tensor  # one process: no dimension added (Lightning's contract)
         _no_groups(group)
         tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
         stacked = tensor.unsqueeze(0)

@@ -1,8 +1,10 @@
 """Reproducible seeding of Python, NumPy and torch, on every rank and in DataLoader workers."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -11,20 +13,29 @@ import torch
 SEED_ENV = "NOTEBOOK_FABRIC_GLOBAL_SEED"
 WORKERS_ENV = "NOTEBOOK_FABRIC_SEED_WORKERS"
 _MAX_SEED = np.iinfo(np.uint32).max
+_log = logging.getLogger("notebook_fabric")
 
 
-def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
+def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: bool = True) -> int:
     """Seed ``random``, NumPy and torch (CPU and every GPU) with ``seed`` and return it.
 
     The seed is exported in the environment, so ranks started afterwards use the same one; with
     ``workers=True``, DataLoaders set up through Fabric seed each worker differently but
-    reproducibly (see :func:`worker_init_function`).
+    reproducibly (see :func:`worker_init_function`). As in Lightning, ``workers`` defaults to False
+    here and to True in ``Fabric.seed_everything``. ``verbose``: log "Seed set to N" (logger
+    ``notebook_fabric``, level INFO) and warn when no seed was given or exported.
 
     >>> seed_everything(42)
     42
     """
     if seed is None:
-        seed = int(os.environ.get(SEED_ENV, 0))
+        exported = os.environ.get(SEED_ENV)
+        if exported is None and verbose:
+            warnings.warn("seed_everything() got no seed and none was exported: the seed is 0", stacklevel=2)
+        try:
+            seed = int(exported) if exported is not None else 0
+        except ValueError:
+            raise ValueError(f"{SEED_ENV}={exported!r} is not an integer seed") from None
     seed = int(seed)
     if not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed={seed} is out of range: use an integer between 0 and {_MAX_SEED}")
@@ -33,6 +44,8 @@ def seed_everything(seed: Optional[int] = None, workers: bool = True) -> int:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device lazily
+    if verbose:
+        _log.info("Seed set to %d", seed)
     return seed
 
 

@@ -4,9 +4,12 @@ The loop is the article's, line for line; only the accelerator (cpu), the device
 epoch count, the learning rate and the reporting lines (marked "ours") are ours.
 """
 
+import copy
+
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from core_common import MyModel, classification_dataset, digest, emit
 from notebook_fabric import Fabric
@@ -24,6 +27,7 @@ train_loader = DataLoader(train_dataset, batch_size=32, shuffle=True)
 # setup() wraps model in DDP, moves to device, sets up GradScaler
 model, optimizer = fabric.setup(model, optimizer)
 train_loader = fabric.setup_dataloaders(train_loader)
+initial_state = copy.deepcopy(model.state_dict())  # ours: the plain-PyTorch loop below starts from the same weights
 seen = []  # ours: which samples this rank trained on
 for epoch in range(num_epochs):
     epoch_loss = torch.zeros(())  # ours: reporting
@@ -43,3 +47,23 @@ emit(
     fabric.global_rank, "migration", epochs=num_epochs, output_dtype=str(outputs.dtype), params=digest(model.parameters()),
     param_dtype=str(next(model.parameters()).dtype), samples=sum(seen), world_size=fabric.world_size,
 )
+
+# ours: the same loop in plain PyTorch (DDP, a DistributedSampler, autocast), casting the inputs to
+# bf16 and the outputs to float32 by hand: Lightning's bf16-mixed does exactly this, so must Fabric
+plain = MyModel()
+plain.load_state_dict(initial_state)
+plain_ddp = DistributedDataParallel(plain)
+plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+sampler = DistributedSampler(train_dataset, num_replicas=2, rank=fabric.global_rank, shuffle=True, seed=0)
+plain_loader = DataLoader(train_dataset, batch_size=32, sampler=sampler)
+for epoch in range(num_epochs):
+    sampler.set_epoch(epoch)
+    for inputs, targets in plain_loader:
+        plain_optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = plain_ddp(inputs.to(torch.bfloat16))
+        outputs = outputs.float()
+        loss = nn.CrossEntropyLoss()(outputs, targets)
+        loss.backward()
+        plain_optimizer.step()
+emit(fabric.global_rank, "migration_plain", params=digest(plain.parameters()))
