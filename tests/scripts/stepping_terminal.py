@@ -29,5 +29,7 @@ if __name__ == "__main__":
     if sys.argv[2:] == ["post-mortem"]:
         launch(failing, accelerator="cpu", devices=2, start_method=method, post_mortem=True)
     else:
-        # stall=1 and timeout=3: the time rank 1 spends in the debugger counts for neither
-        print("RESULT", launch(step, accelerator="cpu", devices=2, start_method=method, stall=1, timeout=3))
+        # stall=1 and timeout=3: the time rank 1 spends in the debugger counts for neither (the timeout
+        # also bounds the start, which a spawned interpreter may take longer than 3 s for)
+        timeout = 3 if method == "fork" else 60
+        print("RESULT", launch(step, accelerator="cpu", devices=2, start_method=method, stall=1, timeout=timeout))
