@@ -11,13 +11,16 @@ notebook's main thread, so what it prints lands in the running cell):
   rank where it is (``pool.where``, answered by the ranks' control threads even while stuck) and
   prints who waits where and the stacks of the others, once per stall. The last report is kept
   for ``%fabric where``.
+
+With a ``dashboard`` (the live widget sink, default in a notebook), every event goes to it
+instead of the text printer: it shows every rank, so nothing is counted as hidden.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, List, Optional
 
 from notebook_fabric.live.events import Heartbeat, Notice, Output, RankEvent
-from notebook_fabric.live.sinks import TextSink
+from notebook_fabric.live.sinks import EventSink, TextSink
 from notebook_fabric.live.stall import StallReport, StallWatchdog, print_report
 
 from .render import format_stacks
@@ -27,8 +30,10 @@ class CellSink:
     """The event sink of one cell (see the module docstring)."""
 
     def __init__(self, show: Optional[Iterable[int]], running: Iterable[int], *,
-                 where: Callable[[float], Dict[int, str]], stall_after: Optional[float]) -> None:
-        self._text = TextSink(ranks=show)
+                 where: Callable[[float], Dict[int, str]], stall_after: Optional[float],
+                 dashboard: Optional[EventSink] = None) -> None:
+        self._text: EventSink = dashboard if dashboard is not None else TextSink(ranks=show)
+        self.dashboard = dashboard
         self.show = None if show is None else set(show)
         self._watchdog = StallWatchdog(running, where, stall_after, format_stacks=format_stacks)
         self.hidden_output: Dict[int, int] = {}
@@ -37,21 +42,33 @@ class CellSink:
         self._wrote = False
 
     def handle(self, event: RankEvent) -> None:
+        if self.dashboard is not None:
+            if isinstance(event, Heartbeat):
+                self._observe(event)
+            if isinstance(event, Notice):
+                self.notices.append(event.text)
+            self.dashboard.handle(event)
+            return
+        if not isinstance(event, (Output, Heartbeat, Notice)):
+            return  # task, collective and memory events are for the dashboard
         if isinstance(event, Output) and self.show is not None and event.rank not in self.show:
             self.hidden_output[event.rank] = self.hidden_output.get(event.rank, 0) + event.text.count("\n")
             return
         if isinstance(event, Heartbeat):
-            report = self._watchdog.observe(event)
-            if report is not None:
-                self.stall_report = report
-                self.flush()
-                self._wrote = True
-                print_report(report, "interrupt the kernel to stop the cell; --stall 0 turns this report off")
+            self._observe(event)
             return
         if isinstance(event, Notice):
             self.notices.append(event.text)
         self._wrote = True
         self._text.handle(event)
+
+    def _observe(self, event: Heartbeat) -> None:
+        report = self._watchdog.observe(event)
+        if report is not None:
+            self.stall_report = report
+            self.flush()
+            self._wrote = True
+            print_report(report, "interrupt the kernel to stop the cell; --stall 0 turns this report off")
 
     def flush(self) -> None:
         """Print held partial lines and flush the streams, if the cell printed anything (a kernel's

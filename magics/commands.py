@@ -7,13 +7,13 @@ stuck; the others need the main thread and no cell running.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from notebook_fabric.launch.errors import format_ranks
+from notebook_fabric.live.notices import write_notice
 
 from .cell_task import CellTask
 from .render import format_bytes, format_stacks, format_table
@@ -38,10 +38,10 @@ class Snapshot:
     text: str
 
 
-def notify(text: str) -> None:
-    """A launcher message in the cell: ``[notebook-fabric] text`` on stderr."""
-    sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in text.splitlines()))
-    sys.stderr.flush()
+def notify(text: str, level: str = "info") -> None:
+    """A launcher message in the cell: ``[notebook-fabric] text``; on stdout when informational
+    (a notebook paints stderr red), on stderr for ``level="warning"``."""
+    write_notice(text.splitlines(), level)
 
 
 def with_render(error: BaseException, lines: List[str]) -> BaseException:
@@ -55,7 +55,7 @@ def with_render(error: BaseException, lines: List[str]) -> BaseException:
 
 
 class PoolCommands:
-    """``%fabric status | where | stop | restart | pull | push`` (see the module docstring)."""
+    """``%fabric status | where | ledger | stop | restart | pull | push`` (see the module docstring)."""
 
     pool: Any
     settings: Optional[PoolSettings]
@@ -96,6 +96,21 @@ class PoolCommands:
             age = time.time() - self.snapshot.time
             text += f"\n\nAt the last {self.snapshot.what} ({age:.0f} s ago):\n{self.snapshot.text}"
         return text
+
+    def ledger(self, last: Optional[int] = None) -> str:
+        """Every rank's collective ledger side by side, aligned by sequence number, the first
+        divergence marked (asked of the ranks, so it works while a cell is stuck)."""
+        from notebook_fabric.collectives.ledger import with_live_entry
+        from notebook_fabric.collectives.ledger_view import LedgerTable
+
+        if self.pool is None:
+            return "no pool is running"
+        ledgers = dict(self.pool.ledgers)
+        if self.pool.alive:
+            for rank, reply in self.pool.where_replies(3.0, ledger=True).items():
+                if reply.ledger is not None:
+                    ledgers[rank] = with_live_entry(reply.ledger, reply.waiting)
+        return str(LedgerTable(ledgers, last))
 
     def stop(self) -> str:
         self._require_idle("%fabric stop")

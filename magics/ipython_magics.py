@@ -17,6 +17,8 @@ LINE_USAGE = """\
 %fabric where                        every rank's current Python stack (works while a cell is stuck,
                                      from a kernel subshell), then where ranks were at the last
                                      interrupt or stall report
+%fabric ledger [--last N]            every rank's collectives (Fabric's and torch's own, e.g. DDP's) side
+                                     by side by sequence number, the first divergence marked
 %fabric stop                         end the pool
 %fabric restart                      end the pool and start it again with the same settings
 %fabric pull NAME [--rank R | --all] copy a rank's variable (default rank 0; --all: list by rank)
@@ -58,6 +60,10 @@ class FabricMagics(Magics):
                    "have not entered (default 10; 0: off)")
     @argument("--show", default=None, metavar="all|R",
               help="whose output to show: 'all', or ranks like 1 or 0,2 (default rank 0; with --ranks, those ranks)")
+    @argument("--dashboard", dest="dashboard", action="store_true", default=None,
+              help="show the live dashboard (every rank's state, memory, progress, output; default in a notebook)")
+    @argument("--no-dashboard", dest="dashboard", action="store_false",
+              help="print rank output as text instead of the live dashboard")
     @argument("--out", action="append", default=[], metavar="NAME",
               help="after the cell, set NAME in the notebook to its value on rank 0 (the first rank that ran)")
     @argument("--out-all", dest="out_all", action="append", default=[], metavar="NAME",
@@ -78,7 +84,7 @@ class FabricMagics(Magics):
                       "precision": args.precision, "start_method": args.start_method, "debug": args.debug,
                       "log_dir": args.log_dir},
             ranks=args.ranks, timeout=args.timeout, stall=args.stall, show=args.show,
-            outs=args.out, out_all=args.out_all,
+            outs=args.out, out_all=args.out_all, dashboard=args.dashboard,
         )
         try:
             return self.session.run_cell(cell, options, getattr(self.shell, "execution_count", None),
@@ -95,6 +101,9 @@ class FabricMagics(Magics):
                 print(session.status())
             elif command == "where":
                 print(session.where())
+            elif command == "ledger":
+                parsed = _parse(rest, "ledger", [("--last", {"type": int, "default": None})])
+                print(session.ledger(parsed.last))
             elif command == "stop":
                 print(session.stop())
             elif command == "restart":

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from notebook_fabric.launch.errors import format_ranks, group_failures
 from notebook_fabric.live.events import RemoteFailure
+from notebook_fabric.live.fold import fold_frames
 
 from .cell_task import CellValue
 
@@ -89,7 +90,7 @@ def clean_traceback(text: str, hidden_dirs: Sequence[str] = (MAGICS_DIR,), cells
             skipping = False
         if not skipping:
             kept.append(line)
-    return "\n".join(kept)
+    return fold_frames("\n".join(kept))
 
 
 def format_failures(failures: Dict[int, RemoteFailure], arrival: Sequence[int], running: Sequence[int],

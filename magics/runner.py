@@ -1,9 +1,9 @@
 """In the notebook: run one task on the pool and keep every rank's failure, not only the first.
 
 ``RankPool.run`` raises the first group of identical failures; the magic shows *every* rank's
-traceback (and, after an interrupt, where each rank was), so it drives the pool's own
-:class:`~notebook_fabric.launch.run_loop.RunLoop` (the same code ``pool.run`` uses, with the same
-policy on failures, deaths, timeouts and interrupts) and reads its per-rank record afterwards.
+traceback (and, after an interrupt, where each rank was), so it asks the pool for the whole
+:class:`~notebook_fabric.launch.outcome.RunOutcome` (``RankPool.run_task``: the same run loop, with
+the same policy on failures, deaths, timeouts and interrupts) and renders that.
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ INTERRUPT_GRACE = 3.0  # seconds ranks get to stop after an interrupt before the
 
 @dataclass
 class RunRecord:
-    """Per rank: the failures (with tracebacks) of the last run, and who was interrupted."""
+    """Per rank: the failures (with tracebacks) of the last run, who was interrupted, who died."""
 
     failures: Dict[int, RemoteFailure] = field(default_factory=dict)
     arrival: List[int] = field(default_factory=list)
     interrupted: List[int] = field(default_factory=list)
     finished: List[int] = field(default_factory=list)
+    deaths: Dict[int, str] = field(default_factory=dict)
 
 
 def run_on_pool(pool: RankPool, task: Any, ranks: Optional[Sequence[int]], sink: EventSink,
@@ -35,18 +36,9 @@ def run_on_pool(pool: RankPool, task: Any, ranks: Optional[Sequence[int]], sink:
     Raises what ``pool.run`` raises (the rank's exception, ``RankDiedError``,
     ``LaunchTimeoutError``, ``KeyboardInterrupt``, ``PoolClosedError``).
     """
-    try:
-        from notebook_fabric.launch.run_loop import RunLoop
-    except ImportError:  # pragma: no cover - the pool's internals moved: per-rank detail is lost
-        return pool.run(task, ranks, timeout=timeout, sink=sink, failure_grace=FAILURE_GRACE,
-                        interrupt_grace=INTERRUPT_GRACE)
-    selected = list(range(pool.world_size)) if ranks is None else sorted(ranks)
-    loop = RunLoop(pool, selected, sink, timeout=timeout, recover=True, failure_grace=FAILURE_GRACE,
-                   interrupt_grace=INTERRUPT_GRACE)
-    try:
-        return loop.run(task)
-    finally:
-        record.failures = dict(getattr(loop, "failures", {}))
-        record.arrival = list(getattr(loop, "arrival", []))
-        record.interrupted = list(getattr(loop, "interrupted", []))
-        record.finished = sorted(getattr(loop, "results", {}))
+    outcome = pool.run_task(task, ranks, timeout=timeout, sink=sink, recover=True, failure_grace=FAILURE_GRACE,
+                            interrupt_grace=INTERRUPT_GRACE)
+    record.failures, record.arrival = dict(outcome.failures), list(outcome.arrival)
+    record.interrupted, record.finished = list(outcome.interrupted), outcome.finished
+    record.deaths = dict(outcome.deaths)
+    return outcome.result()

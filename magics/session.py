@@ -20,6 +20,7 @@ from notebook_fabric.launch.api import plan_ranks
 from notebook_fabric.launch.errors import LaunchTimeoutError, RankDiedError, format_ranks
 from notebook_fabric.launch.pool import RankPool
 from notebook_fabric.launch.processes import describe_exit
+from notebook_fabric.live.dashboard import DashboardSink, want_dashboard
 from notebook_fabric.live.sinks import NullSink, TextSink
 
 from .analysis import analyze_cell
@@ -45,6 +46,7 @@ class CellOptions:
     show: Optional[str] = None
     outs: Sequence[str] = ()
     out_all: Sequence[str] = ()
+    dashboard: Optional[bool] = None  # None: the live dashboard in a notebook, text elsewhere
 
 
 class FabricSession(PoolCommands, DebugCommands):
@@ -74,15 +76,15 @@ class FabricSession(PoolCommands, DebugCommands):
         except ValueError as error:
             raise FabricUsageError(str(error)) from None
         if self.pool is None and self.ended:
-            notify(f"the previous pool ended ({self.ended}); starting a new one: {RESTART_NOTE}")
+            notify(f"the previous pool ended ({self.ended}); starting a new one: {RESTART_NOTE}", "warning")
         if self.pool is not None:
             if self.pool.alive and wanted == self.settings:
                 return self.pool
             if not self.pool.alive:
-                notify(f"the previous pool ended ({self._why_ended()}); starting a new one: {RESTART_NOTE}")
+                notify(f"the previous pool ended ({self._why_ended()}); starting a new one: {RESTART_NOTE}", "warning")
             else:
                 notify(f"settings changed ({', '.join(wanted.changes_from(self.settings))}); "
-                       f"restarting the pool: {RESTART_NOTE}")
+                       f"restarting the pool: {RESTART_NOTE}", "warning")
             self._stop_pool()
         return self._start(wanted)
 
@@ -96,7 +98,8 @@ class FabricSession(PoolCommands, DebugCommands):
                                       "Nothing was started; fix the option and run the cell again."]) from None
         pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes,
                         start_method=settings.start_method or declared, sink=TextSink(),
-                        heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir)
+                        heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir,
+                        trace_collectives=True)
         try:
             pool.start()
         except BaseException as error:
@@ -150,7 +153,11 @@ class FabricSession(PoolCommands, DebugCommands):
         task = CellTask(filename=filename, source=source, values=shipment.values, rebind=shipment.rebind,
                         outs=tuple(dict.fromkeys([*options.outs, *options.out_all])), display=analysis.display,
                         running=None if running is None else tuple(running), header=header)
-        sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall)
+        board = None
+        if want_dashboard(options.dashboard):
+            board = DashboardSink(ranks, title="%%fabric", shown=show if show is not None else ranks).start()
+        sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall,
+                        dashboard=board)
         record = RunRecord()
         self.cell_running = True
         try:
@@ -165,6 +172,8 @@ class FabricSession(PoolCommands, DebugCommands):
             raise self._failed(error, record, ranks) from None
         finally:
             self.cell_running = False
+            if board is not None:
+                board.freeze()
             if sink.stall_report is not None:
                 self.snapshot = Snapshot("stall", sink.stall_report.time, sink.stall_report.text)
         self.tracker.commit(shipment)
@@ -207,19 +216,9 @@ class FabricSession(PoolCommands, DebugCommands):
         self.ended = self.ended or "stopped after the failure above"
         return f"The pool was stopped; the next %%fabric cell starts a new one ({RESTART_NOTE})."
 
-    def _dead_ranks(self) -> Dict[int, str]:
-        """``{rank: "killed by signal SIGKILL ..."}`` for rank processes that have ended (asked directly,
-        so a death is seen even before the pool's watcher reported it)."""
-        dead = {}
-        for handle in self.pool.handles if self.pool is not None else []:
-            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
-            if code is not None and not handle.exit_expected:
-                dead[handle.rank] = describe_exit(code)
-        return dead
-
     def _failed(self, error: Exception, record: RunRecord, ranks: List[int]) -> BaseException:
         lines: List[str] = []
-        dead = {} if isinstance(error, RankDiedError) else self._dead_ranks()
+        dead = {} if isinstance(error, RankDiedError) else dict(record.deaths)
         if dead:  # another rank's error (e.g. a collective's peer hung up) arrived before the death itself
             self.ended = "; ".join(f"rank {r} {text}" for r, text in sorted(dead.items()))
             lines.append(f"RankDiedError: {self.ended} while running the cell; the other ranks' errors follow from it:")

@@ -35,6 +35,7 @@ class Kernel:
         self.manager = KernelManager(kernel_name="nf-launch-test",
                                      kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]))
         self.manager.start_kernel(cwd=str(tmp), env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                                                     "NOTEBOOK_FABRIC_DASHBOARD": "0",  # text output is checked
                                                      "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
         self.client = self.manager.client()
         self.client.start_channels()

@@ -48,7 +48,8 @@ class Kernel:
         self.km = KernelManager(kernel_name="python3")
         # run the kernel with this interpreter, whatever the installed kernelspec says
         self.km.kernel_spec.argv = [PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        self.km.start_kernel(env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # these tests read the text output; the dashboard has tests of its own (test_dashboard_*.py)
+        self.km.start_kernel(env={**os.environ, "PYTHONUNBUFFERED": "1", "NOTEBOOK_FABRIC_DASHBOARD": "0"})
         self.client = self.km.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)

@@ -33,6 +33,7 @@ def execute(name: str) -> nbformat.NotebookNode:
         kernel_pid = km.provisioner.pid
         client.execute(cleanup_kc=False)
         leftovers = [p.pid for p in psutil.Process(kernel_pid).children(recursive=True)]
+    km.shutdown_kernel(now=True)  # nbclient leaves a kernel it did not create running
     assert not _alive(leftovers), f"{name} left processes behind: {leftovers}"
     return nb
 
@@ -97,6 +98,33 @@ def test_collectives_notebook() -> None:
     refused = cell_with(nb, "--ranks 0")
     assert "refused:" in refused and "rank 1 is not running it" in refused
     assert "gathered <- every rank" in cell_with(nb, "%fabric pull gathered --all")
+
+
+def outputs_with(nb: nbformat.NotebookNode, snippet: str) -> List[nbformat.NotebookNode]:
+    """The outputs of the first code cell whose source contains ``snippet``."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and snippet in cell.source:
+            return list(cell.get("outputs", []))
+    raise AssertionError(f"no cell contains {snippet!r}")
+
+
+def test_dashboard_notebook_keeps_frozen_summaries() -> None:
+    """The dashboards froze into summaries: HTML and text, no widget left that needs a kernel."""
+    nb = execute("dashboard.ipynb")
+    for snippet in ("final_loss = launch(train", "%%fabric --devices 2"):
+        displays = [o for o in outputs_with(nb, snippet) if o["output_type"] == "display_data"]
+        assert len(displays) == 1, displays
+        data = displays[0]["data"]
+        assert "application/vnd.jupyter.widget-view+json" not in data
+        assert 'class="nbf-summary"' in data["text/html"] and data["text/html"].count('class="nbf-rank"') == 2
+        assert "at barrier &#x27;save_checkpoint&#x27;" in data["text/html"]
+    launched = cell_with(nb, "final_loss = launch(train")
+    assert "[rank 0] rank 0: final loss" in launched and "[rank 1]" not in launched
+    assert re.search(r"loss: [\d.]+ -> [\d.]+ over 40 points", launched)
+    assert '<svg' in [o for o in outputs_with(nb, "final_loss = launch(train") if o["output_type"] == "display_data"][0]["data"]["text/html"]
+    cell = cell_with(nb, "%%fabric --devices 2")
+    assert "[rank 0] hello from rank 0" in cell and "[rank 0] rank 0 passed the barrier" in cell
+    assert "[rank 0] plain text from rank 0" in cell_with(nb, "--no-dashboard")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,25 +5,20 @@ hang or fail with an opaque backend error. With the checker installed, every ran
 call's signature and the place in your code it comes from; on any difference, every rank raises the
 same :class:`CollectiveMismatchError` naming each rank's call, so nothing waits forever.
 
-It costs one small ``all_gather_object`` per collective: a tool for finding a bug, not for training.
+It costs one all-gather of two integers per collective: a tool for finding a bug, not for training.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
+from .callsite import Place, source_line, user_place
+from .ops import _all_gather_single
 from .trace import Tracer, get_tracer, set_tracer
-
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-    for module in (sys.modules["notebook_fabric"], sys.modules["torch"])
-    if getattr(module, "__file__", None)
-) + (contextlib.__file__,)
 
 
 class CollectiveMismatchError(RuntimeError):
@@ -47,6 +42,11 @@ class CallSignature:
         mine = (self.seq, self.op, self.shapes, self.dtypes, self.reduce_op, self.src)
         return mine == (other.seq, other.op, other.shapes, other.dtypes, other.reduce_op, other.src)
 
+    def checksum(self) -> int:
+        """A checksum of what must match across ranks (the same in every process, unlike ``hash``)."""
+        key = (self.op, self.shapes, self.dtypes, self.reduce_op, self.src)
+        return zlib.crc32(repr(key).encode())
+
     def describe(self) -> str:
         tensors = ", ".join(f"{dtype.replace('torch.', '')}{list(shape)}" for shape, dtype in zip(self.shapes, self.dtypes))
         parts = [f"#{self.seq} {self.op}({tensors or 'object'})"]
@@ -60,10 +60,17 @@ class CallSignature:
 
 
 class SignatureChecker:
-    """A tracer that checks every collective across the group, then hands over to the tracer it wraps."""
+    """A tracer that checks every collective across the group, then hands over to the tracer it wraps.
 
-    def __init__(self, inner: Optional[Tracer] = None) -> None:
+    The check is one small all-gather of two integers per rank (sequence number and a checksum of
+    the signature), on a process group of its own when the call is on the world (so the ledger's
+    numbering of the world's collectives stays that of the program); only when they differ do the
+    ranks exchange their full signatures to say what differs.
+    """
+
+    def __init__(self, inner: Optional[Tracer] = None, check_group: Any = None) -> None:
         self.inner = inner
+        self.check_group = check_group
         self._seq = 0
 
     def enter(self, op: str, meta: dict) -> Any:
@@ -81,13 +88,18 @@ class SignatureChecker:
         mine = CallSignature(
             seq=self._seq, op=op, shapes=tuple(tuple(s) for s in meta.get("shapes", ())),
             dtypes=tuple(meta.get("dtypes", ())), reduce_op=meta.get("reduce_op"), src=meta.get("src"),
-            name=meta.get("name"), place=_call_site(),
+            name=meta.get("name"), place=_format_place(user_place(3)),
         )  # fmt: skip
-        everyone: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
-        if all(mine.matches(other) for other in everyone):
+        via = self.check_group if (group is None or group is dist.group.WORLD) and self.check_group is not None else group
+        size = dist.get_world_size(via)
+        code = torch.tensor([mine.seq, mine.checksum()], dtype=torch.int64)
+        gathered = code.new_empty(2 * size)
+        _all_gather_single(gathered, code, group=via)
+        if bool((gathered.view(size, 2) == code).all()):
             return
-        ranks = [dist.get_global_rank(group, i) if group is not None else i for i in range(len(everyone))]
+        everyone: list = [None] * size
+        dist.all_gather_object(everyone, mine, group=via)
+        ranks = [dist.get_global_rank(via, i) if via is not None else i for i in range(len(everyone))]
         lines = [f"  rank {rank}: {signature.describe()}" for rank, signature in zip(ranks, everyone)]
         raise CollectiveMismatchError(
             "The ranks called different collectives (debug mode stopped them before they could hang):\n"
@@ -101,16 +113,28 @@ def enable_signature_checks() -> SignatureChecker:
     current = get_tracer()
     if isinstance(current, SignatureChecker):
         return current
-    checker = SignatureChecker(current)
+    checker = SignatureChecker(current, _check_group())
     set_tracer(checker)
     return checker
 
 
-def _call_site() -> str:
-    """``file:line in function`` of the innermost frame outside notebook-fabric, torch and contextlib."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame = frame.f_back
-    if frame is None:
+def _check_group() -> Any:
+    """A gloo group over every rank for the checks (created by every rank: this runs in ``launch``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        group = dist.new_group(backend="gloo")
+    except Exception:  # noqa: BLE001 - no second group: check on the call's own group
+        return None
+    from .ledger import process_ledger
+
+    process_ledger().ignore_groups.add(str(getattr(group, "group_name", "")))
+    return group
+
+
+def _format_place(place: Optional[Place]) -> str:
+    """``file:line in function: source`` (cells show as ``<fabric-cell-N>:line``)."""
+    if place is None:
         return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    code = source_line(place)
+    return f"{place[0]}:{place[1]} in {place[2]}" + (f": {code}" if code else "")

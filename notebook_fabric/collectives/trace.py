@@ -7,7 +7,22 @@ one global lookup. A tracer implements::
         def enter(self, op: str, meta: dict) -> object: ...      # returns a token
         def exit(self, token: object, error: BaseException | None) -> None: ...
 
-``meta`` carries ``shapes``, ``dtypes``, ``reduce_op``, ``src``, ``group_size`` and ``name`` where they apply.
+``meta`` carries ``shapes``, ``dtypes``, ``reduce_op``, ``src``, ``group`` (the handle),
+``group_size`` and ``name`` where they apply; a link may add to it for the links after it.
+
+The chain in a rank, outermost (called first) to innermost; each link wraps the next:
+
+1. ``subset_guard._GuardTracer`` (only while a ``%%fabric --ranks`` cell runs): refuses a
+   collective that needs ranks not running the cell, before anything is recorded;
+2. ``debug.SignatureChecker`` (debug mode): the ranks compare the call, on a group of its own,
+   and raise the same ``CollectiveMismatchError`` everywhere on a difference;
+3. ``ledger.LedgerTracer``: records the call in the rank's ledger and sets ``meta["seq"]``, torch's
+   own sequence number of the call's group (the one numbering, shared with the Flight Recorder's
+   view of torch's internal collectives);
+4. ``launch.rank_control.CollectiveTracer``: the rank's current collective for heartbeats, stall
+   reports and ``where``, and optional enter/exit events to the notebook; it reuses ``meta["seq"]``.
+
+A refused or mismatched call never reaches the ledger: it was not issued.
 """
 from __future__ import annotations
 

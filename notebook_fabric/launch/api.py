@@ -10,7 +10,9 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..live.events import Notice
+from ..live.dashboard import DashboardSink, want_dashboard
 from ..live.sinks import EventSink, TextSink
+from ..collectives.ledger_view import remember as remember_ledgers
 from ..live.stall import StallWatchdog, StallWatchdogSink
 from .pool import RankPool
 from .preflight import START_METHODS, check_picklable, resolve_start_method
@@ -22,7 +24,8 @@ START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is gi
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
-           log_dir: Any = None, post_mortem: bool = False, **fabric_kwargs: Any) -> Any:
+           log_dir: Any = None, dashboard: Optional[bool] = None, post_mortem: bool = False,
+           **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -39,11 +42,13 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     ``log_dir``: every rank's complete stdout and stderr also go to ``<log_dir>/rank<N>/stdout.log``
     and ``stderr.log`` (path printed at the end); by default to a temporary folder that is removed
     after a successful launch and kept (path printed) after a failure; ``False``: no log files.
+    ``dashboard``: in a notebook (default there), a live table of every rank (state, collective,
+    memory, progress, output) that freezes into a summary at the end; ``False`` prints text.
     ``post_mortem``: when ``fn`` raises on a rank, open pdb on the failing frame (``(Pdb rank N)``,
     asked here: the kernel's stdin or the terminal) before the ranks are stopped.
     ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
 
-    Rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
+    Outside the dashboard, rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
     ``.remote_traceback``); a rank that dies raises :class:`RankDiedError`.
     """
@@ -61,17 +66,19 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
                         timeout=timeout, return_all=return_all, stall=stall, sink=sink, log_dir=log_dir,
+                        dashboard=dashboard, title=f"launch({getattr(fn, '__qualname__', type(fn).__name__)})",
                         post_mortem=post_mortem)
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
-                 sink: Optional[EventSink] = None, log_dir: Any = None, post_mortem: bool = False) -> Any:
+                 sink: Optional[EventSink] = None, log_dir: Any = None, dashboard: Optional[bool] = None,
+                 title: str = "launch", post_mortem: bool = False) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
-    forkserver strategies.
+    forkserver strategies. ``dashboard`` as for :func:`launch` (ignored when a ``sink`` is given).
     """
     if not callable(fn):
         raise TypeError(f"expected a function to run on every rank, got {type(fn).__name__}")
@@ -79,17 +86,33 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
-    sink = sink if sink is not None else TextSink()
-    method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
-    args, kwargs = tuple(args), dict(kwargs or {})
     if post_mortem:
         from ..stepping.post_mortem import PostMortemOnFailure
 
         fn = PostMortemOnFailure(fn)
+    board = None
+    if sink is None and want_dashboard(dashboard):
+        board = sink = DashboardSink(range(num_processes), title=title).start()
+    sink = sink if sink is not None else TextSink()
+    try:
+        return _run_function(fabric_kwargs, fn, args, num_processes=num_processes, start_method=start_method,
+                             timeout=timeout, return_all=return_all, kwargs=kwargs, stall=stall, sink=sink,
+                             log_dir=log_dir, trace_collectives=board is not None)
+    finally:
+        if board is not None:
+            board.freeze()
+
+
+def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any], *,
+                  num_processes: int, start_method: Optional[str], timeout: Optional[float], return_all: bool,
+                  kwargs: Optional[Mapping[str, Any]], stall: Optional[float], sink: EventSink, log_dir: Any,
+                  trace_collectives: bool) -> Any:
+    method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
+    args, kwargs = tuple(args), dict(kwargs or {})
     if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
-                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir)
+                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir, trace_collectives=trace_collectives)
     try:
         pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
         watchdog = StallWatchdog(range(num_processes), pool.where, stall)
@@ -98,6 +121,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
                            sink=run_sink)
     finally:
         pool.stop(grace=1.0)
+        remember_ledgers(pool.ledgers)
     return [results[rank] for rank in range(num_processes)] if return_all else results[0]
 
 

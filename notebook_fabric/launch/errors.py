@@ -12,6 +12,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..live.events import CollectiveState, RemoteFailure
+from ..live.fold import fold_frames
 
 
 class LaunchError(RuntimeError):
@@ -125,7 +126,7 @@ def rebuild_exception(failures: Dict[int, RemoteFailure], arrival: Sequence[int]
         note += "; other ranks failed too:\n" + summarize_failures(groups[1:])
     _add_note(exc, note)
     header = f"Traceback on {format_ranks([rank])}" + (f" ({format_ranks(ranks)} failed the same way)" if len(ranks) > 1 else "")
-    exc.__cause__ = RemoteTraceback(f"{header}:\n{failure.traceback.rstrip()}")
+    exc.__cause__ = RemoteTraceback(f"{header}:\n{fold_frames(failure.traceback).rstrip()}")
     return exc
 
 

@@ -33,6 +33,7 @@ from ..live.channel import EventListener
 from ..live.events import CollectiveState, Notice, RankEvent
 from ..live.sinks import EventSink, TextSink
 from .errors import PoolClosedError
+from .outcome import RunOutcome
 from .preflight import resolve_start_method
 from .processes import descendants, kill_all, kill_process_group, signal_process, wait_until
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
@@ -71,13 +72,16 @@ class RankPool:
     to ``<log_dir>/rank<N>/stdout.log`` / ``stderr.log``; ``None`` (default) uses a temporary folder,
     removed at :meth:`stop` unless a start or a task failed; ``False``: no log files. A kept folder's
     path is printed when the pool stops (see :mod:`.rank_logs`).
+    ``idle_sink`` also gets the heartbeats that arrive between tasks (from the pool's reader thread,
+    so it must be thread-safe); during a task they go to the task's sink with the other events.
     """
 
     def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
                  start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
                  heartbeat_interval: float = 2.0, trace_collectives: bool = False,
-                 log_dir: Union[str, "os.PathLike[str]", None, bool] = None) -> None:
+                 log_dir: Union[str, "os.PathLike[str]", None, bool] = None,
+                 idle_sink: Optional[EventSink] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
         if log_dir is True or not (log_dir is None or log_dir is False or isinstance(log_dir, (str, os.PathLike))):
@@ -93,6 +97,7 @@ class RankPool:
         self.sink: EventSink = sink if sink is not None else TextSink()
         self.heartbeat_interval = heartbeat_interval
         self.trace_collectives = trace_collectives
+        self.idle_sink = idle_sink
         self._setup = RankSetup(fabric_kwargs=self.fabric_kwargs, make_fabric=make_fabric,
                                 namespace=dict(namespace or {}), sys_path=list(sys.path))
         self._handles: List[RankHandle] = []
@@ -103,6 +108,7 @@ class RankPool:
         self._state = "new"  # new | running | stopped
         self._ids = itertools.count(1)
         self._shipped_sources: set = set()
+        self.ledgers: Dict[int, tuple] = {}  # each rank's newest collective ledger entries (see collectives.ledger)
         self._lock = threading.RLock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ class RankPool:
                 )
                 self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
+            if self.idle_sink is not None:
+                self._supervisor.idle_heartbeats = self.idle_sink.handle
             self._supervisor.start()
             wait_until_ready(self, timeout)
             self._supervisor.stop_accepting()
@@ -260,11 +268,20 @@ class RankPool:
         ranks can be interrupted; ranks that cannot (stuck in a collective) end the pool.
         ``last``: ranks exit as soon as they answered (``launch`` does this; call :meth:`stop` after).
         """
+        return self.run_task(task, ranks, timeout=timeout, sink=sink, recover=recover, failure_grace=failure_grace,
+                             interrupt_grace=interrupt_grace, last=last).result()
+
+    def run_task(self, task: Task, ranks: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
+                 sink: Optional[EventSink] = None, recover: bool = True, failure_grace: float = 1.0,
+                 interrupt_grace: float = 3.0, last: bool = False) -> RunOutcome:
+        """Like :meth:`run`, but return the :class:`~.outcome.RunOutcome` (values, every rank's
+        failure, interrupts, deaths, and the exception ``run`` would raise) instead of raising.
+        Only a closed pool or a bad ``ranks`` raises here."""
         self._require_alive()
         selected = self._select(ranks)
         loop = RunLoop(self, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
                        failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
-        return loop.run(task)
+        return loop.outcome(task)
 
     def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:
         """Put ``values`` into the namespace of ``ranks`` (default all)."""
@@ -295,13 +312,14 @@ class RankPool:
                 stacks[handle.rank] = prefix + reply.stack
         return stacks
 
-    def where_replies(self, timeout: float = 3.0) -> Dict[int, Any]:
-        """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered."""
+    def where_replies(self, timeout: float = 3.0, ledger: bool = False) -> Dict[int, Any]:
+        """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered
+        (with the rank's collective ledger when ``ledger``)."""
         if self._supervisor is None:
             return {}
         request_id = next(self._ids)
         self._supervisor.expect_where(request_id)
-        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id))]
+        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id, ledger=ledger))]
         return self._supervisor.where_replies(request_id, asked, timeout)
 
     def status(self) -> Dict[int, RankStatus]:

@@ -69,6 +69,7 @@ class WhereRequest:
     """Answer with the main thread's stack (answered by a side thread, even mid-task)."""
 
     request_id: int
+    ledger: bool = False  # also send the rank's collective ledger
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from ..live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
 from .processes import kill_own_children
@@ -38,6 +38,7 @@ class RankState:
         self.in_task = False
         self.collectives: List[CollectiveState] = []
         self.seq = 0
+        self.ledger: Any = None  # the rank's collectives.ledger.Ledger, once installed
 
     @property
     def collective(self) -> Optional[CollectiveState]:
@@ -55,7 +56,7 @@ class CollectiveTracer:
 
     def enter(self, op: str, meta: dict) -> CollectiveState:
         state = self._state
-        state.seq += 1
+        state.seq = meta.get("seq", state.seq + 1)  # the ledger's numbering when it runs before us
         entry = CollectiveState(seq=state.seq, op=op, meta=_plain_meta(meta), entered_at=time.time())
         state.collectives.append(entry)
         if self._send_events:
@@ -94,8 +95,9 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
             rss = process.memory_info().rss
         except psutil.Error:
             rss = 0
+        collective, _ = live_collective(state, heartbeat=True)
         outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
-                             collective=state.collective))
+                             collective=collective))
 
     def control() -> None:
         next_beat = time.monotonic() + heartbeat_interval
@@ -112,9 +114,11 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
                 kill_own_children()
                 os._exit(70)
             if isinstance(message, WhereRequest):
+                collective, waiting = live_collective(state)
+                entries = ledger_entries(state) if getattr(message, "ledger", False) else None
                 outbox.put(WhereReply(rank=state.rank, time=time.time(), request_id=message.request_id,
                                       stack=main_thread_stack(state), in_task=state.in_task,
-                                      collective=state.collective))
+                                      collective=collective, waiting=waiting, ledger=entries))
             elif isinstance(message, InputReply):  # the main thread waits at a prompt, not in the inbox
                 deliver(message)
             else:
@@ -123,6 +127,48 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
     thread = threading.Thread(target=control, name="notebook-fabric control", daemon=True)
     thread.start()
     return thread
+
+
+def live_collective(state: RankState, heartbeat: bool = False) -> Tuple[Optional[CollectiveState], Any]:
+    """The collective the main thread waits in, Fabric's or torch's own (from the ledger), as the
+    heartbeat's :class:`CollectiveState` and the ledger's entry.
+
+    For a ``heartbeat`` the Flight Recorder is read only when the rank's torch collective count did
+    not move since the last beat (a training loop that makes progress pays nothing)."""
+    if state.ledger is None or not state.in_task:
+        return state.collective, None
+    if heartbeat and state.collective is None:
+        count = state.ledger.progress()
+        moved, state.beat_progress = count != getattr(state, "beat_progress", None), count
+        if moved:
+            return None, None
+    try:
+        entry = state.ledger.current(sys._current_frames().get(state.main_thread_id))
+    except Exception:  # noqa: BLE001 - a report must not kill the control thread
+        return state.collective, None
+    if entry is None:
+        return state.collective, entry
+    from ..collectives.callsite import describe_place
+
+    place = describe_place(entry.place) if entry.place is not None else None
+    traced = state.collective
+    if entry.origin == "fabric" and traced is not None:
+        return CollectiveState(seq=traced.seq, op=traced.op, meta={**traced.meta, "place": place},
+                               entered_at=traced.entered_at), entry
+    meta = {"shapes": entry.shapes, "dtypes": entry.dtypes, "via": entry.via, "origin": entry.origin, "place": place,
+            "detail": entry.bucket() or None}
+    return CollectiveState(seq=entry.seq, op=entry.op, meta=meta, entered_at=entry.started_ns / 1e9), entry
+
+
+def ledger_entries(state: RankState, last: Optional[int] = None) -> Optional[Tuple[Any, ...]]:
+    """The rank's ledger entries (the newest ``last`` of them), or ``None`` without a ledger."""
+    if state.ledger is None:
+        return None
+    try:
+        entries = state.ledger.entries()
+    except Exception:  # noqa: BLE001
+        return None
+    return tuple(entries[-last:] if last else entries)
 
 
 def main_thread_stack(state: RankState) -> str:

@@ -23,8 +23,11 @@ from ..live.channel import connect_to_notebook
 from .errors import describe_exception, pickle_for_parent
 from .processes import close_inherited_listeners, die_with_parent, kill_own_children
 from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
-from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, install_tracer, start_control_thread
+from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, start_control_thread
+from .rank_ledger import install_ledger, ledger_snapshot
 from .rank_io import Outbox, OutputCapture
+from .rank_isolation import forget_kernel
+from .rank_telemetry import MemorySampler, report_metrics, report_progress
 from .rank_logs import rank_log_paths
 from ..stepping import rank_prompts
 
@@ -82,12 +85,14 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
                                                                     text=text)),
                             log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    forget_kernel()  # a rank forked from a kernel is not the kernel
+    report_progress(rank, outbox)
     rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
     try:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
         _adopt_notebook_paths(setup)
-        install_tracer(CollectiveTracer(state, outbox, bootstrap.trace_collectives))
+        install_ledger(state, CollectiveTracer(state, outbox, bootstrap.trace_collectives))
         fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
     except BaseException as error:
         capture.flush()
@@ -96,6 +101,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         return 1
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
+    metrics = report_metrics(fabric, rank, outbox)
+    memory = MemorySampler(rank, outbox, state, also=metrics.flush).start()
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
     while True:
@@ -103,8 +110,14 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         if isinstance(message, StopRank):
             break
         if isinstance(message, RunTask):
+            memory.send()
             event = run_task(message, fabric, namespace, state)
             capture.flush()
+            metrics.flush()
+            memory.send()
+            snapshot = ledger_snapshot(state, message.task_id)
+            if snapshot is not None:
+                outbox.put(snapshot)
             outbox.put(event)
             if message.exit_after:
                 break

@@ -16,24 +16,29 @@ the cell and a kernel interrupt arrives here as KeyboardInterrupt. Policy on tro
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..live.events import (
-    Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
+    LedgerSnapshot, Notice, RankExited, RankReady, RemoteFailure, StartupFailed, TaskDone, TaskFailed, TaskStarted,
+    WhereReply,
 )
 from ..live.sinks import EventSink
 from ..stepping.prompt_server import PromptServer
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
+from .hang import CollectiveHangError, check_waiting, explain_failures, task_label, torch_debug_note, waiting_note
+from .outcome import RunOutcome, deaths_of
 from .protocol import RunTask
 from .rank_control import LAUNCH_DIR, innermost_user_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool
 
+HANG_CHECK_EVERY = 0.25  # seconds between looks at the waiting ranks once some rank finished the task
 DEATH_GRACE = 0.3  # seconds to gather ranks that die together ("ranks 0-1 exited with code 3")
 EXIT_EVENT_WAIT = 3.0  # at most this long past failure_grace for the exit event of a rank already gone
 
@@ -117,6 +122,11 @@ class RunLoop:
         self.deaths: Dict[int, RankExited] = {}
         self._we_interrupted = False
         self.prompts = PromptServer(pool, sink)  # ranks at breakpoint()/input(): asked here, one at a time
+        self._label = "the task"
+        self._hang_check_at: Optional[float] = None
+        self._idle = sorted(set(range(pool.num_processes)) - set(ranks))  # not running this task (--ranks)
+        self._hang: Optional[CollectiveHangError] = None
+        self._failure_story: Optional[str] = None
 
     def run(self, task: Any) -> Dict[int, Any]:
         try:
@@ -127,7 +137,12 @@ class RunLoop:
 
     def _run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
+        self._label = task_label(task)
         self.pool.drain_events(self.sink)
+        for rank in self.ranks:  # between tasks only the latest heartbeat is kept: hand it over first
+            beat = self.pool.handle(rank).heartbeat
+            if beat is not None:
+                self.sink.handle(beat)
         self.task_id = self.pool.next_id()
         message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
                           exit_after=self.last)
@@ -136,7 +151,10 @@ class RunLoop:
             handle.state = "running"
             handle.exit_expected = handle.exit_expected or self.last
             handle.send(message)
+            self.sink.handle(TaskStarted(rank=rank, time=time.time(), task_id=self.task_id))
         self.pool.task_running(True)
+        if self._idle:  # a collective needing an idle rank can never complete: watch from the start
+            self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
@@ -153,10 +171,30 @@ class RunLoop:
             self._on_death()
         if outcome == "timeout":
             self._on_timeout()
+        if outcome == "hang" and self._hang is not None:
+            self.pool.stop(grace=0.2)  # the waiting ranks sit in the backend's wait: no interrupt reaches them
+            raise self._hang
         if self.failures:
+            error = self._hang_from_failures() or rebuild_exception(self.failures, self.arrival)
+            if self._failure_story:
+                _note(error, self._failure_story)
+            self._note_waiting(error)
             self._settle_stragglers()
-            raise rebuild_exception(self.failures, self.arrival)
+            raise error
         return {rank: self.results[rank] for rank in self.ranks}
+
+    def outcome(self, task: Any) -> RunOutcome:
+        """Run ``task`` like :meth:`run`, but return the per-rank record instead of raising."""
+        record = RunOutcome(ranks=list(self.ranks))
+        try:
+            record.values = self.run(task)
+        except BaseException as error:  # KeyboardInterrupt included: the caller renders it
+            record.error = error
+            record.values = {rank: self.results[rank] for rank in self.ranks if rank in self.results}
+        record.failures, record.arrival = dict(self.failures), list(self.arrival)
+        record.interrupted = list(self.interrupted)
+        record.deaths = deaths_of(self.deaths, self.pool.handles)
+        return record
 
     # -- waiting --------------------------------------------------------------------------------
     def _wait(self, until: Optional[float] = None, settle_on_failure: bool = True) -> str:
@@ -180,11 +218,25 @@ class RunLoop:
             if event is not None:
                 self._dispatch(event)
             self.prompts.serve()
+            if (self._hang_check_at is not None and self.pending and not self.prompts.debugging
+                    and time.monotonic() >= self._hang_check_at):
+                self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
+                if self._certain_hang():
+                    return "hang"
         return "died" if self.deaths else "done"
 
     def _dispatch(self, event: Any) -> None:
+        if isinstance(event, LedgerSnapshot):
+            self.pool.ledgers[event.rank] = event.entries
+            return
+        if isinstance(event, (TaskDone, TaskFailed)):
+            self.sink.handle(event)  # the dashboard marks ranks done, failed
+        elif isinstance(event, RankExited):  # dead when this loop counts it as a death (even under `last`)
+            died = event.rank in self.pending or not event.expected
+            self.sink.handle(dataclasses.replace(event, expected=False) if died else event)
         if isinstance(event, TaskDone) and event.task_id == self.task_id and event.rank in self.pending:
             self.pending.discard(event.rank)
+            self._hang_check_at = self._hang_check_at or time.monotonic() + 0.1
             try:
                 self.results[event.rank] = pickle.loads(event.payload)
             except Exception as error:
@@ -209,6 +261,20 @@ class RunLoop:
             pass  # a late answer to an earlier, abandoned task
         else:
             self.sink.handle(event)
+
+    def _certain_hang(self) -> bool:
+        """Do pending ranks wait in a collective that a finished (or idle) rank never issued?"""
+        self._hang = check_waiting(self.pool, self.pending, self.results, self._idle, self._label)
+        return self._hang is not None
+
+    def _hang_from_failures(self) -> Optional[CollectiveHangError]:
+        error, self._failure_story = explain_failures(self.pool, self.failures, self.results, self._label)
+        return error
+
+    def _note_waiting(self, error: BaseException) -> None:
+        note = waiting_note(self.pool, self.pending)
+        if note:
+            _note(error, note)
 
     def _pending_rank_exited(self) -> bool:
         return any(self.pool.handle(rank).process.exitcode is not None for rank in self.pending)
@@ -243,8 +309,12 @@ class RunLoop:
             if event is not None:
                 self._dispatch(event)
         survivors = [h.rank for h in self.pool.handles if h.alive]
-        self.pool.stop(grace=0.2)
         error = _death_error(self.deaths, "while running the task")
+        self._note_waiting(error)
+        advice = torch_debug_note("".join(event.last_words for event in self.deaths.values()))
+        if advice:
+            _note(error, advice)
+        self.pool.stop(grace=0.2)
         if survivors:
             _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
         if self.failures:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..live.channel import EventListener
 from ..live.events import Heartbeat, RankExited, RankReady, RankStarted, TaskDone, TaskFailed, WhereReply
@@ -73,6 +73,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._finishing = threading.Event()
         self.task_running = threading.Event()  # set by the run loop while it consumes events
+        self.idle_heartbeats: Optional[Callable[[Any], None]] = None  # called with heartbeats between tasks
         self._where: Dict[int, Dict[int, WhereReply]] = {}
         self.changed = threading.Condition()
         self._acceptor = threading.Thread(target=self._accept, name="notebook-fabric acceptor", daemon=True)
@@ -178,6 +179,8 @@ class Supervisor:
             elif isinstance(event, Heartbeat):
                 handle.heartbeat = event
                 if not self.task_running.is_set():
+                    if self.idle_heartbeats is not None:  # the pool's idle sink wants them at all times
+                        self.idle_heartbeats(event)
                     return  # between tasks nobody consumes events: keep only the latest, on the handle
             elif isinstance(event, (RankReady, TaskDone, TaskFailed)):
                 handle.state = "idle"

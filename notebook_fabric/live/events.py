@@ -61,8 +61,10 @@ class CollectiveState:
         dtypes = self.meta.get("dtypes") or ()
         parts = [f"{str(d).replace('torch.', '')}{list(s)}" for s, d in zip(shapes, dtypes)]
         name = self.meta.get("name")
-        detail = ", ".join(([f"name={name!r}"] if name else []) + parts)
-        text = f"{self.op} #{self.seq}" + (f" ({detail})" if detail else "")
+        detail = self.meta.get("detail") or ", ".join(([f"name={name!r}"] if name else []) + parts)
+        text = f"{self.meta.get('via') or self.op} #{self.seq}" + (f" ({detail})" if detail else "")
+        if self.meta.get("place"):
+            text += f" at {self.meta['place']}"
         if now is not None:
             text += f" for {max(0.0, now - self.entered_at):.1f} s"
         return text
@@ -148,6 +150,16 @@ class WhereReply(RankEvent):
     stack: str
     in_task: bool
     collective: Optional[CollectiveState] = None
+    waiting: Any = None  # the collective ledger's entry this rank waits in (a LedgerEntry), if any
+    ledger: Optional[Tuple[Any, ...]] = None  # the rank's ledger entries, when the request asked for them
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot(RankEvent):
+    """The rank's collective ledger at the end of a task (sent before its result when it changed)."""
+
+    task_id: int
+    entries: Tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -167,3 +179,65 @@ class Notice(RankEvent):
     text: str
     level: str = "info"
     details: Tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TaskStarted(RankEvent):
+    """Seen by the parent: task ``task_id`` was sent to this rank (``time`` is the notebook's)."""
+
+    task_id: int
+
+
+@dataclass(frozen=True)
+class MemorySample(RankEvent):
+    """The rank's memory, sampled off its training thread (and right before and after each task).
+
+    Host: resident memory and its peak (``VmHWM``). Device (CUDA ranks that initialised CUDA):
+    bytes allocated and reserved by the caching allocator, the peak allocated, and the device's
+    total; ``None`` on CPU ranks.
+    """
+
+    rss_bytes: int
+    rss_peak_bytes: int
+    device: Optional[str] = None
+    allocated_bytes: Optional[int] = None
+    reserved_bytes: Optional[int] = None
+    peak_allocated_bytes: Optional[int] = None
+    total_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Progress(RankEvent):
+    """A tqdm bar in the rank was drawn (at most as often as tqdm redraws it) or closed.
+
+    ``bar`` tells bars of one rank apart; ``total`` is ``None`` for bars of unknown length;
+    ``rate`` is in ``unit`` per second, ``None`` until tqdm knows it.
+    """
+
+    bar: int
+    desc: str
+    n: float
+    total: Optional[float]
+    rate: Optional[float]
+    unit: str = "it"
+    elapsed: float = 0.0
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class Metrics(RankEvent):
+    """Scalars the rank logged with ``fabric.log`` / ``fabric.log_dict``, in the order logged.
+
+    ``points`` holds one ``(step, {name: value})`` per call (``step`` as given, or ``None``); the
+    rank sends the calls of a quarter second together.
+    """
+
+    points: Tuple[Tuple[Optional[int], Dict[str, float]], ...]
+
+
+def barrier_name(state: Optional[CollectiveState]) -> Optional[str]:
+    """The name a ``barrier(name)`` was given, if ``state`` is such a barrier."""
+    if state is None or state.op != "barrier":
+        return None
+    name = state.meta.get("name")
+    return str(name) if name else None

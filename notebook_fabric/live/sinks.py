@@ -7,7 +7,8 @@ run (the notebook's main thread, so printed text lands in the running cell), and
 Output convention (the same everywhere): every line a rank writes is printed with a
 ``[rank N] `` prefix, rank 0 included, stdout lines to ``sys.stdout`` and stderr lines to
 ``sys.stderr`` as they are at print time (in a kernel: the cell). Launcher messages are prefixed
-``[notebook-fabric] `` and go to ``sys.stderr``.
+``[notebook-fabric] `` and go to ``sys.stderr``, except informational ones in a kernel, which go to
+``sys.stdout`` (see :mod:`.notices`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Set, Tuple, runtime_checkable
 
 from .events import Notice, Output, RankEvent
+from .notices import write_notice
 
 
 @runtime_checkable
@@ -54,8 +56,7 @@ class TextSink:
             if self.ranks is None or event.rank in self.ranks:
                 self._write_output(event)
         elif isinstance(event, Notice) and self.show_notices:
-            lines = [event.text, *event.details]
-            _stream("stderr").write("".join(f"[notebook-fabric] {line}\n" for line in lines))
+            write_notice([event.text, *event.details], event.level)
 
     def flush(self) -> None:
         for (rank, stream), text in sorted(self._partial.items()):

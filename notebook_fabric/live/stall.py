@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 from .events import CollectiveState, Heartbeat, RankEvent
+from .fold import fold_frames
 from .sinks import EventSink
 
 
@@ -30,7 +31,7 @@ def plain_stacks(stacks: Dict[int, str]) -> str:
     """Every rank's stack, one indented block per group of ranks with the same stack."""
     groups: Dict[str, List[int]] = {}
     for rank, stack in sorted(stacks.items()):
-        groups.setdefault(stack.rstrip(), []).append(rank)
+        groups.setdefault(fold_frames(stack).rstrip(), []).append(rank)
     return "\n".join(
         f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}:\n"
         + ("\n".join("    " + line for line in stack.splitlines()) or "    (empty)")
@@ -107,8 +108,7 @@ class StallWatchdogSink:
                 self.last_report = report
                 self.inner.flush()
                 print_report(report, self.hint)
-            return
-        self.inner.handle(event)
+        self.inner.handle(event)  # heartbeats too: the dashboard shows memory and collectives from them
 
     def flush(self) -> None:
         self.inner.flush()

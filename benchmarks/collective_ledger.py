@@ -1,0 +1,140 @@
+"""What the collective ledger and debug mode cost, against raw torch.distributed, in one run.
+
+Two CPU ranks started by ``notebook_fabric.launch`` (so the ranks carry the real tracer chain:
+ledger, heartbeat state, and debug mode when switched on). Per round, interleaved so that drift on
+a shared machine hits every variant alike:
+
+- 10,000 ``all_reduce`` of 4 floats: raw ``dist.all_reduce`` vs ``fabric.all_reduce`` with no
+  tracer, with the ledger (the launcher's chain), and with debug mode on top;
+- a DDP training step with the Flight Recorder on vs off: two plain ``torch.distributed.run``-style
+  process groups in fresh processes (the recorder must be chosen before the group exists).
+
+    .venv/bin/python benchmarks/collective_ledger.py
+
+Prints per-call times and ratios (whole run, median round, best round): on a loaded machine the
+best and median rounds say more than the total.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+CALLS = int(os.environ.get("BENCH_CALLS", 10_000))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 20))
+DDP_STEPS = int(os.environ.get("BENCH_DDP_STEPS", 200))
+
+
+def _timed(fn: Callable[[], None], calls: int) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - start
+
+
+def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
+    """Seconds per round of ``CALLS // ROUNDS`` calls, per variant; rounds interleave the variants."""
+    import torch.distributed as dist
+
+    from notebook_fabric.collectives.debug import enable_signature_checks
+    from notebook_fabric.collectives.trace import get_tracer, set_tracer
+
+    chain = get_tracer()  # the launcher's: ledger -> rank state
+    data = torch.ones(4)
+    results: Dict[str, List[float]] = {"raw": [], "fabric, no tracer": [], "fabric + ledger": [], "fabric + debug": []}
+    set_tracer(None)
+    checker = enable_signature_checks()  # builds its group once (every rank, same point)
+    set_tracer(chain)
+    raw = lambda: dist.all_reduce(data)  # noqa: E731
+    through = lambda: fabric.all_reduce(data, reduce_op="sum")  # noqa: E731
+    per_round = max(1, CALLS // ROUNDS)
+    for _ in range(ROUNDS):
+        results["raw"].append(_timed(raw, per_round))
+        set_tracer(None)
+        results["fabric, no tracer"].append(_timed(through, per_round))
+        set_tracer(chain)
+        results["fabric + ledger"].append(_timed(through, per_round))
+        set_tracer(checker)
+        results["fabric + debug"].append(_timed(through, per_round))
+        set_tracer(chain)
+    meta = {"group": None, "group_size": 2, "shapes": [(4,)], "dtypes": ["torch.float32"], "reduce_op": "sum"}
+    start = time.process_time()
+    for _ in range(CALLS):  # the chain's bookkeeping alone (CPU time), without the collective
+        chain.exit(chain.enter("all_reduce", dict(meta)), None)
+    results["bookkeeping"] = [time.process_time() - start]
+    return results
+
+
+def _ddp_step_seconds(recorder: bool) -> float:
+    """Median seconds per DDP step of 2 fresh ranks, the Flight Recorder on or off."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DDP_CHILD": "1", "BENCH_FR": "1" if recorder else "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + int(recorder) + 2 * (os.getpid() % 500)),
+           "WORLD_SIZE": "2"}
+    if not recorder:
+        env.pop("TORCH_FR_BUFFER_SIZE", None)
+    children = [subprocess.Popen([sys.executable, __file__], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                                 text=True) for r in range(2)]
+    outputs = [c.communicate(timeout=600)[0] for c in children]
+    return float(outputs[0].strip().splitlines()[-1])
+
+
+def _ddp_child() -> None:
+    if os.environ["BENCH_FR"] == "1":
+        os.environ["TORCH_FR_BUFFER_SIZE"] = "2000"
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs, targets = torch.randn(64, 256), torch.randint(0, 10, (64,))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+    for _ in range(10):
+        step()
+    per_step = min(_timed(step, DDP_STEPS // 10) / (DDP_STEPS // 10) for _ in range(10))
+    if dist.get_rank() == 0:
+        print(per_step, flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    from notebook_fabric import launch
+
+    rounds = launch(_all_reduce_rounds, devices=2, accelerator="cpu", stall=None)
+    print(f"{CALLS} x all_reduce(4 floats) per variant on 2 CPU ranks, in {ROUNDS} interleaved rounds:")
+    bookkeeping = rounds.pop("bookkeeping")[0]
+    for name, times in rounds.items():
+        ratios = [t / r for t, r in zip(times, rounds["raw"])]
+        print(f"  {name:<20} {sum(times) * 1e6 / CALLS:8.1f} us/call   total {sum(times) / sum(rounds['raw']):5.2f}x raw"
+              f"   median round {statistics.median(ratios):5.2f}x   best round {min(ratios):5.2f}x")
+    print(f"  ledger + rank tracer bookkeeping alone: {bookkeeping * 1e6 / CALLS:.2f} us CPU per call "
+          f"({bookkeeping * 1e6 / CALLS / (min(rounds['raw']) * 1e6 / max(1, CALLS // ROUNDS)) * 100:.1f}% of the "
+          "best raw all_reduce round)")
+    ddp_on, ddp_off = [], []
+    for _ in range(5):  # alternate, so drift hits both
+        ddp_off.append(_ddp_step_seconds(False))
+        ddp_on.append(_ddp_step_seconds(True))
+    off, on = statistics.median(ddp_off), statistics.median(ddp_on)
+    print(f"DDP step (256-512-10 MLP, batch 64), 2 ranks, best of 10 x {DDP_STEPS // 10} steps, median of 5 "
+          f"alternating launches: Flight Recorder off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms: {on / off:.3f}x")
+
+
+if __name__ == "__main__":
+    if os.environ.get("BENCH_DDP_CHILD") == "1":
+        _ddp_child()
+    else:
+        main()

@@ -1,0 +1,56 @@
+"""What one task on a pool came to, per rank: :class:`RunOutcome`.
+
+``RankPool.run_task`` returns it instead of raising, so ``launch(fn)`` and the ``%%fabric`` magic
+render the same record: the values of the ranks that answered, every rank's failure (not only the
+first group), who was interrupted, who died and how, and the exception ``RankPool.run`` raises for
+it (``error``), if any.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..live.events import RankExited, RemoteFailure
+
+
+@dataclass
+class RunOutcome:
+    """See the module docstring. ``ranks``: the ranks the task ran on, in order."""
+
+    ranks: List[int]
+    values: Dict[int, Any] = field(default_factory=dict)
+    failures: Dict[int, RemoteFailure] = field(default_factory=dict)
+    arrival: List[int] = field(default_factory=list)  # failing ranks in the order their failures came
+    interrupted: List[int] = field(default_factory=list)
+    deaths: Dict[int, str] = field(default_factory=dict)  # rank -> "killed by signal SIGKILL (...)"
+    error: Optional[BaseException] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def finished(self) -> List[int]:
+        return sorted(self.values)
+
+    def result(self) -> Dict[int, Any]:
+        """``{rank: value}``, or raise what went wrong (what ``RankPool.run`` does)."""
+        if self.error is not None:
+            raise self.error
+        return {rank: self.values[rank] for rank in self.ranks}
+
+
+def deaths_of(exits: Dict[int, RankExited], handles: List[Any]) -> Dict[int, str]:
+    """Every rank that died: those whose exit the run loop saw, and those whose process ended
+    unasked although its exit event had not arrived yet (asked of the process itself)."""
+    from .processes import describe_exit
+
+    deaths = {rank: event.description for rank, event in exits.items()}
+    for handle in handles:
+        try:
+            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
+        except ValueError:  # a process object the pool already closed: its exit was seen, or it was stopped
+            continue
+        if code is not None and not handle.exit_expected and handle.rank not in deaths:
+            deaths[handle.rank] = describe_exit(code)
+    return deaths
