@@ -53,7 +53,7 @@ def test_breakpoint_in_a_rank_is_answered_from_the_terminal(tmp_path, method: st
     finally:
         rest = finish(child, marker)
     assert child.exitstatus == 0, rest
-    assert "rank 0 waits in all_reduce #1 (float32[1]) for rank 1 (in the debugger)" in seen + rest
+    assert "rank 0 waits for rank 1 (in the debugger) in all_reduce #1 (float32[1])" in seen + rest
     assert "stall" not in seen + rest and "Timeout" not in seen + rest
 
 

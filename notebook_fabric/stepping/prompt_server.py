@@ -15,7 +15,7 @@ in a script. Policy:
 - while any rank is in the debugger the stall clock stands still (heartbeats' collective entry
   times are moved up to "now", then to the end of the last debugger session) and :meth:`paused_seconds` tells the
   run loop how long to add to the task's timeout; ranks waiting in a collective meanwhile are
-  announced once: ``rank 0 waits in all_reduce #1 for rank 1 (in the debugger)``;
+  announced once: ``rank 0 waits for rank 1 (in the debugger) in all_reduce #1 ...``;
 - an interrupt at the prompt (KeyboardInterrupt out of ``input()``) answers every waiting rank
   with ``abort`` (they leave the prompt with KeyboardInterrupt) and re-raises; until the run ends,
   later questions get ``abort`` too (:meth:`abort`);
@@ -207,7 +207,7 @@ class PromptServer:
         sys.stdout.flush()
 
     def _announce_waiting(self) -> None:
-        """``rank 0 waits in all_reduce #1 for rank 1 (in the debugger)``, once per rank and collective,
+        """``rank 0 waits for rank 1 (in the debugger) in all_reduce #1 ...``, once per rank and collective,
         asked of the ranks themselves (their side threads answer at once)."""
         others = [h.rank for h in self.pool.handles if h.alive and h.state == "running"]
         if not others:
@@ -229,7 +229,7 @@ class PromptServer:
         if key in self._announced or not stopped or rank in stopped:
             return
         self._announced.add(key)
-        self._notice(f"rank {rank} waits in {collective.describe()} for {format_ranks(stopped)} ({IN_DEBUGGER})")
+        self._notice(f"rank {rank} waits for {format_ranks(stopped)} ({IN_DEBUGGER}) in {collective.describe()}")
 
     def _paused_heartbeat(self, beat: Heartbeat) -> Optional[Heartbeat]:
         """A stall watchdog re-reads every rank's last collective on each heartbeat, so while a rank
