@@ -23,7 +23,9 @@ LINE_USAGE = """\
 %fabric restart                      end the pool and start it again with the same settings
 %fabric pull NAME [--rank R | --all] copy a rank's variable (default rank 0; --all: list by rank)
 %fabric push NAME [NAME ...] [--rank R]
-                                     send notebook variables to the ranks (default every rank)"""
+                                     send notebook variables to the ranks (default every rank)
+%fabric debug [--rank R]             pdb on the frame where the last failing cell failed (default: the
+                                     first failing rank), with its locals; the pool stays"""
 
 
 @magics_class
@@ -113,6 +115,9 @@ class FabricMagics(Magics):
             elif command == "push":
                 parsed = _parse(rest, "push", [("names", {"nargs": "+"}), ("--rank", {"type": int, "action": "append"})])
                 print(session.push(parsed.names, parsed.rank))
+            elif command == "debug":
+                parsed = _parse(rest, "debug", [("--rank", {"type": int, "default": None})])
+                print(session.debug(parsed.rank))
             elif command in ("help", "-h", "--help"):
                 print(LINE_USAGE)
             else:

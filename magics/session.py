@@ -27,6 +27,7 @@ from .analysis import analyze_cell
 from .cell_sink import CellSink
 from .cell_task import CellTask
 from .commands import RESTART_NOTE, FabricUsageError, PoolCommands, Snapshot, notify, with_render
+from .debugging import DebugCommands
 from .probe import probe_rank
 from .render import RankValues, format_failures, format_stacks
 from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
@@ -48,11 +49,11 @@ class CellOptions:
     dashboard: Optional[bool] = None  # None: the live dashboard in a notebook, text elsewhere
 
 
-class FabricSession(PoolCommands):
+class FabricSession(PoolCommands, DebugCommands):
     """One notebook's pool and everything the magics do with it (see the module docstring).
 
     The ``%fabric`` line commands (status, where, stop, restart, pull, push) come from
-    :class:`~.commands.PoolCommands`.
+    :class:`~.commands.PoolCommands`; ``%fabric debug`` from :class:`~.debugging.DebugCommands`.
     """
 
     def __init__(self, user_ns: Dict[str, Any], heartbeat_interval: float = 1.0) -> None:
@@ -166,6 +167,8 @@ class FabricSession(PoolCommands):
             raise self._interrupted(error, record, ranks, sink.notices) from None
         except Exception as error:
             self.tracker.forget(shipment.values)
+            self.remember_failed_ranks([r for r in record.arrival
+                                        if record.failures[r].type_name != "KeyboardInterrupt"])
             raise self._failed(error, record, ranks) from None
         finally:
             self.cell_running = False

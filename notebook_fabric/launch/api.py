@@ -24,7 +24,8 @@ START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is gi
 def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: Any = "auto", strategy: Any = "ddp",
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
-           log_dir: Any = None, dashboard: Optional[bool] = None, **fabric_kwargs: Any) -> Any:
+           log_dir: Any = None, dashboard: Optional[bool] = None, post_mortem: bool = False,
+           **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -43,6 +44,9 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     after a successful launch and kept (path printed) after a failure; ``False``: no log files.
     ``dashboard``: in a notebook (default there), a live table of every rank (state, collective,
     memory, progress, output) that freezes into a summary at the end; ``False`` prints text.
+    ``post_mortem``: when ``fn`` raises on a rank, open pdb on the failing frame (``(Pdb rank N)``,
+    asked here: the kernel's stdin or the terminal) before the ranks are stopped.
+    ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
 
     Outside the dashboard, rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
@@ -62,14 +66,15 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     num_processes, declared = plan_ranks(kwargs)
     return run_function(kwargs, fn, args, num_processes=num_processes, start_method=start_method or declared,
                         timeout=timeout, return_all=return_all, stall=stall, sink=sink, log_dir=log_dir,
-                        dashboard=dashboard, title=f"launch({getattr(fn, '__qualname__', type(fn).__name__)})")
+                        dashboard=dashboard, title=f"launch({getattr(fn, '__qualname__', type(fn).__name__)})",
+                        post_mortem=post_mortem)
 
 
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (), *,
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
                  sink: Optional[EventSink] = None, log_dir: Any = None, dashboard: Optional[bool] = None,
-                 title: str = "launch") -> Any:
+                 title: str = "launch", post_mortem: bool = False) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
@@ -81,6 +86,10 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
         raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds (or None), got {timeout!r}")
+    if post_mortem:
+        from ..stepping.post_mortem import PostMortemOnFailure
+
+        fn = PostMortemOnFailure(fn)
     board = None
     if sink is None and want_dashboard(dashboard):
         board = sink = DashboardSink(range(num_processes), title=title).start()

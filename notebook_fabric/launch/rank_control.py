@@ -21,6 +21,8 @@ from typing import Any, List, Optional, Tuple
 from ..live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
 from .processes import kill_own_children
 from .protocol import WhereRequest
+from ..stepping.messages import InputReply
+from ..stepping.rank_prompts import deliver
 from .rank_io import Outbox
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -117,6 +119,8 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
                 outbox.put(WhereReply(rank=state.rank, time=time.time(), request_id=message.request_id,
                                       stack=main_thread_stack(state), in_task=state.in_task,
                                       collective=collective, waiting=waiting, ledger=entries))
+            elif isinstance(message, InputReply):  # the main thread waits at a prompt, not in the inbox
+                deliver(message)
             else:
                 inbox.put(message)
 

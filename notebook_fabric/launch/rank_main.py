@@ -29,6 +29,7 @@ from .rank_io import Outbox, OutputCapture
 from .rank_isolation import forget_kernel
 from .rank_telemetry import MemorySampler, report_metrics, report_progress
 from .rank_logs import rank_log_paths
+from ..stepping import rank_prompts
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
@@ -86,6 +87,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
     forget_kernel()  # a rank forked from a kernel is not the kernel
     report_progress(rank, outbox)
+    rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
     try:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
@@ -141,6 +143,7 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
             value = task(fabric, namespace)
         finally:
             state.in_task = False
+            rank_prompts.task_ended()
         payload = pickle_for_parent(_to_cpu(value))
         if payload is None:
             raise TypeError(f"the value returned on rank {rank} (a {type(value).__module__}.{type(value).__qualname__}) "
@@ -148,8 +151,10 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
         return TaskDone(rank=rank, time=time.time(), task_id=message.task_id, payload=payload)
     except KeyboardInterrupt as error:
         interrupted = True
+        rank_prompts.remember_failure(error)
         failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
     except BaseException as error:  # SystemExit included: a task must not end the rank
+        rank_prompts.remember_failure(error)
         failure = describe_exception(error, _SKIP_IN_TRACEBACKS)
     return TaskFailed(rank=rank, time=time.time(), task_id=message.task_id, failure=failure, interrupted=interrupted)
 

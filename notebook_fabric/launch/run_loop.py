@@ -9,7 +9,10 @@ the cell and a kernel interrupt arrives here as KeyboardInterrupt. Policy on tro
 - ``timeout`` passed: ask every rank where it is, then raise :class:`LaunchTimeoutError` naming
   the ranks waiting in a collective and the stacks of the others;
 - the caller was interrupted: SIGINT to busy ranks, wait ``interrupt_grace``, stop the pool if
-  some do not stop (a second interrupt stops it at once), re-raise KeyboardInterrupt.
+  some do not stop (a second interrupt stops it at once), re-raise KeyboardInterrupt;
+- a rank waits at a prompt (``breakpoint()``, ``input()``): the loop's
+  :class:`~notebook_fabric.stepping.prompt_server.PromptServer` asks here; meanwhile the timeout
+  does not run and failures of other ranks are not settled.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..live.events import (
     WhereReply,
 )
 from ..live.sinks import EventSink
+from ..stepping.prompt_server import PromptServer
 from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
@@ -117,6 +121,7 @@ class RunLoop:
         self.interrupted: List[int] = []
         self.deaths: Dict[int, RankExited] = {}
         self._we_interrupted = False
+        self.prompts = PromptServer(pool, sink)  # ranks at breakpoint()/input(): asked here, one at a time
         self._label = "the task"
         self._hang_check_at: Optional[float] = None
         self._idle = sorted(set(range(pool.num_processes)) - set(ranks))  # not running this task (--ranks)
@@ -201,18 +206,20 @@ class RunLoop:
                 return "died"
             if until is not None and now > until:
                 return "grace"
-            if self.failures and settle_on_failure:
+            if self.failures and settle_on_failure and not self.prompts.debugging:
                 first_failure = first_failure or now
                 # a rank whose process is gone explains the others' "connection closed": wait for its exit event
                 waiting_for_exit = self._pending_rank_exited() and now - first_failure < self.failure_grace + EXIT_EVENT_WAIT
                 if now - first_failure > self.failure_grace and not waiting_for_exit:
                     return "failed"
-            if self.timeout is not None and now - started > self.timeout:
+            if self.timeout is not None and now - started - self.prompts.paused_seconds() > self.timeout:
                 return "timeout"
-            event = self.pool.next_event(0.05)
+            event = self.prompts.observe(self.pool.next_event(0.05))
             if event is not None:
                 self._dispatch(event)
-            if self._hang_check_at is not None and self.pending and time.monotonic() >= self._hang_check_at:
+            self.prompts.serve()
+            if (self._hang_check_at is not None and self.pending and not self.prompts.debugging
+                    and time.monotonic() >= self._hang_check_at):
                 self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
                 if self._certain_hang():
                     return "hang"
@@ -281,6 +288,7 @@ class RunLoop:
         """The caller was interrupted: interrupt the busy ranks; stop the pool if they stay busy."""
         busy = sorted(self.pending)
         self._we_interrupted = True
+        self.prompts.abort()
         self.pool.interrupt(busy)
         try:
             self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
@@ -349,6 +357,7 @@ class RunLoop:
             self.pool.stop(grace=0.2)
             return
         self._we_interrupted = True
+        self.prompts.abort()
         self.pool.interrupt(sorted(self.pending))
         try:
             outcome = self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
