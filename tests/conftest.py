@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import psutil
-import pytest
-import torch
+# One intra-op thread in the test process, set before torch loads: forked ranks then never inherit
+# a started OpenMP pool (a forked child whose parent ran a parallel region can hang in its first
+# matmul), and two ranks on two cores do not oversubscribe them. Scripts' ranks get the same below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
