@@ -61,6 +61,20 @@ def build_fabric(fabric_kwargs: Dict[str, Any]) -> Any:
     return fabric
 
 
+def _one_openmp_thread_after_fork() -> None:
+    """A forked rank computes on one intra-op thread.
+
+    OpenMP's thread pool does not survive ``fork``: once the notebook has run one multi-threaded
+    torch op, a forked child that starts a parallel region of its own waits forever for workers that
+    were never copied (seen: both ranks stuck in ``F.linear``). One thread avoids the pool, and is
+    what ``torchrun`` gives each rank by default; for more threads per rank use
+    ``start_method="spawn"`` or ``"forkserver"``, whose ranks start without the notebook's pool.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     die_with_parent()
     if bootstrap.start_method != "forkserver" and os.getppid() != bootstrap.parent_pid:
@@ -69,6 +83,8 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         os.setpgid(0, 0)  # only the notebook interrupts us; our children stay in our group
     except OSError:
         pass
+    if bootstrap.start_method == "fork":
+        _one_openmp_thread_after_fork()
     rank = bootstrap.rank
     state = RankState(rank)
     _install_interrupt_handler(state)
