@@ -28,6 +28,8 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from support.waiting import poll  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 #: prefix of the JSON result lines printed by tests/scripts/core_*.py (see core_common.emit)
@@ -137,12 +139,8 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 def _wait_gone(marker: str, grace: float) -> list[psutil.Process]:
     """Processes of the run still alive after ``grace`` seconds (a parent-death signal takes a moment)."""
-    deadline = time.monotonic() + grace
-    while True:
-        alive = _marked_processes(marker)
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.1)
+    poll(lambda: not _marked_processes(marker), grace, interval=0.1)
+    return _marked_processes(marker)
 
 
 class RunningScript:

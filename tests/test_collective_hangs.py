@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.collectives import CollectiveMismatchError, last_ledger
 from notebook_fabric.launch.errors import LaunchTimeoutError

@@ -7,6 +7,7 @@ import torch
 
 from notebook_fabric import launch
 from notebook_fabric.collectives import CollectiveMismatchError
+from support.waiting import poll
 
 
 def _different_ops(fabric):
@@ -28,9 +29,7 @@ def _matching_calls(fabric):
 
 
 def _assert_no_children() -> None:
-    deadline = time.monotonic() + 10
-    while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll(lambda: not psutil.Process().children(recursive=True), 10)
     assert psutil.Process().children(recursive=True) == []
 
 
