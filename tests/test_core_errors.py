@@ -55,9 +55,13 @@ def test_bad_devices(devices, message: str) -> None:
         Fabric(accelerator="cpu", devices=devices)
 
 
-@pytest.mark.parametrize("devices", [1, 2, "2", "auto", [0, 1], "0,1"])
-def test_good_devices(devices) -> None:
-    Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices not in (1, "auto") else "auto")
+@pytest.mark.parametrize("devices, processes", [(1, 1), (2, 2), ("2", 2), ("auto", 1), ([0, 1], 2), ("0,1", 2)])
+def test_good_devices(devices, processes: int) -> None:
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices not in (1, "auto") else "auto")
+    assert fabric.strategy.num_processes == processes  # every spelling of the count is understood alike
+    assert type(fabric.strategy).__name__ == ("DDPStrategy" if processes > 1 else "SingleDeviceStrategy")
+    assert fabric.device.type == "cpu"
+    assert no_children()  # building a Fabric starts no process
 
 
 @pytest.mark.parametrize("num_nodes", [0, -1, "2", 1.5, True, None])
