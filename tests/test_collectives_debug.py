@@ -39,7 +39,7 @@ def test_different_ops_raise_the_same_error_naming_ranks_ops_shapes_and_places()
     assert time.monotonic() - started < 30
     assert "rank 0: #1 all_reduce(float32[4]) reduce_op=sum" in message
     assert "rank 1: #1 all_gather(float32[4])" in message
-    assert "test_debug_mode.py" in message and "_different_ops" in message  # the place in the user's code
+    assert "test_collectives_debug.py" in message and "_different_ops" in message  # the place in the user's code
     assert caught.value.ranks == [0, 1]  # identical on both ranks, so reported once for both
     _assert_no_children()
 
