@@ -28,6 +28,7 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from support.processes import kill_and_reap  # noqa: E402
 from support.waiting import poll  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,12 +130,7 @@ def _describe_processes(processes: list[psutil.Process]) -> str:
 
 
 def _kill(processes: list[psutil.Process]) -> None:
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=5)
+    kill_and_reap(processes)
 
 
 def _wait_gone(marker: str, grace: float) -> list[psutil.Process]:

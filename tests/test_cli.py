@@ -18,6 +18,7 @@ import pytest
 from notebook_fabric import cli
 from notebook_fabric.cli_settings import apply_cli_settings, env_name, export_cli_settings, parse_devices
 from notebook_fabric.environments import find_free_port
+from support.processes import kill_and_reap
 from support.waiting import poll, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,12 +85,7 @@ def _kill_tree(pid: int) -> None:
         processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=5)
+    kill_and_reap(processes)
 
 
 def survivors(marker: str) -> list[int]:

@@ -43,6 +43,16 @@ def living_descendants(pid: Optional[int] = None) -> List[psutil.Process]:
     return found
 
 
+def kill_and_reap(processes: List[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGKILL each of ``processes`` (those already gone are skipped) and wait for them."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=timeout)
+
+
 def rank_like_children() -> List[psutil.Process]:
     """Living descendants of this process, minus multiprocessing's helpers and zombies."""
     return living_descendants()
