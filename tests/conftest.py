@@ -28,6 +28,9 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from support.processes import kill_and_reap  # noqa: E402
+from support.waiting import poll  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 #: prefix of the JSON result lines printed by tests/scripts/core_*.py (see core_common.emit)
@@ -127,22 +130,13 @@ def _describe_processes(processes: list[psutil.Process]) -> str:
 
 
 def _kill(processes: list[psutil.Process]) -> None:
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=5)
+    kill_and_reap(processes)
 
 
 def _wait_gone(marker: str, grace: float) -> list[psutil.Process]:
     """Processes of the run still alive after ``grace`` seconds (a parent-death signal takes a moment)."""
-    deadline = time.monotonic() + grace
-    while True:
-        alive = _marked_processes(marker)
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.1)
+    poll(lambda: not _marked_processes(marker), grace, interval=0.1)
+    return _marked_processes(marker)
 
 
 class RunningScript:

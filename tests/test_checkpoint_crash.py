@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import Fabric
+from support.waiting import poll
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,11 +46,9 @@ def test_sigkill_mid_save_then_save_and_load(tmp_path, clean_environment):
     saver = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert saver.stdout.readline().strip() == "first saved"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # a temporary file that is being written: kill its writer now
-            if any(p.exists() and p.stat().st_size > 1_000_000 for p in partials(tmp_path, target.name)):
-                break
-            time.sleep(0.002)
+        # a temporary file that is being written: kill its writer now
+        poll(lambda: any(p.exists() and p.stat().st_size > 1_000_000 for p in partials(tmp_path, target.name)), 60,
+             interval=0.002)
         saver.send_signal(signal.SIGKILL)
         saver.wait(timeout=10)
     finally:

@@ -18,6 +18,8 @@ import pytest
 from notebook_fabric import cli
 from notebook_fabric.cli_settings import apply_cli_settings, env_name, export_cli_settings, parse_devices
 from notebook_fabric.environments import find_free_port
+from support.processes import kill_and_reap
+from support.waiting import poll, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -83,12 +85,7 @@ def _kill_tree(pid: int) -> None:
         processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(processes, timeout=5)
+    kill_and_reap(processes)
 
 
 def survivors(marker: str) -> list[int]:
@@ -321,9 +318,7 @@ def test_a_failing_rank_ends_the_job_and_is_named(tmp_path: Path) -> None:
     assert code == 3, err
     assert "notebook-fabric run: rank 1 (local rank 1 on node 0) exited with code 3" in err
     assert len(list(tmp_path.glob("rank*.pid"))) == 2  # both ranks were running when rank 1 failed
-    deadline = time.monotonic() + 10
-    while survivors(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    poll(lambda: not survivors(marker), 10, interval=0.2)
     left = survivors(marker)
     assert not left, f"processes outlived the failed job: {_describe_tree(left[0])}"
 
@@ -332,16 +327,16 @@ def test_interrupting_the_command_ends_every_rank(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     process = start("--accelerator", "cpu", "--devices", "2", ALLREDUCE, "--fail-rank", "99", "--pid-dir", str(tmp_path),
                     marker=marker)  # fmt: skip  (no rank 99: both ranks sleep after the all_reduce)
-    deadline = time.monotonic() + 90
-    while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("rank*.pid"))) == 2 or process.poll() is not None, 90,
+                   "both ranks to write their pid files")
+    finally:
+        process.send_signal(signal.SIGINT)
+    assert len(list(tmp_path.glob("rank*.pid"))) == 2, "the command ended before both ranks started"
     code, _, err = finish(process)
     assert code == 128 + signal.SIGINT, err
     assert "notebook-fabric run: stopped by SIGINT" in err
-    deadline = time.monotonic() + 10
-    while survivors(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    poll(lambda: not survivors(marker), 10, interval=0.2)
     assert not survivors(marker)
 
 

@@ -2,30 +2,22 @@
 that need hardware this machine lacks, and misuse of launch / setup / clip_gradients."""
 from __future__ import annotations
 
-import os
 
-import psutil
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from notebook_fabric import Fabric
+from support.processes import rank_like_children
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
-needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
 
 def no_children() -> bool:
-    return not psutil.Process(os.getpid()).children(recursive=True)
-
-
-@pytest.mark.parametrize("accelerator", ["tpux", "GPU0", "", 3, None])
-def test_bad_accelerator(accelerator) -> None:
-    with pytest.raises(ValueError, match="accelerator=") as error:
-        Fabric(accelerator=accelerator)
-    for choice in ("auto", "cpu", "cuda", "gpu", "mps", "tpu"):
-        assert repr(choice) in str(error.value)
+    """No living child process, multiprocessing's long-lived helpers (a fork server an earlier test
+    started, its resource tracker) left out: a leaked rank still counts."""
+    return rank_like_children() == []
 
 
 @pytest.mark.parametrize("strategy", ["ddpp", "fsdp_typo", "", 7])
@@ -55,9 +47,13 @@ def test_bad_devices(devices, message: str) -> None:
         Fabric(accelerator="cpu", devices=devices)
 
 
-@pytest.mark.parametrize("devices", [1, 2, "2", "auto", [0, 1], "0,1"])
-def test_good_devices(devices) -> None:
-    Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices not in (1, "auto") else "auto")
+@pytest.mark.parametrize("devices, processes", [(1, 1), (2, 2), ("2", 2), ("auto", 1), ([0, 1], 2), ("0,1", 2)])
+def test_good_devices(devices, processes: int) -> None:
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy="ddp" if devices not in (1, "auto") else "auto")
+    assert fabric.strategy.num_processes == processes  # every spelling of the count is understood alike
+    assert type(fabric.strategy).__name__ == ("DDPStrategy" if processes > 1 else "SingleDeviceStrategy")
+    assert fabric.device.type == "cpu"
+    assert no_children()  # building a Fabric starts no process
 
 
 @pytest.mark.parametrize("num_nodes", [0, -1, "2", 1.5, True, None])
@@ -91,14 +87,6 @@ def test_dp_needs_cuda() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="strategy='dp' needs CUDA GPUs"):
             Fabric(strategy="dp", devices=1)
-
-
-@needs_no_gpu
-@pytest.mark.parametrize("accelerator", ["cuda", "gpu"])
-def test_cuda_without_a_gpu(accelerator: str) -> None:
-    with pytest.raises(ValueError, match="accelerator='cuda' was requested but no CUDA GPU is visible.*accelerator='cpu'"):
-        Fabric(accelerator=accelerator, devices=1)
-    assert no_children()
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook"])

@@ -21,6 +21,7 @@ from notebook_fabric import Fabric, seed_everything
 from notebook_fabric.accelerators import CPUAccelerator
 from notebook_fabric.loggers import CSVLogger
 from notebook_fabric.strategies import SingleDeviceStrategy
+from support.models import Net
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
@@ -28,19 +29,6 @@ pytestmark = pytest.mark.usefixtures("clean_environment")
 @pytest.fixture
 def fabric() -> Fabric:
     return Fabric(accelerator="cpu", devices=1)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(3, 2)
-        self.scale = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) * self.scale
-
-    def double_scale(self) -> int:
-        return self.scale * 2
 
 
 # ----- properties ------------------------------------------------------------------------------------
@@ -68,31 +56,6 @@ def test_public_imports() -> None:
 
 
 # ----- setup ---------------------------------------------------------------------------------------------
-def test_setup_returns_wrappers_that_behave_like_the_originals(fabric: Fabric) -> None:
-    net = Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    model, fabric_optimizer = fabric.setup(net, optimizer)
-    assert model.module is net
-    assert isinstance(fabric_optimizer, torch.optim.SGD) and fabric_optimizer.optimizer is optimizer
-    # attribute and method passthrough, writes reach the original
-    assert model.scale == 3 and model.double_scale() == 6 and model.layer is net.layer
-    model.scale = 5
-    assert net.scale == 5
-    # the state dict is the original's (no prefixes)
-    assert list(model.state_dict()) == list(net.state_dict()) == ["layer.weight", "layer.bias"]
-    x = torch.randn(4, 3)
-    assert torch.equal(model(x), net(x))
-    # the optimizer: same state dict, steps the parameters, zero_grad
-    fabric.backward(model(x).sum())
-    before = net.layer.weight.detach().clone()
-    fabric_optimizer.step()
-    assert not torch.equal(before, net.layer.weight)
-    assert fabric_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
-    assert len(fabric_optimizer.state_dict()["state"]) == 2
-    fabric_optimizer.zero_grad()
-    assert net.layer.weight.grad is None
-
-
 def test_setup_variants(fabric: Fabric) -> None:
     only = fabric.setup(Net())
     assert isinstance(only, nn.Module) and not isinstance(only, tuple)
@@ -116,16 +79,6 @@ def test_setup_module_and_setup_optimizers(fabric: Fabric) -> None:
     before = net.layer.bias.detach().clone()
     optimizer.step()
     assert not torch.equal(before, net.layer.bias)
-
-
-def test_lr_scheduler_drives_the_wrapped_optimizer(fabric: Fabric) -> None:
-    net = Net()
-    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=1.0))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    fabric.backward(model(torch.randn(2, 3)).sum())
-    optimizer.step()
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == optimizer.optimizer.param_groups[0]["lr"] == 0.5
 
 
 # ----- data ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 
 import notebook_fabric
 from conftest import clean_rank_environment
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import Fabric
 from notebook_fabric.precision import MixedPrecision, Precision, TruePrecision
 from notebook_fabric.precision.deepspeed import DeepSpeedPrecision, to_deepspeed_precision

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 from conftest import SCRIPTS, clean_rank_environment
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.loggers import CSVLogger, TensorBoardLogger
 from notebook_fabric.strategies.deepspeed import DeepSpeedStrategy

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 
-from helpers_launch import touch, wait_for_file, wait_no_children
+from support.processes import InterruptWhen, touch, touch_once_main_thread_waits_in, wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.launch import LaunchTimeoutError, RankDiedError, RemoteTraceback
 
@@ -135,23 +134,6 @@ def test_timeout_names_who_waits_in_which_collective_and_where_the_others_are():
     assert list(error.elsewhere) == [1]
 
 
-def touch_once_main_thread_waits_in(function_name, path):
-    """In a rank: a side thread touches ``path`` once the main thread's innermost Python frame is
-    ``torch.distributed``'s ``function_name`` (the rank is really inside the collective)."""
-    import sys
-
-    def watch():
-        main = threading.main_thread().ident
-        while True:
-            frame = sys._current_frames().get(main)
-            if frame is not None and frame.f_code.co_name == function_name and "distributed" in frame.f_code.co_filename:
-                touch(path)
-                return
-            time.sleep(0.01)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def waits_in_barrier_while_rank_one_sleeps(fabric, marker):
     if fabric.global_rank == 1:
         touch(f"{marker}1")  # inside its task: the interrupt will land in the sleep
@@ -163,15 +145,13 @@ def waits_in_barrier_while_rank_one_sleeps(fabric, marker):
 def test_interrupt_while_ranks_wait_in_a_collective_returns_control_and_next_launch_works(tmp_path, capsys):
     marker = str(tmp_path / "in-task")
 
-    def interrupt_when_rank_zero_waits():
-        # on state, not time: rank 1 is in its task, rank 0's main thread is inside the barrier
-        if wait_for_file(f"{marker}1") and wait_for_file(f"{marker}0"):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_when_rank_zero_waits, daemon=True).start()
+    # on state, not time: rank 1 is in its task, rank 0's main thread is inside the barrier
+    interrupter = InterruptWhen(lambda: os.path.exists(f"{marker}1") and os.path.exists(f"{marker}0"), 60,
+                                "rank 1 in its task and rank 0's main thread inside the barrier")
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         launch(waits_in_barrier_while_rank_one_sleeps, marker, accelerator="cpu")
+    interrupter.check()
     interrupted_at = os.path.getmtime(f"{marker}0")
     assert time.time() - interrupted_at < COMES_BACK_WITHIN
     assert time.monotonic() - started < 60

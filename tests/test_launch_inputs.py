@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from helpers_launch import rank_like_children
+from support.processes import rank_like_children
 from notebook_fabric import launch
 from notebook_fabric.launch import UnpicklableError, run_function
 from notebook_fabric.launch import preflight

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.live.sinks import NullSink
 
@@ -90,7 +90,7 @@ def test_log_dir_and_timeout_are_checked_before_any_rank_starts():
 
 def test_fabric_magic_log_dir(tmp_path):
     pytest.importorskip("ipykernel")
-    from test_magics_helpers import Kernel
+    from support.kernels import Kernel
 
     logs = tmp_path / "cell-logs"
     kernel = Kernel()

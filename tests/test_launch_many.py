@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from helpers_launch import listening_ports, open_connections, open_fds, rank_like_children, wait_no_children
+from support.processes import listening_ports, open_connections, open_fds, rank_like_children, wait_no_children
 from notebook_fabric import launch
 
 pytestmark = pytest.mark.timeout(300)

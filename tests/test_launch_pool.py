@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from helpers_launch import pid_alive, touch, wait_for_file, wait_no_children
+from support.processes import InterruptWhen, pid_alive, touch, wait_for_file, wait_no_children
+from support.waiting import poll, wait_until
 from notebook_fabric.launch import PoolClosedError
 from notebook_fabric.launch.pool import RankPool
 from notebook_fabric.live.events import Heartbeat, Output
@@ -59,14 +60,12 @@ def test_interrupt_raises_keyboard_interrupt_in_ranks_and_the_pool_survives(pool
         touch(f"{marker}{fabric.global_rank}")
         time.sleep(300)
 
-    def interrupt_us():
-        if wait_for_file(f"{marker}0") and wait_for_file(f"{marker}1"):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=interrupt_us, daemon=True).start()
+    interrupter = InterruptWhen(lambda: os.path.exists(f"{marker}0") and os.path.exists(f"{marker}1"), 60,
+                                "both ranks in their task (their marker files)")
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):  # both ranks are in their task (markers): wait for their answers, not a clock
         pool.run(sleep_long, interrupt_grace=60)
+    interrupter.check()
     assert time.monotonic() - started < 60
     assert pool.alive
     assert pool.run(lambda fabric, ns: fabric.global_rank) == {0: 0, 1: 1}
@@ -82,10 +81,11 @@ def test_where_answers_while_a_task_is_stuck_in_a_barrier(pool, tmp_path):
         fabric.barrier(name="sync-point")
 
     stacks = {}
+    waited = []
 
     def ask_where():
-        wait_for_file(marker)
-        time.sleep(0.5)
+        # rank 1 is in its sleep (its marker) and the pool shows rank 0 inside the barrier
+        waited.append(wait_for_file(marker) and bool(poll(lambda: pool.status()[0].state.startswith("in barrier"), 60)))
         stacks.update(pool.where())
         pool.interrupt()
 
@@ -94,12 +94,26 @@ def test_where_answers_while_a_task_is_stuck_in_a_barrier(pool, tmp_path):
     with pytest.raises(KeyboardInterrupt):  # rank 1's, re-raised here; rank 0 (stuck in gloo) was ended
         pool.run(rank_one_lags, timeout=60)
     asker.join()
+    assert waited == [True], f"rank 0 was never shown in the barrier: {pool.status()}"
     assert "barrier #1 (name='sync-point')" in stacks[0] and "in rank_one_lags" in stacks[0]
     assert "time.sleep(300)" in stacks[1]
 
 
-def test_status_reports_pids_memory_and_heartbeats(pool):
-    pool.run(lambda fabric, ns: time.sleep(0.5))  # heartbeats reach the sink while a task runs
+def test_status_reports_pids_memory_and_heartbeats(pool, tmp_path):
+    go = str(tmp_path / "go")
+    released = []
+
+    def release():  # the task runs until its heartbeats have reached the sink
+        released.append(bool(poll(lambda: any(isinstance(e, Heartbeat) for e in pool.sink.events), 60)))
+        touch(go)
+
+    def until_released(fabric, ns):
+        while not os.path.exists(go):
+            time.sleep(0.02)
+
+    threading.Thread(target=release, daemon=True).start()
+    pool.run(until_released)
+    assert released == [True], "no heartbeat reached the sink while the task ran"
     status = pool.status()
     assert sorted(status) == [0, 1]
     for rank, line in status.items():
@@ -128,7 +142,7 @@ def test_stop_kills_rank_children_and_the_pool_refuses_more_work(clean_environme
 
 def test_a_rank_killed_between_tasks_is_reported_on_the_next_run(pool):
     os.kill(pool.pids[1], signal.SIGKILL)
-    time.sleep(1.0)
+    wait_until(lambda: not pool.alive, 30, "the pool to notice that rank 1 died")
     with pytest.raises(PoolClosedError, match="rank 1"):
         pool.run(lambda fabric, ns: None)
 
@@ -142,8 +156,10 @@ def test_a_pool_started_from_a_short_lived_thread_outlives_it(clean_environment)
     starter.join()
     pool = started[0]
     try:
-        time.sleep(0.5)
-        assert pool.alive
+        # the parent-death signal would come as the starter's OS thread ends, after join() returns
+        wait_until(lambda: not os.path.exists(f"/proc/self/task/{starter.native_id}"), 30,
+                   "the starter's OS thread to have ended")
         assert pool.run(lambda fabric, ns: fabric.global_rank) == {0: 0, 1: 1}
+        assert pool.alive and all(pid_alive(pid) for pid in pool.pids)
     finally:
         pool.stop()

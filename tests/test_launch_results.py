@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.launch import run_function
 

@@ -7,25 +7,22 @@ Tests that end the kernel itself are in ``test_magics_lifecycle.py``.
 from __future__ import annotations
 
 import re
-import time
 from typing import Dict, Iterator
 
 import psutil
 import pytest
 
-from test_magics_helpers import Kernel, parse_status_pids, wait_for, wait_gone
+from support.kernels import Kernel, magics_kernel, parse_status_pids
+from support.processes import wait_gone
+from support.waiting import wait_until
 
 POOL = "%%fabric --devices 2 --accelerator cpu --strategy ddp"
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[Kernel]:
-    k = Kernel()
-    try:
-        k.ok("%load_ext notebook_fabric")
+    with magics_kernel() as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 def pids(kernel: Kernel) -> Dict[int, int]:
@@ -163,9 +160,11 @@ def test_second_interrupt_ends_stuck_ranks_and_next_cell_restarts(kernel: Kernel
     msg = kernel.send("%%fabric --stall 0\nprint('in', flush=True)\nif fabric.global_rank == 0:\n"
                       "    fabric.barrier('stuck')\nelse:\n    time.sleep(60)")
     kernel.wait_for_output(msg, "[rank 0] in")
-    time.sleep(0.5)  # let rank 0 reach the barrier
+    wait_until(lambda: re.search(r"^0\s+\d+\s+in barrier", kernel.status(), re.M), 30,
+               "%fabric status to show rank 0 in the barrier", describe=kernel.status)
     kernel.interrupt()
-    time.sleep(0.5)
+    # the first interrupt reached the ranks: rank 1 stopped, rank 0 stays in gloo's barrier
+    kernel.wait_for_output(msg, "rank 1 interrupted")
     kernel.interrupt()
     reply = kernel.collect(msg, timeout=60)
     assert reply.ename == "KeyboardInterrupt"
@@ -180,7 +179,7 @@ def test_killed_rank_is_reported_and_pool_restarted(kernel: Kernel) -> None:
     kernel.ok(f"{POOL}\nimport os, signal")
     victim = pids(kernel)[1]
     kernel.ok(f"import os, signal\nos.kill({victim}, signal.SIGKILL)")  # from a plain cell, pid from %fabric status
-    wait_for(lambda: "exited" in kernel.ok("%fabric status").stdout, timeout=10)
+    wait_until(lambda: "exited" in kernel.ok("%fabric status").stdout, 10, "%fabric status to show rank 1 exited")
     reply = kernel.ok("%%fabric\nfabric.global_rank")
     assert "the previous pool ended (rank 1 killed by signal SIGKILL" in reply.stderr
     assert reply.result == "[rank 0] 0\n[rank 1] 1"
@@ -200,7 +199,8 @@ def test_where_while_a_cell_blocks_in_a_barrier(kernel: Kernel) -> None:
     # rank 0 waits in the barrier until rank 1 has slept; the cell then finishes by itself
     msg = kernel.send("%%fabric --stall 1\nif fabric.global_rank == 1:\n    time.sleep(5)\n"
                       "fabric.barrier('meet')\nprint('met')")
-    wait_for(lambda: "in barrier" in kernel.run_in_subshell("%fabric status").stdout, timeout=10)
+    wait_until(lambda: "in barrier" in kernel.status(), 10, "%fabric status to show rank 0 in the barrier",
+               describe=kernel.status)
     where = kernel.run_in_subshell("%fabric where")  # a kernel subshell answers while the cell runs
     assert where.status == "ok"
     rank0, rank1 = where.stdout.split("rank 1:")

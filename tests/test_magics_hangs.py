@@ -7,7 +7,8 @@ from typing import Iterator
 
 import pytest
 
-from test_magics_helpers import Kernel, rank_pids, wait_gone
+from support.kernels import Kernel, magics_kernel, rank_pids
+from support.processes import wait_gone
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -16,12 +17,8 @@ POOL = "%%fabric --devices 2 --accelerator cpu --strategy ddp --stall 60 --timeo
 
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[Kernel]:
-    k = Kernel()
-    try:
-        k.ok("%load_ext notebook_fabric")
+    with magics_kernel() as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 def test_save_under_is_global_zero_in_a_cell_is_reported_at_once_and_the_ledger_shows_it(kernel: Kernel,

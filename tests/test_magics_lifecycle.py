@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import signal
 
-from test_magics_helpers import Kernel, parse_status_pids, wait_gone
+from support.kernels import Kernel, parse_status_pids
+from support.processes import wait_gone
 
 
 def start_pool(kernel: Kernel) -> list:

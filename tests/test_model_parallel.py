@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import clean_rank_environment
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import Fabric, launch
 from notebook_fabric.checkpoint import distributed as dist_ckpt
 from notebook_fabric.strategies.model_parallel import ModelParallelStrategy

@@ -7,77 +7,35 @@ notebook, and the kernel's own log (its stderr, captured to a file) and the cell
 """
 from __future__ import annotations
 
-import os
 import re
-import sys
-import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Iterator
 
 import psutil
 import pytest
 
 pytest.importorskip("ipykernel")
-from jupyter_client.manager import KernelManager  # noqa: E402
-
-from helpers_launch import is_multiprocessing_helper  # noqa: E402
+from support.kernels import Kernel, kernel_environment  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fork", "spawn", "forkserver"]
 FORK_WARNING = "send message from fork"
 
 
-class LoggedKernel:
-    """A kernel whose stdout/stderr (its log) go to a file; ``run`` collects a cell's messages."""
+class LoggedKernel(Kernel):
+    """A kernel whose own stdout/stderr (its log) go to a file."""
 
-    def __init__(self, tmp: Path, dashboard: bool) -> None:
+    def __init__(self, tmp, dashboard: bool) -> None:
         self.dashboard = dashboard
         self.log_path = tmp / "kernel.log"
         self._log = open(self.log_path, "w")
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.kernel_spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-               "NOTEBOOK_FABRIC_DASHBOARD": "1" if dashboard else "0"}
-        self.manager.start_kernel(cwd=str(tmp), env=env, stdout=self._log, stderr=self._log)
-        self.client = self.manager.client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=120)
+        super().__init__(env=kernel_environment(dashboard), cwd=tmp, log=self._log)
 
-    def run(self, code: str, timeout: float = 180) -> Dict[str, Any]:
-        texts: List[str] = []
-        status: Dict[str, Any] = {}
-
-        def collect(message: Dict[str, Any]) -> None:
-            kind, content = message["msg_type"], message["content"]
-            if kind == "stream":
-                texts.append(content["text"])
-            elif kind in ("display_data", "update_display_data", "execute_result"):
-                data = content["data"]
-                texts.append(data.get("text/plain", "") + "\n" + data.get("text/html", ""))
-            elif kind == "error":
-                texts.append("\n".join(content["traceback"]))
-
-        reply = self.client.execute_interactive(code, timeout=timeout, output_hook=collect, allow_stdin=False)
-        status.update(status=reply["content"]["status"], text="".join(texts))
-        return status
+    def run(self, code: str, timeout: float = 180.0):
+        return super().run(code, timeout)
 
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
-
-    def ranks(self) -> List[psutil.Process]:
-        try:
-            children = psutil.Process(self.manager.provisioner.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                and not is_multiprocessing_helper(c)]
-
-    def shutdown(self) -> None:
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
-        self._log.close()
 
 
 @pytest.fixture(params=[False, True], ids=["text", "dashboard"])
@@ -86,7 +44,8 @@ def kernel(request, tmp_path) -> Iterator[LoggedKernel]:
     try:
         yield k
     finally:
-        k.shutdown()
+        k.shutdown(now=True)
+        k._log.close()
 
 
 SETUP = """
@@ -119,21 +78,21 @@ def _final_bar(text: str, rank: int) -> bool:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_tqdm_auto_in_ranks_is_a_text_bar_that_reaches_the_notebook(kernel: LoggedKernel, method: str) -> None:
-    assert kernel.run(SETUP)["status"] == "ok"
+    assert kernel.run(SETUP).status == "ok"
     cell = kernel.run(f"launch(loop, accelerator='cpu', start_method={method!r})")
-    assert cell["status"] == "ok", cell["text"]
-    assert "looped" in cell["text"]
-    assert _final_bar(cell["text"], 0), cell["text"]
-    assert FORK_WARNING not in cell["text"]
-    assert kernel.run("%load_ext notebook_fabric")["status"] == "ok"
+    assert cell.status == "ok", cell.text
+    assert "looped" in cell.text
+    assert _final_bar(cell.text, 0), cell.text
+    assert FORK_WARNING not in cell.text
+    assert kernel.run("%load_ext notebook_fabric").status == "ok"
     magic = kernel.run(MAGIC_CELL.format(method=method))
-    assert magic["status"] == "ok", magic["text"]
-    assert _final_bar(magic["text"], 0), magic["text"]
-    assert FORK_WARNING not in magic["text"]
-    assert kernel.run("%fabric stop")["status"] == "ok"
-    time.sleep(0.5)  # let the kernel's threads write whatever they would
-    assert FORK_WARNING not in kernel.log(), kernel.log()
-    if kernel.dashboard:  # the dashboard drew the bar too, and its summary shows it full
-        assert re.search(r"rank0 40/40 \([\d.]+ it/s\)", cell["text"]) and "rank0 40/40" in magic["text"]
+    assert magic.status == "ok", magic.text
+    assert _final_bar(magic.text, 0), magic.text
+    assert FORK_WARNING not in magic.text
+    assert kernel.run("%fabric stop").status == "ok"
+    # every rank gone: nothing forked from the kernel is left to write the warning to its log
     gone, alive = psutil.wait_procs(kernel.ranks(), timeout=10)
     assert alive == []
+    assert FORK_WARNING not in kernel.log(), kernel.log()
+    if kernel.dashboard:  # the dashboard drew the bar too, and its summary shows it full
+        assert re.search(r"rank0 40/40 \([\d.]+ it/s\)", cell.text) and "rank0 40/40" in magic.text

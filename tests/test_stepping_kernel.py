@@ -7,101 +7,40 @@ test stops its pool at the end and asserts that no process is left behind.
 """
 from __future__ import annotations
 
-import queue
 import re
 import time
 from typing import Iterator, List
 
 import pytest
 
-from helpers_launch import is_multiprocessing_helper
-from test_magics_helpers import Kernel, Reply, parse_status_pids, wait_gone
+from support.kernels import Kernel, Reply, magics_kernel, parse_status_pids, plain
+from support.processes import wait_gone
 
 pytestmark = pytest.mark.timeout(300)
 POOL = "%%fabric --devices 2 --accelerator cpu --strategy ddp"
 
 
-class StdinKernel(Kernel):
-    """A kernel whose cells may ask for input, as in a notebook (``allow_stdin``)."""
-
-    def send(self, code: str, subshell: "str | None" = None, allow_stdin: bool = True) -> str:
-        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                   "allow_stdin": allow_stdin, "stop_on_error": False}
-        msg = self.client.session.msg("execute_request", content)
-        if subshell is not None:
-            msg["header"]["subshell_id"] = subshell
-        self.client.shell_channel.send(msg)
-        return msg["header"]["msg_id"]
-
-    def prompt(self, timeout: float = 60.0) -> str:
-        """The prompt of the kernel's next ``input_request``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                msg = self.client.get_stdin_msg(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"no input request within {timeout} s") from None
-            if msg["msg_type"] == "input_request":
-                return msg["content"]["prompt"]
-
-    def wait_for_text(self, msg_id: str, snippet: str, timeout: float = 60.0) -> None:
-        """Block until the stream output of ``msg_id`` so far (read earlier or now) contains ``snippet``;
-        everything read is kept for :meth:`collect`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            held = self._held.get(msg_id, [])
-            if snippet in "".join(m["content"]["text"] for m in held if m["msg_type"] == "stream"):
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{snippet!r} not published within {timeout} s")
-            try:
-                msg = self.client.get_iopub_msg(timeout=min(0.2, remaining))
-            except queue.Empty:
-                continue
-            parent = msg["parent_header"].get("msg_id")
-            if parent:
-                self._held.setdefault(parent, []).append(msg)
-
-    def answer(self, line: str) -> None:
-        self.client.input(line)
-
-    def converse(self, msg_id: str, lines: List[str]) -> List[str]:
-        """Answer one prompt per line in ``lines``; the prompts, in order."""
-        prompts = []
-        for line in lines:
-            prompts.append(self.prompt())
-            self.answer(line)
-        return prompts
-
-    def leftovers(self) -> List[int]:
-        """Living descendants of the kernel that are not multiprocessing's own helpers."""
-        return [p.pid for p in self.children() if not is_multiprocessing_helper(p) and p.status() != "zombie"]
+def leftovers(kernel: Kernel) -> List[int]:
+    """Living descendants of the kernel that are not multiprocessing's own helpers."""
+    return [p.pid for p in kernel.ranks()]
 
 
-def running_pids(kernel: StdinKernel) -> "dict[int, int]":
+def running_pids(kernel: Kernel) -> "dict[int, int]":
     """``{rank: pid}`` of the pool, which must be running."""
     status = kernel.ok("%fabric status").stdout
     assert ": running" in status, status
     return parse_status_pids(status)
 
 
-def plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
 @pytest.fixture(scope="module")
-def kernel() -> Iterator[StdinKernel]:
-    k = StdinKernel()
-    try:
-        k.ok("%load_ext notebook_fabric")
+def kernel() -> Iterator[Kernel]:
+    """A kernel whose cells may ask for input, as in a notebook (``allow_stdin``)."""
+    with magics_kernel(allow_stdin=True) as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 @pytest.fixture
-def pool(kernel: StdinKernel) -> Iterator[StdinKernel]:
+def pool(kernel: Kernel) -> Iterator[Kernel]:
     """A fresh 2-rank pool for the test; stopped afterwards, and nothing may survive it."""
     kernel.ok(f"{POOL}\nimport torch")
     pids = list(parse_status_pids(kernel.ok("%fabric status").stdout).values())
@@ -109,10 +48,10 @@ def pool(kernel: StdinKernel) -> Iterator[StdinKernel]:
     yield kernel
     kernel.ok("%fabric stop")
     assert wait_gone(pids) == []
-    assert kernel.leftovers() == []
+    assert leftovers(kernel) == []
 
 
-def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
+def test_breakpoint_on_rank_1_print_next_continue(pool: Kernel) -> None:
     """``p`` of a local, ``n``, ``c``; rank 0 waits in its all_reduce, shown as waiting for the
     debugger (never as a stall, though the stall threshold and the timeout pass meanwhile)."""
     cell = (f"{POOL} --stall 1 --timeout 4\n"
@@ -128,18 +67,18 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
     assert pool.prompt() == "(Pdb rank 1) "
     pool.answer("p x")
     assert pool.prompt() == "(Pdb rank 1) "
-    pool.wait_for_text(msg, "[rank 1] 20")
+    pool.wait_for_output(msg, "[rank 1] 20")
     deadline = time.monotonic() + 30
     while True:  # rank 0 reaches its all_reduce meanwhile; say so at the next prompt
         time.sleep(1.0)  # past --stall 1; and 5 prompts past --timeout 4
         pool.answer("p x")
         assert pool.prompt() == "(Pdb rank 1) "
         try:
-            pool.wait_for_text(msg, "rank 0 waits for rank 1 (in the debugger) in all_reduce #1 (float32[1])",
+            pool.wait_for_output(msg, "rank 0 waits for rank 1 (in the debugger) in all_reduce #1 (float32[1])",
                                  timeout=0.5)
             break
         except TimeoutError:
-            shown = "".join(m["content"]["text"] for m in pool._held.get(msg, []) if m["msg_type"] == "stream")
+            shown = pool.output_so_far(msg)
             assert time.monotonic() < deadline, f"rank 0 was never shown as waiting for the debugger:\n{shown}"
     time.sleep(max(1.5, 5.0 - (time.monotonic() - sent)))  # the cell has now run past --timeout 4
     pool.answer("n")
@@ -160,7 +99,7 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: StdinKernel) -> None:
     assert "stall" not in reply.all_text and "timeout" not in reply.all_text, reply.all_text
 
 
-def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: StdinKernel) -> None:
+def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: Kernel) -> None:
     msg = pool.send("%%fabric\nwho = f'rank {fabric.global_rank}'\n"
                     "fabric.barrier()\nbreakpoint()\nfabric.barrier()\nwho")
     prompts = []
@@ -177,7 +116,7 @@ def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: StdinKernel) -
     assert reply.result == "[rank 0] 'rank 0'\n[rank 1] 'rank 1'"
 
 
-def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: StdinKernel) -> None:
+def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: Kernel) -> None:
     failing = pool.run("%%fabric\n"
                        "def train_step(scale):\n"
                        "    loss = torch.tensor(2.0) * scale\n"
@@ -205,7 +144,7 @@ def test_fabric_debug_opens_the_failing_frame_with_its_locals(pool: StdinKernel)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_input_and_breakpoint_in_a_rank_under_every_start_method(kernel: StdinKernel, method: str) -> None:
+def test_input_and_breakpoint_in_a_rank_under_every_start_method(kernel: Kernel, method: str) -> None:
     msg = kernel.send(f"{POOL} --start-method {method}\n"
                       "name = input('your name: ') if fabric.global_rank == 1 else 'rank zero'\n"
                       "name.upper()")
@@ -225,10 +164,10 @@ def test_input_and_breakpoint_in_a_rank_under_every_start_method(kernel: StdinKe
     assert "[rank 1] -> shout = name * 2" in text and "[rank 1] 'ada'" in text  # cell source shown under any method
     pids = list(parse_status_pids(kernel.ok("%fabric status").stdout).values())
     kernel.ok("%fabric stop")
-    assert wait_gone(pids) == [] and kernel.leftovers() == []
+    assert wait_gone(pids) == [] and leftovers(kernel) == []
 
 
-def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: StdinKernel) -> None:
+def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: Kernel) -> None:
     before = running_pids(pool)
     msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n    after = 1\n'done'")
     assert pool.prompt() == "(Pdb rank 1) "
@@ -245,7 +184,7 @@ def test_interrupt_at_the_prompt_leaves_the_debugger_and_keeps_the_pool(pool: St
     assert pool.ok("%%fabric\nfabric.global_rank").result == "[rank 0] 0\n[rank 1] 1"  # no prompt left over
 
 
-def test_no_stdin_is_a_clear_error_not_a_hang(pool: StdinKernel) -> None:
+def test_no_stdin_is_a_clear_error_not_a_hang(pool: Kernel) -> None:
     before = running_pids(pool)
     started = time.monotonic()
     msg = pool.send("%%fabric\nif fabric.global_rank == 1:\n    breakpoint()\n'unreached'", allow_stdin=False)
@@ -259,7 +198,7 @@ def test_no_stdin_is_a_clear_error_not_a_hang(pool: StdinKernel) -> None:
     assert pool.ok("%%fabric\nfabric.global_rank").result == "[rank 0] 0\n[rank 1] 1"
 
 
-def test_launch_post_mortem_opens_the_failing_frame_before_ranks_stop(kernel: StdinKernel) -> None:
+def test_launch_post_mortem_opens_the_failing_frame_before_ranks_stop(kernel: Kernel) -> None:
     kernel.ok("from notebook_fabric import launch\n"
               "def failing(fabric):\n"
               "    scale = 7 + fabric.global_rank\n"
@@ -275,10 +214,10 @@ def test_launch_post_mortem_opens_the_failing_frame_before_ranks_stop(kernel: St
     assert reply.ename == "ValueError", reply.all_text
     text = plain(reply.stdout)
     assert "[rank 1] post-mortem of ValueError: bad scale" in text and "[rank 1] 8" in text
-    assert wait_gone(kernel.leftovers()) == []
+    assert wait_gone(leftovers(kernel)) == []
 
 
-def test_a_rank_stepping_into_a_collective_hands_over_to_the_rank_it_waits_for(pool: StdinKernel) -> None:
+def test_a_rank_stepping_into_a_collective_hands_over_to_the_rank_it_waits_for(pool: Kernel) -> None:
     """Rank 0 steps (``n``) into an all_reduce that needs rank 1, still at its prompt: rank 1 is
     served meanwhile, and rank 0 gets its prompt back once the all_reduce is through."""
     msg = pool.send("%%fabric\nfabric.barrier()\nbreakpoint()\n"
@@ -330,7 +269,7 @@ def test_a_notebook_run_by_nbclient_fails_clearly_at_a_breakpoint(tmp_path) -> N
     assert wait_gone(ranks) == []  # the ranks end with the kernel
 
 
-def test_interrupting_fabric_debug_keeps_the_failure_to_debug_again(pool: StdinKernel) -> None:
+def test_interrupting_fabric_debug_keeps_the_failure_to_debug_again(pool: Kernel) -> None:
     failing = pool.run("%%fabric\nif fabric.global_rank == 0:\n    depth = 3\n    raise KeyError('missing')")
     assert failing.ename == "KeyError", failing.all_text
     before = running_pids(pool)

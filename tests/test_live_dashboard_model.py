@@ -9,12 +9,13 @@ import re
 
 import pytest
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric.launch import launch
 from notebook_fabric.launch.pool import RankPool
 from notebook_fabric.live.dashboard_html import summary_html, summary_text, table_html
 from notebook_fabric.live.dashboard_model import DashboardModel
 from notebook_fabric.live.sinks import FanOutSink, RecordingSink
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -153,10 +154,8 @@ def test_heartbeats_between_tasks_reach_the_idle_sink_and_the_next_task_gets_the
     model = DashboardModel(range(2))
     pool = RankPool(cpu_ddp(2), 2, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
     try:
-        deadline = time.monotonic() + 30
-        while {e.rank for e in idle.events if isinstance(e, Heartbeat)} != {0, 1}:
-            assert time.monotonic() < deadline, "no heartbeats between tasks"
-            time.sleep(0.05)
+        wait_until(lambda: {e.rank for e in idle.events if isinstance(e, Heartbeat)} == {0, 1}, 30,
+                   "heartbeats of both ranks between tasks")
         assert all(not e.in_task and e.rss_bytes > 0 for e in idle.events if isinstance(e, Heartbeat))
         pool.run(lambda fabric, ns: None, sink=model)  # the latest idle heartbeat is handed over first
     finally:

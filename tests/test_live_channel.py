@@ -21,12 +21,13 @@ from multiprocessing.connection import Client
 import psutil
 import pytest
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.launch import LaunchTimeoutError
 from notebook_fabric.live.channel import EventListener
 from notebook_fabric.live.events import RankStarted
 from notebook_fabric.live.sinks import RecordingSink
+from support.waiting import poll, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 COMES_BACK_WITHIN = 20.0  # seconds; generous for 2 shared cores
@@ -116,9 +117,7 @@ def test_a_strangers_pickle_is_never_unpickled(tmp_path):
         small.sendall(frame(pickle.dumps(Touch(str(proof)))))
         big = socket.create_connection(listener.address)  # ignores the challenge: a large pickle, then more
         big.sendall(frame(pickle.dumps([Touch(str(proof))] * 100)) * 3)
-        deadline = time.monotonic() + 10
-        while listener.refused < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: listener.refused >= 2, 10, "the listener to refuse both strangers")
         assert listener.refused == 2
         client = Client(listener.address, family="AF_INET", authkey=listener.authkey)
         server = listener.accept()  # the strangers never come out of accept()
@@ -138,9 +137,8 @@ def test_a_silent_connection_is_hung_up_after_the_handshake_deadline():
         assert read_frame(silent).startswith(b"#CHALLENGE#")
         silent.settimeout(10)
         assert silent.recv(1) == b""  # the listener hung up on us
-        deadline = time.monotonic() + 10
-        while listener.refused < 1 and time.monotonic() < deadline:  # counted by the challenge's own thread
-            time.sleep(0.02)
+        # counted by the challenge's own thread
+        wait_until(lambda: listener.refused >= 1, 10, "the listener to count the silent connection as refused")
         assert listener.refused == 1
         silent.close()
     finally:
@@ -231,10 +229,7 @@ def test_hostile_local_connections_before_the_ranks_connect_cost_the_launch_noth
     first_rank_started = min(e.time for e in sink.events if isinstance(e, RankStarted))
     assert intruder.opened_at < first_rank_started, "the ranks connected before the intruder: nothing was tested"
     if "wrong key" in kinds:
-        deadline = time.monotonic() + 10
-        while not intruder.wrong_key_refused and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert intruder.wrong_key_refused
+        assert poll(lambda: intruder.wrong_key_refused, 10), "the wrong key was never refused"
     assert intruder.listening_ips == {"127.0.0.1"}  # the event channel and the rendezvous store
     assert hostile < clean + 10.0, f"clean launch {clean:.1f} s, with intruders {hostile:.1f} s"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_launch import wait_no_children
+from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.collectives import CollectiveMismatchError, last_ledger
 from notebook_fabric.launch.errors import LaunchTimeoutError
@@ -106,13 +106,13 @@ def test_save_under_is_global_zero_in_launch_is_reported_at_once(tmp_path) -> No
     assert time.monotonic() - started < AT_ONCE
     message = str(caught.value)
     assert "rank 0 waits in barrier #2 (name='save_checkpoint')" in message
-    assert 'fabric.save(path, {"model": model})' in message and "test_collective_hangs.py" in message
+    assert 'fabric.save(path, {"model": model})' in message and "test_collectives_hangs.py" in message
     assert "rank 1 finished the function without calling it" in message
     assert "all_reduce #1 (float32[3], reduce_op=sum)" in message  # what rank 1 did instead
     assert "`if fabric.is_global_zero:`" in message and "every rank must call it" in message
     assert caught.value.ranks == [0]
     table = str(last_ledger())
-    assert re.search(r">> world +#2 \| barrier FAILED +\| - +\| \S*test_collective_hangs.py:\d+", table), table
+    assert re.search(r">> world +#2 \| barrier FAILED +\| - +\| \S*test_collectives_hangs.py:\d+", table), table
     assert re.search(r"   world +#1 \| all_reduce float32\[3\] done +\| all_reduce float32\[3\] done", table)
     _assert_no_children()
 
@@ -131,7 +131,7 @@ def test_uneven_data_under_ddp_names_the_gradient_all_reduce(ranks: int) -> None
     message = str(error)
     seq = error.waiting[0].seq
     assert re.search(rf"rank 0 waits in DDP's gradient all-reduce #{seq} \(bucket of 15 float32\) at "
-                     r"\S*test_collective_hangs.py:\d+ in _ddp_uneven_steps: fabric.backward\(loss\)", message)
+                     r"\S*test_collectives_hangs.py:\d+ in _ddp_uneven_steps: fabric.backward\(loss\)", message)
     assert f"rank 1 finished the function without calling it; its last collective there was torch-internal " \
            f"all_reduce #{seq - 1} (float32[15])" in message
     for rank in range(ranks):  # every rank's ledger has DDP's bucket all-reduces, numbered
@@ -160,7 +160,7 @@ def test_uneven_data_under_ddp_in_launch(start_method: str) -> None:
     message = str(caught.value)
     seq = caught.value.waiting[0].seq
     assert re.search(rf"rank 0 waits in DDP's gradient all-reduce #{seq} \(bucket of 15 float32\) at "
-                     r"\S*test_collective_hangs.py:\d+ in _ddp_uneven_steps: fabric.backward\(loss\)", message), message
+                     r"\S*test_collectives_hangs.py:\d+ in _ddp_uneven_steps: fabric.backward\(loss\)", message), message
     assert f"its last collective there was torch-internal all_reduce #{seq - 1} (float32[15])" in message
     assert len(_internal_all_reduces(last_ledger().ledgers[1])) >= 3
     _assert_no_children()
@@ -208,7 +208,7 @@ def test_fsdp_with_one_rank_skipping_a_forward() -> None:
     message = str(caught.value)
     seq = caught.value.waiting[0].seq
     assert seq == max(e.seq for e in caught.value.ledgers[1]) + 1  # the one rank 1 never issued
-    assert re.search(rf"rank 0 waits in FSDP's all-gather #{seq} (\(float32\[29\]\) )?at \S*test_collective_hangs.py:\d+ "
+    assert re.search(rf"rank 0 waits in FSDP's all-gather #{seq} (\(float32\[29\]\) )?at \S*test_collectives_hangs.py:\d+ "
                      r"in _fsdp_rank_one_skips_a_forward: loss = model\(torch.ones\(2, 4\)\).sum\(\)", message)
     assert "rank 1 finished the function without calling it" in message
     ledger = caught.value.ledgers[1]
@@ -222,7 +222,7 @@ def test_a_rank_in_an_endless_loop_gets_a_stall_report_naming_ddps_all_reduce(ca
         launch(_ddp_then_endless_loop_on_rank_one, devices=2, accelerator="cpu", stall=1.0, timeout=8.0)
     err = capsys.readouterr().err
     assert re.search(r"stall: rank 0 has waited in DDP's gradient all-reduce #\d+ \(bucket of 15 float32\) at "
-                     r"\S*test_collective_hangs.py:\d+ in _ddp_then_endless_loop_on_rank_one: "
+                     r"\S*test_collectives_hangs.py:\d+ in _ddp_then_endless_loop_on_rank_one: "
                      r"fabric.backward\(loss\) for \d", err), err
     assert "rank 1 is not in that collective" in err and "while True:  # never reaches" in err  # where rank 1 is instead
     assert re.search(r"fabric.backward\(loss\)\n\S* +\.\.\. \d+ frames inside notebook_fabric/torch hidden", err), err
@@ -243,7 +243,7 @@ def test_mismatched_collectives_are_named_with_ranks_shapes_and_lines(what: str,
     message = str(caught.value)
     for rank in range(4):
         assert re.search(rf"rank {rank}: #\d+ {re.escape(rank0 if rank % 2 == 0 else rank1)}", message)
-    assert "test_collective_hangs.py" in message and "_ddp_then_mismatch" in message
+    assert "test_collectives_hangs.py" in message and "_ddp_then_mismatch" in message
     for rank, entries in last_ledger().ledgers.items():
         reduces = _internal_all_reduces(entries)
         assert reduces and all(e.seq > 0 and e.state == "finished" for e in reduces), rank
@@ -261,7 +261,7 @@ def test_library_frames_fold_into_one_line_and_an_option_shows_them(monkeypatch)
     except RuntimeError as error:
         text = "".join(traceback.format_exception(error))
     folded = fold_frames(text)
-    assert "test_collective_hangs.py" in folded and "RuntimeError" in folded
+    assert "test_collectives_hangs.py" in folded and "RuntimeError" in folded
     assert re.search(r"\.\.\. \d+ frames? inside notebook_fabric/torch hidden", folded), folded
     assert "torch/nn/modules/module.py" in text and "torch/nn/modules/module.py" not in folded
     monkeypatch.setenv(ALL_FRAMES_VARIABLE, "1")

@@ -2,7 +2,7 @@
 cap marker, the plot appearing with the first metric, the frozen summary's two representations.
 
 Real widgets (their comm is the ``comm`` package's no-op one outside a kernel); the events are
-the dataclasses ranks send. Runs with real ranks are in ``test_dashboard_model.py`` and the
+the dataclasses ranks send. Runs with real ranks are in ``test_live_dashboard_model.py`` and the
 kernel and browser tests.
 """
 from __future__ import annotations
