@@ -11,10 +11,12 @@ from .errors import (
     LaunchError, LaunchTimeoutError, PoolClosedError, RankDiedError, RankFailedError, RemoteTraceback, format_ranks,
 )
 from .pool import RankPool, RankStatus
-from .preflight import START_METHODS, UnpicklableError
+from .preflight import UnpicklableError
+from .start_methods import POOL_START_METHODS, START_METHOD_TABLE, StartMethod
 
 __all__ = [
-    "launch", "run_function", "plan_ranks", "RankPool", "RankStatus", "START_METHODS",
+    "launch", "run_function", "plan_ranks", "RankPool", "RankStatus", "StartMethod", "START_METHOD_TABLE",
+    "POOL_START_METHODS",
     "LaunchError", "LaunchTimeoutError", "PoolClosedError", "RankDiedError", "RankFailedError",
     "RemoteTraceback", "UnpicklableError", "format_ranks",
 ]

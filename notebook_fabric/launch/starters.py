@@ -24,6 +24,7 @@ from typing import Optional, Protocol
 
 from .protocol import RankBootstrap, RankSetup
 from .rank_main import rank_entry
+from .start_methods import inherits_memory
 
 FORKSERVER_PRELOAD = ["torch", "torch.distributed", "notebook_fabric.launch.rank_main", "notebook_fabric.fabric"]
 
@@ -176,7 +177,7 @@ def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSe
 def _start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
     if method == "spawn":
         return SubprocessRank(bootstrap)
-    return MultiprocessingRank(method, bootstrap, inherited if method == "fork" else None)
+    return MultiprocessingRank(method, bootstrap, inherited if inherits_memory(method) else None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,11 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
+from ..launch.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 from ..precision import Precision
 from .parallel import ParallelStrategy
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-START_METHODS = ("popen", "spawn", "fork", "forkserver")
 
 
 class DDPStrategy(ParallelStrategy):
@@ -45,7 +45,7 @@ class DDPStrategy(ParallelStrategy):
         model_averaging_period: Optional[int] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -55,8 +55,7 @@ class DDPStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision=precision,
         )
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method={start_method!r} is not one of {list(START_METHODS)}")
+        check_start_method(start_method, PROCESS_GROUP_START_METHODS)
         if model_averaging_period is not None:
             raise ValueError("model_averaging_period (post-local SGD) is not supported by DDPStrategy yet")
         self.start_method = start_method

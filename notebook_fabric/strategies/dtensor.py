@@ -21,8 +21,9 @@ from ..accelerators import Accelerator
 from ..checkpoint import distributed as dcp_io
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
+from ..launch.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 from ..precision import Precision
-from .ddp import DEFAULT_TIMEOUT, START_METHODS, DDPStrategy
+from .ddp import DEFAULT_TIMEOUT, DDPStrategy
 from .parallel import ParallelStrategy
 
 
@@ -43,14 +44,13 @@ class DTensorStrategy(ParallelStrategy):
         precision: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = None,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision=precision,
         )  # fmt: skip
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method={start_method!r} is not one of {list(START_METHODS)}")
+        check_start_method(start_method, PROCESS_GROUP_START_METHODS)
         self.start_method = start_method
         self._process_group_backend = process_group_backend
         self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT

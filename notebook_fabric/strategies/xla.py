@@ -5,7 +5,7 @@ any torch). Nothing here imports ``torch_xla`` until a strategy is used in a ran
 first checks that it is installed.
 
 XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
-``start_method = "xla"`` and :meth:`XLAStrategy.launch_ranks` runs a function on every rank.
+``start_method = "xla"`` and :mod:`notebook_fabric.launch.xla_ranks` runs a function on every rank.
 Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
 ``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
 dataloader set up by Fabric).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Optional, Union
 
@@ -220,27 +219,6 @@ class XLAStrategy(ParallelStrategy):
     def distributed(self) -> bool:
         return self._launched and self.world_size > 1
 
-    # ----- processes -----------------------------------------------------------------------------
-    def launch_ranks(self, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        """Run ``function(*args, **kwargs)`` on every XLA device, one process each, started by ``xmp.spawn``;
-        return rank 0's value (moved to the CPU). ``function`` must call :meth:`setup_environment` first.
-
-        torch_xla pickles what it sends to its processes, so ``function`` and its arguments travel with
-        cloudpickle (functions defined in a notebook work). PJRT always uses every device of the host.
-        """
-        if self.num_processes == 1:
-            raise ValueError(f"{type(self).__name__} runs one process per device; for one device use strategy='single_xla'")
-        from notebook_fabric.utilities import by_value
-        import torch_xla.distributed.xla_multiprocessing as xmp
-
-        if self.debug:
-            os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
-        payload = by_value.dumps((function, tuple(args), dict(kwargs or {})))
-        with tempfile.TemporaryDirectory(prefix="notebook_fabric_xla_") as folder:
-            result_file = os.path.join(folder, "rank0.pt")
-            xmp.spawn(_run_xla_rank, args=(payload, result_file), nprocs=None, start_method="fork")
-            return torch.load(result_file, weights_only=False) if os.path.exists(result_file) else None
-
     def setup_environment(self) -> None:
         if self.num_processes == 1:
             raise NotImplementedError(
@@ -429,16 +407,6 @@ def _no_groups(group: Any) -> None:
 
 def _to_cpu(data: Any) -> Any:
     return apply_to_collection(data, Tensor, lambda t: t.detach().cpu())
-
-
-def _run_xla_rank(index: int, payload: bytes, result_file: str) -> None:
-    """One rank under ``xmp.spawn`` (``index`` is its global ordinal): run, let rank 0 write its value for
-    the parent, then wait until every rank is done (nobody exits while a peer may still need it)."""
-    function, args, kwargs = pickle.loads(payload)
-    value = function(*args, **kwargs)
-    if index == 0:
-        checkpoint_io.atomic_save(_to_cpu(value), result_file)
-    _xm().rendezvous("notebook_fabric.end")
 
 
 def register_strategies(registry: Any) -> None:
