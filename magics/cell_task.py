@@ -144,7 +144,7 @@ def rebind_globals(function: types.FunctionType, namespace: Dict[str, Any]) -> t
 
 def describe_value(value: Any) -> CellValue:
     """The value as the notebook will show it: its ``repr`` always, the pickle when it is small enough."""
-    from notebook_fabric.launch.errors import pickle_for_parent
+    from notebook_fabric.launching.errors import pickle_for_parent
 
     try:
         text = repr(value)
@@ -158,7 +158,7 @@ def describe_value(value: Any) -> CellValue:
 
 def collect_outs(names: Tuple[str, ...], namespace: Dict[str, Any], rank: int) -> Dict[str, bytes]:
     """Pickle the ``--out`` variables; a missing or unpicklable one is an error naming it and the rank."""
-    from notebook_fabric.launch.errors import pickle_for_parent
+    from notebook_fabric.launching.errors import pickle_for_parent
 
     outs = {}
     for name in names:

@@ -10,7 +10,7 @@ import pickle
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from notebook_fabric.launch.errors import format_ranks, group_failures
+from notebook_fabric.launching.errors import format_ranks, group_failures
 from notebook_fabric.live.events import RemoteFailure
 from notebook_fabric.live.fold import fold_frames
 

@@ -14,7 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from .cli_settings import export_cli_settings
-from .launch.start_methods import is_pool_start_method, start_method_named_by
+from .launching.start_methods import is_pool_start_method, start_method_named_by
 
 PROG = "notebook-fabric"
 ACCELERATOR_CHOICES = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")

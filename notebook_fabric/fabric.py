@@ -1,6 +1,6 @@
 """The ``Fabric`` facade: one object that owns devices, precision, strategy and collectives.
 
-Every method delegates: to the strategy (models, collectives, checkpoints), to ``launch/``
+Every method delegates: to the strategy (models, collectives, checkpoints), to ``launching/``
 (processes), to the loggers and callbacks. Your training loop stays yours.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .collectives.debug import enable_signature_checks
 from .collectives.ops import normalize_reduce_op
 from .connector import Connector
 from .environments import ClusterEnvironment
-from .launch.launchers import select_launcher
+from .launching.launchers import select_launcher
 from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers

@@ -14,7 +14,7 @@ import pytest
 
 from helpers_launch import touch, wait_for_file, wait_no_children
 from notebook_fabric import launch
-from notebook_fabric.launch import LaunchTimeoutError, RankDiedError, RemoteTraceback
+from notebook_fabric.launching import LaunchTimeoutError, RankDiedError, RemoteTraceback
 
 pytestmark = pytest.mark.timeout(120)
 COMES_BACK_WITHIN = 20.0  # seconds; generous for 2 shared cores

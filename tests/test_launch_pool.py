@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers_launch import pid_alive, touch, wait_for_file, wait_no_children
-from notebook_fabric.launch import PoolClosedError
-from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launching import PoolClosedError
+from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.events import Heartbeat, Output
 from notebook_fabric.live.sinks import RecordingSink
 

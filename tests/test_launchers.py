@@ -7,10 +7,10 @@ import psutil
 import pytest
 
 from notebook_fabric import Fabric, cli, launch
-from notebook_fabric.launch.launchers import (
+from notebook_fabric.launching.launchers import (
     PoolLauncher, ScriptRerunLauncher, ThisProcessLauncher, select_launcher,
 )
-from notebook_fabric.launch.start_methods import (
+from notebook_fabric.launching.start_methods import (
     POOL_START_METHODS, START_METHOD_TABLE, RankSource, start_method_named_by,
 )
 from notebook_fabric.strategies import STRATEGY_REGISTRY, DDPStrategy

@@ -19,7 +19,7 @@ The chain in a rank, outermost (called first) to innermost; each link wraps the 
 3. ``ledger.LedgerTracer``: records the call in the rank's ledger and sets ``meta["seq"]``, torch's
    own sequence number of the call's group (the one numbering, shared with the Flight Recorder's
    view of torch's internal collectives);
-4. ``launch.rank_control.CollectiveTracer``: the rank's current collective for heartbeats, stall
+4. ``launching.rank.control.CollectiveTracer``: the rank's current collective for heartbeats, stall
    reports and ``where``, and optional enter/exit events to the notebook; it reuses ``meta["seq"]``.
 
 A refused or mismatched call never reaches the ledger: it was not issued.

@@ -69,7 +69,7 @@ class StallWatchdog:
         return self._report(now)
 
     def _report(self, now: float) -> StallReport:
-        from ..launch.errors import format_ranks
+        from ..launching.errors import format_ranks
 
         stacks = self._where(2.0)
         waiting: Dict[str, List[int]] = {}

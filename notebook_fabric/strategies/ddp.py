@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
-from ..launch.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
+from ..launching.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 from ..precision import Precision
 from .parallel import ParallelStrategy
 

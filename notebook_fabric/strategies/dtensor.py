@@ -21,7 +21,7 @@ from ..accelerators import Accelerator
 from ..checkpoint import distributed as dcp_io
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
-from ..launch.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
+from ..launching.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 from ..precision import Precision
 from .ddp import DEFAULT_TIMEOUT, DDPStrategy
 from .parallel import ParallelStrategy

@@ -5,7 +5,7 @@ any torch). Nothing here imports ``torch_xla`` until a strategy is used in a ran
 first checks that it is installed.
 
 XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
-``start_method = "xla"`` and :mod:`notebook_fabric.launch.xla_ranks` runs a function on every rank.
+``start_method = "xla"`` and :mod:`notebook_fabric.launching.xla_ranks` runs a function on every rank.
 Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
 ``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
 dataloader set up by Fabric).

@@ -1,10 +1,15 @@
 """Process lifecycle: start, supervise and stop ranks; ``launch(fn)``; the persistent ``RankPool``.
 
-``notebook_fabric.launch`` (the attribute of the top-level package) is the :func:`launch`
-function; import the rest from here or from the submodules::
+Two processes meet here. What runs in the notebook (or the script that launches) is at this level:
+the launchers and the start-method table, ``launch(fn)``, the pool, its supervisor and run loop,
+the starters, the rendezvous. What runs inside a rank process is in :mod:`.rank`; the notebook side
+never imports it, except the starters, which hand a new rank its entry point. Modules both sides
+use (``protocol``, ``processes``, ``frames``, ``rank_logs``, ``errors``) sit at this level.
+
+``notebook_fabric.launch`` is the :func:`launch` function; this package is ``notebook_fabric.launching``::
 
     from notebook_fabric import launch
-    from notebook_fabric.launch.pool import RankPool
+    from notebook_fabric.launching.pool import RankPool
 """
 from .api import launch, plan_ranks, run_function
 from .errors import (
