@@ -13,11 +13,11 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from .accelerators import ACCELERATOR_CHOICES
 from .cli_settings import export_cli_settings
 from .launching.start_methods import is_pool_start_method, start_method_named_by
 
 PROG = "notebook-fabric"
-ACCELERATOR_CHOICES = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
 MULTI_NODE_DEFAULT_PORT = 29500
 
 

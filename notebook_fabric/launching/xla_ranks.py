@@ -11,10 +11,9 @@ import tempfile
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 
 from ..checkpoint import io as checkpoint_io
-from ..utilities.apply import apply_to_collection
+from ..utilities.apply import tensors_to_cpu
 
 
 def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
@@ -42,5 +41,5 @@ def _run_xla_rank(index: int, payload: bytes, result_file: str) -> None:
     function, args, kwargs = pickle.loads(payload)
     value = function(*args, **kwargs)
     if index == 0:
-        checkpoint_io.atomic_save(apply_to_collection(value, Tensor, lambda t: t.detach().cpu()), result_file)
+        checkpoint_io.atomic_save(tensors_to_cpu(value), result_file)
     xm.rendezvous("notebook_fabric.end")

@@ -27,10 +27,10 @@ from ..accelerators.xla import xla_available
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
 from ..collectives.ops import normalize_reduce_op
-from ..collectives.trace import get_tracer, traced
+from ..collectives.trace import run_traced
 from ..environments.base import ClusterEnvironment
 from ..precision import Precision
-from ..utilities.apply import apply_to_collection
+from ..utilities.apply import tensors_to_cpu
 from .parallel import ParallelStrategy
 from .single_device import SingleDeviceStrategy
 
@@ -86,11 +86,7 @@ def mark_step() -> None:
 
 
 def _traced(op: str, meta: Callable[[], dict], call: Callable[[], Any]) -> Any:
-    tracer = get_tracer()
-    if tracer is None:
-        return call()
-    with traced(tracer, op, meta()):
-        return call()
+    return run_traced(op, call, meta)
 
 
 def _tensor_meta(tensor: Tensor, world_size: int, **extra: Any) -> Callable[[], dict]:
@@ -337,7 +333,7 @@ class XLAStrategy(ParallelStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         mark_step()  # materialise what the state depends on, on every rank alike
         if self.is_global_zero:
-            payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+            payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
             if self.checkpoint_io is not None:
                 self.checkpoint_io.save_checkpoint(payload, path)
             else:
@@ -393,7 +389,7 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         mark_step()
-        payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+        payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
         if self.checkpoint_io is not None:
             self.checkpoint_io.save_checkpoint(payload, path)
         else:
@@ -403,10 +399,6 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
 def _no_groups(group: Any) -> None:
     if group is not None:
         raise ValueError("XLA collectives here run over all ranks; group= is not supported")
-
-
-def _to_cpu(data: Any) -> Any:
-    return apply_to_collection(data, Tensor, lambda t: t.detach().cpu())
 
 
 def register_strategies(registry: Any) -> None:

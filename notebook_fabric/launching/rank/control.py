@@ -72,11 +72,9 @@ class CollectiveTracer:
 
 
 def install_tracer(tracer: CollectiveTracer) -> bool:
-    """Install ``tracer`` if the collective layer is importable; ``False`` when it is not."""
-    try:
-        from ...collectives.trace import set_tracer
-    except ImportError:
-        return False
+    """Install ``tracer`` as the collective layer's tracer; returns ``True`` (it always can)."""
+    from ...collectives.trace import set_tracer
+
     set_tracer(tracer)
     return True
 

@@ -30,6 +30,7 @@ from .output import Outbox, OutputCapture
 from .isolation import forget_kernel
 from .telemetry import MemorySampler, report_metrics, report_progress
 from ..rank_logs import rank_log_paths
+from ...utilities.apply import tensors_to_cpu
 from ...stepping import rank_prompts
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
@@ -145,7 +146,7 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
         finally:
             state.in_task = False
             rank_prompts.task_ended()
-        payload = pickle_for_parent(_to_cpu(value))
+        payload = pickle_for_parent(tensors_to_cpu(value))
         if payload is None:
             raise TypeError(f"the value returned on rank {rank} (a {type(value).__module__}.{type(value).__qualname__}) "
                             "cannot be pickled to send it back to the notebook")
@@ -199,11 +200,3 @@ def _install_sources(source_cache: Dict[str, Any]) -> None:
     """Register notebook cells' source so tracebacks and stacks show their lines."""
     for filename, entry in (source_cache or {}).items():
         linecache.cache.setdefault(filename, entry)
-
-
-def _to_cpu(value: Any) -> Any:
-    import torch
-
-    from ...utilities.apply import apply_to_collection
-
-    return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())

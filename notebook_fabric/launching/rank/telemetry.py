@@ -95,10 +95,8 @@ def _peak_rss() -> int:
 
 def report_progress(rank: int, outbox: Any) -> bool:
     """Make every tqdm bar of this rank send :class:`Progress` when drawn and when closed."""
-    try:
-        from tqdm import std
-    except ImportError:
-        return False
+    from tqdm import std  # a dependency: always there
+
     cls = std.tqdm
     if getattr(cls.display, "_notebook_fabric", False):
         return True
