@@ -170,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], metavar="N",
                         help="rank counts to measure, each against the floor at the same count (default 2)")
     options = parser.parse_args(argv)
-    from notebook_fabric.launch.starters import FORKSERVER_PRELOAD
+    from notebook_fabric.launching.starters import FORKSERVER_PRELOAD
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)  # the same server for all
     table = {key: row for n in options.ranks for key, row in variants(options.only, n).items()}

@@ -144,13 +144,14 @@ def rebind_globals(function: types.FunctionType, namespace: Dict[str, Any]) -> t
 
 def describe_value(value: Any) -> CellValue:
     """The value as the notebook will show it: its ``repr`` always, the pickle when it is small enough."""
-    from notebook_fabric.launch.errors import pickle_for_parent
+    from notebook_fabric.launching.errors import pickle_for_parent
+    from notebook_fabric.utilities.apply import tensors_to_cpu
 
     try:
         text = repr(value)
     except Exception as error:  # a broken __repr__ must not fail the cell
         text = f"<{type(value).__qualname__} object; repr() failed: {type(error).__name__}: {error}>"
-    payload = None if _is_module(value) else pickle_for_parent(_to_cpu(value))
+    payload = None if _is_module(value) else pickle_for_parent(tensors_to_cpu(value))
     if payload is not None and len(payload) > MAX_VALUE_BYTES:
         payload = None
     return CellValue(text=text, payload=payload)
@@ -158,7 +159,8 @@ def describe_value(value: Any) -> CellValue:
 
 def collect_outs(names: Tuple[str, ...], namespace: Dict[str, Any], rank: int) -> Dict[str, bytes]:
     """Pickle the ``--out`` variables; a missing or unpicklable one is an error naming it and the rank."""
-    from notebook_fabric.launch.errors import pickle_for_parent
+    from notebook_fabric.launching.errors import pickle_for_parent
+    from notebook_fabric.utilities.apply import tensors_to_cpu
 
     outs = {}
     for name in names:
@@ -166,7 +168,7 @@ def collect_outs(names: Tuple[str, ...], namespace: Dict[str, Any], rank: int) -
             raise NameError(f"--out {name}: there is no variable {name!r} on rank {rank} after the cell; "
                             "assign it in the cell (or drop --out)")
         value = namespace[name]
-        payload = pickle_for_parent(_to_cpu(value))
+        payload = pickle_for_parent(tensors_to_cpu(value))
         if payload is None:
             raise TypeError(f"--out {name}: the value on rank {rank} (a {type(value).__module__}."
                             f"{type(value).__qualname__}) cannot be pickled to send it to the notebook; "
@@ -175,15 +177,6 @@ def collect_outs(names: Tuple[str, ...], namespace: Dict[str, Any], rank: int) -
     return outs
 
 
-def _to_cpu(value: Any) -> Any:
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return value
-    from notebook_fabric.utilities.apply import apply_to_collection
-
-    return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())
 
 
 def _is_module(value: Any) -> bool:

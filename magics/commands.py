@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
-from notebook_fabric.launch.errors import format_ranks
+from notebook_fabric.launching.errors import format_ranks
 from notebook_fabric.live.notices import write_notice
 
 from .cell_task import CellTask
@@ -20,7 +20,7 @@ from .render import format_bytes, format_stacks, format_table
 from .settings import PoolSettings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from notebook_fabric.launch.pool import RankPool
+    from notebook_fabric.launching.pool import RankPool
 
 RESTART_NOTE = "variables from earlier %%fabric cells are gone"
 

@@ -9,6 +9,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from notebook_fabric.launching.start_methods import POOL_START_METHODS
+
 from .commands import FabricUsageError
 from .session import CellOptions, FabricSession
 
@@ -43,7 +45,7 @@ class FabricMagics(Magics):
     @argument("--accelerator", default=None, help="cpu, cuda, gpu, mps, tpu or auto (default auto)")
     @argument("--strategy", default=None, help="the Fabric strategy (default ddp)")
     @argument("--precision", default=None, help="e.g. 32-true, bf16-mixed, 16-mixed")
-    @argument("--start-method", dest="start_method", default=None, choices=["fork", "spawn", "forkserver"],
+    @argument("--start-method", dest="start_method", default=None, choices=list(POOL_START_METHODS),
               help="how ranks start (default: fork where safe, else spawn)")
     @argument("--log-dir", dest="log_dir", default=None, metavar="DIR",
               help="also write every rank's complete stdout/stderr to DIR/rank<N>/stdout.log, stderr.log "

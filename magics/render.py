@@ -10,9 +10,10 @@ import pickle
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from notebook_fabric.launch.errors import format_ranks, group_failures
+from notebook_fabric.launching.errors import format_ranks, group_failures
 from notebook_fabric.live.events import RemoteFailure
 from notebook_fabric.live.fold import fold_frames
+from notebook_fabric.live.stall import plain_stacks
 
 from .cell_task import CellValue
 
@@ -112,14 +113,7 @@ def format_failures(failures: Dict[int, RemoteFailure], arrival: Sequence[int], 
 
 def format_stacks(stacks: Dict[int, str]) -> str:
     """Every rank's stack, one block per rank (identical idle ranks grouped)."""
-    groups: Dict[str, List[int]] = {}
-    for rank, stack in sorted(stacks.items()):
-        groups.setdefault(clean_traceback(stack).rstrip(), []).append(rank)
-    blocks = []
-    for stack, ranks in groups.items():
-        body = "\n".join("    " + line for line in stack.splitlines()) or "    (empty)"
-        blocks.append(f"{format_ranks(ranks)}:\n{body}")
-    return "\n".join(blocks)
+    return plain_stacks(stacks, clean=clean_traceback, label=format_ranks)
 
 
 def format_bytes(count: Optional[int]) -> str:

@@ -2,7 +2,7 @@
 
 ``RankPool.run`` raises the first group of identical failures; the magic shows *every* rank's
 traceback (and, after an interrupt, where each rank was), so it asks the pool for the whole
-:class:`~notebook_fabric.launch.outcome.RunOutcome` (``RankPool.run_task``: the same run loop, with
+:class:`~notebook_fabric.launching.outcome.RunOutcome` (``RankPool.run_task``: the same run loop, with
 the same policy on failures, deaths, timeouts and interrupts) and renders that.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.events import RemoteFailure
 from notebook_fabric.live.sinks import EventSink
 

@@ -1,6 +1,6 @@
 """In the notebook: the magic's state (one pool, its settings, what the ranks hold) and ``%%fabric``.
 
-:class:`FabricSession` owns at most one :class:`~notebook_fabric.launch.pool.RankPool`. It starts
+:class:`FabricSession` owns at most one :class:`~notebook_fabric.launching.pool.RankPool`. It starts
 the pool on the first cell, reuses it while the settings match, restarts it (and says why) when
 they change or the pool ended, ships the notebook values a cell reads, runs the cell, and turns
 every outcome into a value to display or an exception that renders per rank. It takes the
@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from notebook_fabric.launch.api import plan_ranks
-from notebook_fabric.launch.errors import LaunchTimeoutError, RankDiedError, format_ranks
-from notebook_fabric.launch.pool import RankPool
-from notebook_fabric.launch.processes import describe_exit
+from notebook_fabric.launching.api import plan_ranks
+from notebook_fabric.launching.errors import LaunchTimeoutError, RankDiedError, format_ranks
+from notebook_fabric.launching.pool import RankPool
+from notebook_fabric.launching.processes import describe_exit
 from notebook_fabric.live.dashboard import DashboardSink, want_dashboard
 from notebook_fabric.live.sinks import NullSink, TextSink
 

@@ -22,6 +22,5 @@ def unload_ipython_extension(ipython):  # noqa: ANN001
 
 __all__ = ["Fabric", "seed_everything", "launch", "__version__"]
 
-# Bound last, so that `notebook_fabric.launch` is the function rather than the subpackage of the same
-# name (import the subpackage's parts as `from notebook_fabric.launch.pool import RankPool`).
-from .launch import launch  # noqa: E402
+# The function users call; the package that starts and supervises ranks is `notebook_fabric.launching`.
+from .launching import launch  # noqa: E402

@@ -13,13 +13,11 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from .accelerators import ACCELERATOR_CHOICES
 from .cli_settings import export_cli_settings
+from .launching.start_methods import is_pool_start_method, start_method_named_by
 
 PROG = "notebook-fabric"
-ACCELERATOR_CHOICES = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
-#: strategies whose ranks are not processes started from outside (exact names; also any *_spawn etc.)
-_IN_PROCESS_STRATEGIES = ("dp", "spawn", "fork", "forkserver", "notebook")
-_SELF_STARTING_SUFFIXES = ("_spawn", "_fork", "_forkserver", "_notebook")
 MULTI_NODE_DEFAULT_PORT = 29500
 
 
@@ -107,7 +105,7 @@ def refusal(strategy: Optional[str]) -> Optional[str]:
             "--strategy dp runs every device inside one process, but notebook-fabric run starts one"
             " process per device. Use --strategy ddp (or fsdp, deepspeed, ...)."
         )
-    if name in _IN_PROCESS_STRATEGIES or name.endswith(_SELF_STARTING_SUFFIXES):
+    if is_pool_start_method(start_method_named_by(name)):
         return (
             f"--strategy {strategy} starts its own processes from inside the script, but notebook-fabric"
             " run already starts one process per device through torchrun. Use --strategy ddp"

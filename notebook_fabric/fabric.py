@@ -1,6 +1,6 @@
 """The ``Fabric`` facade: one object that owns devices, precision, strategy and collectives.
 
-Every method delegates: to the strategy (models, collectives, checkpoints), to ``launch/``
+Every method delegates: to the strategy (models, collectives, checkpoints), to ``launching/``
 (processes), to the loggers and callbacks. Your training loop stays yours.
 """
 from __future__ import annotations
@@ -23,14 +23,12 @@ from .collectives.debug import enable_signature_checks
 from .collectives.ops import normalize_reduce_op
 from .connector import Connector
 from .environments import ClusterEnvironment
+from .launching.launchers import select_launcher
 from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
 from .utilities.seed import seed_everything as _seed_everything
 from .wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
-
-_FUNCTION_START_METHODS = ("spawn", "fork", "forkserver")
-
 
 class Fabric:
     """Scale a PyTorch training loop to any device, precision and strategy without rewriting it.
@@ -129,54 +127,13 @@ class Fabric:
         the same supervised ranks as ``notebook_fabric.launch``), and rank 0's return value comes
         back here.
         """
-        if function is not None and not callable(function):
-            raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
-        if function is not None and not _takes_an_argument(function):
-            raise TypeError(
-                f"fabric.launch({getattr(function, '__name__', 'fn')}) needs a function that takes the Fabric as its"
-                " first argument: def train(fabric): ..."
-            )
+        _check_launch_function(function)
         if self._launched and self._prepared_outside:  # the ranks came from outside and this one is ready
             self._prepared_outside = False
             return function(self, *args, **kwargs) if function is not None else None
         if self._launched:
             raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
-        strategy = self._strategy
-        start_method = strategy.start_method
-        if start_method == "xla":  # torch_xla's own launcher (xmp.spawn) starts XLA ranks
-            if function is None:
-                raise RuntimeError(
-                    f"{type(strategy).__name__}'s ranks are started by torch_xla: call fabric.launch(train_fn)"
-                    " with a function taking `fabric` first"
-                )
-            self._launched = True
-            return strategy.launch_ranks(_run_on_xla_rank, (self, function, args, kwargs))
-        environment = getattr(strategy, "cluster_environment", None)
-        outside = environment is not None and environment.creates_processes_externally
-        needs_ranks = isinstance(strategy, ParallelStrategy) and strategy.world_size > 1 and not outside
-        if needs_ranks and start_method == "popen" and function is not None and strategy.num_nodes == 1:
-            # launch(fn) runs fn only, never the script again: launch/ picks fork or spawn. (Several nodes
-            # started by hand keep re-running the script: a local pool cannot hold the other nodes' ranks.)
-            start_method = None
-        if needs_ranks and start_method in (*_FUNCTION_START_METHODS, None):
-            if function is None:
-                raise RuntimeError(
-                    f"strategy={type(strategy).__name__}(start_method={start_method!r}) runs a function on each rank:"
-                    " call fabric.launch(train_fn) with a function taking `fabric` first,"
-                    " or use strategy='ddp' in a script."
-                )
-            from .launch import run_function
-
-            return run_function(
-                self._init_kwargs, function, args, kwargs=kwargs, num_processes=strategy.num_processes,
-                start_method=start_method,
-            )  # fmt: skip
-        if needs_ranks and start_method == "popen":
-            from .launch.rerun_script import start_script_ranks
-
-            start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, environment)
-        self._prepare_this_rank()
-        return function(self, *args, **kwargs) if function is not None else None
+        return select_launcher(self, runs_a_function=function is not None).launch(function, *args, **kwargs)
 
     # ----- models, optimizers, data --------------------------------------------------------------
     def setup(
@@ -481,11 +438,14 @@ def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: 
     return _seed_everything(seed, workers=workers, verbose=verbose)
 
 
-def _run_on_xla_rank(fabric: Fabric, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """Inside one XLA rank (a process torch_xla started): prepare the rank, then run the user's function."""
-    fabric._launched = True
-    fabric.strategy.setup_environment()
-    return function(fabric, *args, **kwargs)
+def _check_launch_function(function: Optional[Callable[..., Any]]) -> None:
+    if function is not None and not callable(function):
+        raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
+    if function is not None and not _takes_an_argument(function):
+        raise TypeError(
+            f"fabric.launch({getattr(function, '__name__', 'fn')}) needs a function that takes the Fabric as its"
+            " first argument: def train(fabric): ..."
+        )
 
 
 def _takes_an_argument(function: Callable[..., Any]) -> bool:

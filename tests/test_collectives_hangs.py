@@ -15,9 +15,9 @@ from torch import nn
 from support.processes import wait_no_children
 from notebook_fabric import launch
 from notebook_fabric.collectives import CollectiveMismatchError, last_ledger
-from notebook_fabric.launch.errors import LaunchTimeoutError
-from notebook_fabric.launch.hang import CollectiveHangError
-from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launching.errors import LaunchTimeoutError
+from notebook_fabric.launching.hang import CollectiveHangError
+from notebook_fabric.launching.pool import RankPool
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,7 +13,7 @@ import torch
 
 from support.processes import wait_no_children
 from notebook_fabric import launch
-from notebook_fabric.launch import RankDiedError
+from notebook_fabric.launching import RankDiedError
 
 pytestmark = pytest.mark.timeout(240)
 EIGHT = dict(accelerator="cpu", devices=8)

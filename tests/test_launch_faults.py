@@ -13,7 +13,7 @@ import pytest
 
 from support.processes import InterruptWhen, touch, touch_once_main_thread_waits_in, wait_no_children
 from notebook_fabric import launch
-from notebook_fabric.launch import LaunchTimeoutError, RankDiedError, RemoteTraceback
+from notebook_fabric.launching import LaunchTimeoutError, RankDiedError, RemoteTraceback
 
 pytestmark = pytest.mark.timeout(120)
 COMES_BACK_WITHIN = 20.0  # seconds; generous for 2 shared cores

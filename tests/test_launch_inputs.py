@@ -7,8 +7,8 @@ import pytest
 
 from support.processes import rank_like_children
 from notebook_fabric import launch
-from notebook_fabric.launch import UnpicklableError, run_function
-from notebook_fabric.launch import preflight
+from notebook_fabric.launching import UnpicklableError, run_function
+from notebook_fabric.launching import preflight
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -125,7 +125,7 @@ def start_workers(fabric, ns):
 
 def test_ranks_and_their_dataloader_workers_end_with_the_kernel(kernel):
     kernel.run(DEFINE)
-    cell = kernel.run("from notebook_fabric.launch.pool import RankPool\n"
+    cell = kernel.run("from notebook_fabric.launching.pool import RankPool\n"
                       "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2).start()\n"
                       "pool.pids")
     assert cell.status == "ok", cell.all_text

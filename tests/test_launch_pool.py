@@ -11,8 +11,8 @@ import torch
 
 from support.processes import InterruptWhen, pid_alive, touch, wait_for_file, wait_no_children
 from support.waiting import poll, wait_until
-from notebook_fabric.launch import PoolClosedError
-from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launching import PoolClosedError
+from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.events import Heartbeat, Output
 from notebook_fabric.live.sinks import RecordingSink
 

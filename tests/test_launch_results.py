@@ -13,7 +13,7 @@ import torch
 
 from support.processes import wait_no_children
 from notebook_fabric import launch
-from notebook_fabric.launch import run_function
+from notebook_fabric.launching import run_function
 
 pytestmark = pytest.mark.timeout(180)
 

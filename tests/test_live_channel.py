@@ -23,7 +23,7 @@ import pytest
 
 from support.processes import wait_no_children
 from notebook_fabric import launch
-from notebook_fabric.launch import LaunchTimeoutError
+from notebook_fabric.launching import LaunchTimeoutError
 from notebook_fabric.live.channel import EventListener
 from notebook_fabric.live.events import RankStarted
 from notebook_fabric.live.sinks import RecordingSink

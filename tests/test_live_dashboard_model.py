@@ -10,8 +10,8 @@ import re
 import pytest
 
 from support.processes import wait_no_children
-from notebook_fabric.launch import launch
-from notebook_fabric.launch.pool import RankPool
+from notebook_fabric.launching import launch
+from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.dashboard_html import summary_html, summary_text, table_html
 from notebook_fabric.live.dashboard_model import DashboardModel
 from notebook_fabric.live.sinks import FanOutSink, RecordingSink
@@ -119,7 +119,7 @@ def test_a_rank_that_dies_is_dead_with_its_signal_and_launch_feeds_the_model(cle
             os.kill(os.getpid(), signal.SIGKILL)
         fabric.barrier("never passed")
 
-    from notebook_fabric.launch import RankDiedError
+    from notebook_fabric.launching import RankDiedError
 
     with pytest.raises(RankDiedError):
         launch(die_on_one, accelerator="cpu", devices=2, sink=model)

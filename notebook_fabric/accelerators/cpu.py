@@ -9,8 +9,14 @@ import torch
 
 from .base import Accelerator, parse_count_or_indices
 
-#: how many CPU ranks one machine may run; processes, not cores, so oversubscription is allowed
-MAX_CPU_PROCESSES = int(os.environ.get("NOTEBOOK_FABRIC_MAX_CPU_RANKS", 64))
+#: how many CPU ranks one machine may run unless NOTEBOOK_FABRIC_MAX_CPU_RANKS says otherwise
+DEFAULT_MAX_CPU_PROCESSES = 64
+
+
+def max_cpu_processes() -> int:
+    """How many CPU ranks one machine may run (read when asked); processes, not cores, so
+    oversubscription is allowed."""
+    return int(os.environ.get("NOTEBOOK_FABRIC_MAX_CPU_RANKS", DEFAULT_MAX_CPU_PROCESSES))
 
 
 class CPUAccelerator(Accelerator):
@@ -24,7 +30,7 @@ class CPUAccelerator(Accelerator):
         if devices in (-1, "-1"):  # "all CPU devices": one rank per core
             devices = os.cpu_count() or 1
         return parse_count_or_indices(
-            devices, MAX_CPU_PROCESSES, "CPU", limit_note=" (the limit of CPU ranks; raise it with NOTEBOOK_FABRIC_MAX_CPU_RANKS)"
+            devices, max_cpu_processes(), "CPU", limit_note=" (the limit of CPU ranks; raise it with NOTEBOOK_FABRIC_MAX_CPU_RANKS)"
         )
 
     @staticmethod

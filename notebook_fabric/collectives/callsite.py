@@ -7,6 +7,7 @@ when someone reads it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import linecache
 import os
@@ -31,7 +32,11 @@ def _magics_dir() -> Tuple[str, ...]:
     return tuple(os.path.abspath(p) + os.sep for p in spec.submodule_search_locations)
 
 
-LIBRARY_DIRS: Tuple[str, ...] = (_PACKAGE_DIR, _TORCH_DIR, *_magics_dir(), contextlib.__file__)
+@functools.lru_cache(maxsize=1)
+def library_dirs() -> Tuple[str, ...]:
+    """Where library code lives (ours, torch's, the magics'), found on first use rather than at import."""
+    return (_PACKAGE_DIR, _TORCH_DIR, *_magics_dir(), contextlib.__file__)
+
 CELL_PREFIX = "<fabric-cell-"
 
 Place = Tuple[str, int, str]  # (filename, line number, function)
@@ -48,7 +53,7 @@ def user_place(depth: int = 2) -> Optional[Place]:
 
 def place_of(frame: Optional[FrameType]) -> Optional[Place]:
     """The first frame from ``frame`` outwards that is the user's, as a :data:`Place`."""
-    while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
+    while frame is not None and frame.f_code.co_filename.startswith(library_dirs()):
         frame = frame.f_back
     if frame is None:
         return None
@@ -74,7 +79,7 @@ def describe_place(place: Optional[Place], with_source: bool = True) -> str:
 
 
 def is_library_file(filename: str) -> bool:
-    return filename.startswith(LIBRARY_DIRS) or filename.startswith("<frozen ")
+    return filename.startswith(library_dirs()) or filename.startswith("<frozen ")
 
 
 def rank_zero_guard(place: Optional[Place]) -> Optional[str]:

@@ -1,17 +1,20 @@
-"""Tensor collectives over ``torch.distributed``: the only place that calls it, so every call is traced.
+"""Tensor collectives over ``torch.distributed``: the strategies' collectives go through here, so each is traced.
+
+(Not every call to torch.distributed does: joining and leaving the process group, DeepSpeed's and
+torch_xla's own collectives, and the debugger's signature exchange in :mod:`.debug` call it directly.)
 
 Each function adds nothing torch.distributed does not need: no barrier, no extra copy beyond the
 one that keeps the caller's tensor untouched. With no tracer installed, tracing costs one lookup.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .trace import get_tracer, traced
+from .trace import run_traced as _run
 
 REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -48,15 +51,6 @@ def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -
     shapes = [tuple(tensor.shape)] if tensor is not None else []
     dtypes = [str(tensor.dtype)] if tensor is not None else ["object"]
     return {"group": group, "group_size": _group_size(group), "shapes": shapes, "dtypes": dtypes, **extra}
-
-
-def _run(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:
-    """``call()``, between the tracer's enter and exit when one is installed (``meta`` is built only then)."""
-    tracer = get_tracer()
-    if tracer is None:
-        return call()
-    with traced(tracer, op, meta()):
-        return call()
 
 
 def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group: Optional[Any] = None) -> Tensor:

@@ -13,7 +13,7 @@ that are not running the cell. While such a cell runs, this guard
 Both raise :class:`SubsetCollectiveError` in the ranks, naming the ranks that are not taking
 part. Collectives torch issues in C++ (DDP's gradient all-reduce in ``backward``) cannot be refused
 before they start; the ledger sees them (Flight Recorder) and the notebook's run loop reports such a
-wait at once as a certain hang (``notebook_fabric.launch.hang``), naming the idle ranks.
+wait at once as a certain hang (``notebook_fabric.launching.hang``), naming the idle ranks.
 
 It is the outermost link of the tracer chain (see :mod:`.trace`).
 """
@@ -24,7 +24,7 @@ import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from notebook_fabric.launch.errors import format_ranks
+from notebook_fabric.launching.errors import format_ranks
 
 _DIST_COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_gather_single",

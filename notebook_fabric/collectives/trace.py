@@ -19,7 +19,7 @@ The chain in a rank, outermost (called first) to innermost; each link wraps the 
 3. ``ledger.LedgerTracer``: records the call in the rank's ledger and sets ``meta["seq"]``, torch's
    own sequence number of the call's group (the one numbering, shared with the Flight Recorder's
    view of torch's internal collectives);
-4. ``launch.rank_control.CollectiveTracer``: the rank's current collective for heartbeats, stall
+4. ``launching.rank.control.CollectiveTracer``: the rank's current collective for heartbeats, stall
    reports and ``where``, and optional enter/exit events to the notebook; it reuses ``meta["seq"]``.
 
 A refused or mismatched call never reaches the ledger: it was not issued.
@@ -27,7 +27,7 @@ A refused or mismatched call never reaches the ledger: it was not issued.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 
 class Tracer(Protocol):
@@ -59,3 +59,12 @@ def traced(tracer: Tracer, op: str, meta: dict) -> Iterator[None]:
         tracer.exit(token, error)
         raise
     tracer.exit(token, None)
+
+
+def run_traced(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:
+    """``call()``, between the tracer's enter and exit when one is installed (``meta`` is built only then)."""
+    tracer = get_tracer()
+    if tracer is None:
+        return call()
+    with traced(tracer, op, meta()):
+        return call()

@@ -4,10 +4,10 @@ from .events import (
     CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, Notice, Output, RankEvent, RankExited, RankReady,
     RankStarted, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,
 )
-from .sinks import CallbackSink, EventSink, FanOutSink, NullSink, RecordingSink, TextSink
+from .sinks import EventSink, FanOutSink, NullSink, RecordingSink, TextSink
 
 __all__ = [
     "RankEvent", "RankStarted", "RankReady", "Output", "Heartbeat", "CollectiveState", "CollectiveEntered",
     "CollectiveExited", "TaskDone", "TaskFailed", "RemoteFailure", "StartupFailed", "WhereReply", "RankExited",
-    "Notice", "EventSink", "TextSink", "NullSink", "RecordingSink", "FanOutSink", "CallbackSink",
+    "Notice", "EventSink", "TextSink", "NullSink", "RecordingSink", "FanOutSink",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Set, Tuple, runtime_checkable
+from typing import Dict, Iterable, List, Optional, Protocol, Set, Tuple, runtime_checkable
 
 from .events import Notice, Output, RankEvent
 from .notices import write_notice
@@ -116,19 +116,6 @@ class FanOutSink:
     def flush(self) -> None:
         for sink in self.sinks:
             sink.flush()
-
-
-class CallbackSink:
-    """Calls ``callback(event)``; ``flush`` does nothing."""
-
-    def __init__(self, callback: Callable[[RankEvent], None]) -> None:
-        self.callback = callback
-
-    def handle(self, event: RankEvent) -> None:
-        self.callback(event)
-
-    def flush(self) -> None:
-        pass
 
 
 def _stream(name: str):

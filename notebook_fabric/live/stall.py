@@ -8,13 +8,13 @@ per stall. Used by ``launch(fn)`` (:class:`StallWatchdogSink`) and by the ``%%fa
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 from .events import CollectiveState, Heartbeat, RankEvent
 from .fold import fold_frames
+from .notices import write_notice
 from .sinks import EventSink
 
 
@@ -27,14 +27,19 @@ class StallReport:
     stacks: Dict[int, str]
 
 
-def plain_stacks(stacks: Dict[int, str]) -> str:
-    """Every rank's stack, one indented block per group of ranks with the same stack."""
+def ranks_label(ranks: List[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def plain_stacks(stacks: Dict[int, str], clean: Callable[[str], str] = fold_frames,
+                 label: Callable[[List[int]], str] = ranks_label) -> str:
+    """Every rank's stack, one indented block per group of ranks whose ``clean``-ed stacks are the same,
+    headed by ``label(ranks)``."""
     groups: Dict[str, List[int]] = {}
     for rank, stack in sorted(stacks.items()):
-        groups.setdefault(fold_frames(stack).rstrip(), []).append(rank)
+        groups.setdefault(clean(stack).rstrip(), []).append(rank)
     return "\n".join(
-        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}:\n"
-        + ("\n".join("    " + line for line in stack.splitlines()) or "    (empty)")
+        f"{label(ranks)}:\n" + ("\n".join("    " + line for line in stack.splitlines()) or "    (empty)")
         for stack, ranks in groups.items()
     )
 
@@ -69,7 +74,7 @@ class StallWatchdog:
         return self._report(now)
 
     def _report(self, now: float) -> StallReport:
-        from ..launch.errors import format_ranks
+        from ..launching.errors import format_ranks
 
         stacks = self._where(2.0)
         waiting: Dict[str, List[int]] = {}
@@ -88,8 +93,7 @@ class StallWatchdog:
 
 def print_report(report: StallReport, hint: str) -> None:
     """The report on stderr, each line prefixed ``[notebook-fabric]``, then ``hint``."""
-    sys.stderr.write("".join(f"[notebook-fabric] {line}\n" for line in report.text.splitlines()))
-    sys.stderr.write(f"[notebook-fabric] ({hint})\n")
+    write_notice([*report.text.splitlines(), f"({hint})"], level="warning")
 
 
 class StallWatchdogSink:

@@ -27,8 +27,8 @@ from .rank_prompts import DebuggerTerminal, PromptAborted, prompter
 PACKAGE = "notebook_fabric"
 #: notebook-fabric functions that call the user's code: frames below them are the user's
 USER_CODE_CALLERS = frozenset({
-    ("notebook_fabric.launch.rank_main", "run_task"),
-    ("notebook_fabric.launch.api", "_call_launched_function"),
+    ("notebook_fabric.launching.rank.main", "run_task"),
+    ("notebook_fabric.launching.api", "_call_launched_function"),
     ("notebook_fabric.magics.cell_task", "__call__"),
     ("notebook_fabric.stepping.post_mortem", "__call__"),
 })

@@ -1,6 +1,6 @@
 """Inside a rank: every way Python asks for a line ends in one question to the notebook.
 
-:func:`install` (run once by ``rank_main`` when the rank has its channel) replaces
+:func:`install` (run once by ``launching.rank.main`` when the rank has its channel) replaces
 
 - ``builtins.input``: the prompt travels in the request, the typed line comes back;
 - ``sys.stdin``: ``readline()`` asks with an empty prompt;

@@ -1,7 +1,7 @@
 """The strategy interface: how models, optimizers, data and collectives are spread over devices.
 
-A strategy never starts processes: it says how its ranks must start (``start_method``) and
-``launch/`` does it.
+A strategy never starts processes: it says how its ranks must start (``start_method``) and a
+launcher of ``launching/`` (picked by :func:`notebook_fabric.launching.launchers.select_launcher`) does it.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from ..accelerators import Accelerator
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
+from ..launching.start_methods import StartMethod
 from ..precision import Precision
 from ..utilities.init import SkipInitialization
 
@@ -31,8 +32,9 @@ class Strategy:
         fabric = Fabric(strategy="quiet")
     """
 
-    #: how the ranks of this strategy come to exist: None (this process only), "popen", "spawn", "fork", "forkserver"
-    start_method: Optional[str] = None
+    #: how the ranks of this strategy come to exist: None (this process only) or a name of the start-method
+    #: table (:mod:`notebook_fabric.launching.start_methods`), which also says who starts them
+    start_method: Optional[StartMethod] = None
     #: whether ``Fabric.init_module(empty_init=None)`` should create parameters on the meta device
     shards_parameters: bool = False
     #: whether ``setup_module`` hooks into the module in place (FSDP2, tensor parallel) rather than returning

@@ -27,6 +27,7 @@ from ..accelerators import Accelerator
 from ..checkpoint.deepspeed import CHECKPOINT_TAG, CLIENT_STATE_KEY, consolidate_checkpoint
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
+from ..launching.start_methods import StartMethod
 from ..precision import Precision
 from ..precision.deepspeed import DeepSpeedPrecision, to_deepspeed_precision
 from .ddp import DEFAULT_TIMEOUT, DDPStrategy
@@ -115,7 +116,7 @@ class DeepSpeedStrategy(DDPStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
         accelerator: Optional[Accelerator] = None,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
         pin_memory: bool = False,
         **kwargs: Any,
     ) -> None:

@@ -21,12 +21,13 @@ from ..accelerators import Accelerator
 from ..checkpoint import distributed as dcp_io
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
+from ..launching.start_methods import StartMethod
 from ..precision import Precision
-from .ddp import DEFAULT_TIMEOUT, START_METHODS, DDPStrategy
 from .parallel import ParallelStrategy
+from .process_group import ProcessGroupMixin
 
 
-class DTensorStrategy(ParallelStrategy):
+class DTensorStrategy(ProcessGroupMixin, ParallelStrategy):
     """What FSDP2 and model parallelism share: DDP's process group, modules built on the meta device
     and materialised after sharding, optimizers rebuilt over the sharded parameters, gradient norms
     over DTensors, and checkpoints through torch.distributed.checkpoint (full file or sharded dir)."""
@@ -43,32 +44,19 @@ class DTensorStrategy(ParallelStrategy):
         precision: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = None,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
     ) -> None:
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision=precision,
         )  # fmt: skip
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method={start_method!r} is not one of {list(START_METHODS)}")
-        self.start_method = start_method
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+        self._keep_process_group_settings(process_group_backend, timeout, start_method)
         self._modules: list[nn.Module] = []  # every module set up here, for optimizers and checkpoints
         self._replaced: dict[int, tuple[weakref.ref, nn.Parameter]] = {}  # id(parameter before setup) -> after
-
-    # the process group is DDP's: the same backend choice, timeout and rendezvous
-    process_group_backend = DDPStrategy.process_group_backend
-    timeout = DDPStrategy.timeout
-    setup_distributed = DDPStrategy.setup_distributed
 
     @property
     def _save_sharded(self) -> bool:
         raise NotImplementedError
-
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        self.setup_distributed()
 
     def _require_process_group(self, what: str) -> None:
         if not self.distributed:
@@ -93,12 +81,6 @@ class DTensorStrategy(ParallelStrategy):
                 self._replaced[id(old)] = (weakref.ref(old), new)
         self._modules.append(module)
         return module
-
-    def setup_module_and_optimizers(
-        self, module: nn.Module, optimizers: list[Optimizer]
-    ) -> tuple[nn.Module, list[Optimizer]]:
-        module = self.setup_module(module)
-        return module, [self.setup_optimizer(optimizer) for optimizer in optimizers]
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """The optimizer over the sharded parameters: rebuilt (same class, groups and settings) when it

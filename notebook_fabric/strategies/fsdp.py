@@ -24,6 +24,7 @@ from torch import nn
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
+from ..launching.start_methods import StartMethod
 from ..precision import Precision
 from .dtensor import DTensorStrategy, post_order
 
@@ -72,7 +73,7 @@ class FSDPStrategy(DTensorStrategy):
         precision: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = None,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
         accelerator: Optional[Accelerator] = None,
         precision_plugin: Optional[Precision] = None,
         device_mesh: Optional[Any] = None,

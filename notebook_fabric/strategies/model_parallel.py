@@ -21,6 +21,7 @@ from torch import nn
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
+from ..launching.start_methods import StartMethod
 from ..precision import Precision
 from .dtensor import DTensorStrategy
 
@@ -41,7 +42,7 @@ class ModelParallelStrategy(DTensorStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = None,
-        start_method: str = "popen",
+        start_method: StartMethod = "popen",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

@@ -5,7 +5,7 @@ any torch). Nothing here imports ``torch_xla`` until a strategy is used in a ran
 first checks that it is installed.
 
 XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
-``start_method = "xla"`` and :meth:`XLAStrategy.launch_ranks` runs a function on every rank.
+``start_method = "xla"`` and :mod:`notebook_fabric.launching.xla_ranks` runs a function on every rank.
 Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
 ``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
 dataloader set up by Fabric).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import tempfile
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Optional, Union
 
@@ -28,10 +27,10 @@ from ..accelerators.xla import xla_available
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
 from ..collectives.ops import normalize_reduce_op
-from ..collectives.trace import get_tracer, traced
+from ..collectives.trace import run_traced
 from ..environments.base import ClusterEnvironment
 from ..precision import Precision
-from ..utilities.apply import apply_to_collection
+from ..utilities.apply import tensors_to_cpu
 from .parallel import ParallelStrategy
 from .single_device import SingleDeviceStrategy
 
@@ -87,11 +86,7 @@ def mark_step() -> None:
 
 
 def _traced(op: str, meta: Callable[[], dict], call: Callable[[], Any]) -> Any:
-    tracer = get_tracer()
-    if tracer is None:
-        return call()
-    with traced(tracer, op, meta()):
-        return call()
+    return run_traced(op, call, meta)
 
 
 def _tensor_meta(tensor: Tensor, world_size: int, **extra: Any) -> Callable[[], dict]:
@@ -220,27 +215,6 @@ class XLAStrategy(ParallelStrategy):
     def distributed(self) -> bool:
         return self._launched and self.world_size > 1
 
-    # ----- processes -----------------------------------------------------------------------------
-    def launch_ranks(self, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        """Run ``function(*args, **kwargs)`` on every XLA device, one process each, started by ``xmp.spawn``;
-        return rank 0's value (moved to the CPU). ``function`` must call :meth:`setup_environment` first.
-
-        torch_xla pickles what it sends to its processes, so ``function`` and its arguments travel with
-        cloudpickle (functions defined in a notebook work). PJRT always uses every device of the host.
-        """
-        if self.num_processes == 1:
-            raise ValueError(f"{type(self).__name__} runs one process per device; for one device use strategy='single_xla'")
-        from notebook_fabric.utilities import by_value
-        import torch_xla.distributed.xla_multiprocessing as xmp
-
-        if self.debug:
-            os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
-        payload = by_value.dumps((function, tuple(args), dict(kwargs or {})))
-        with tempfile.TemporaryDirectory(prefix="notebook_fabric_xla_") as folder:
-            result_file = os.path.join(folder, "rank0.pt")
-            xmp.spawn(_run_xla_rank, args=(payload, result_file), nprocs=None, start_method="fork")
-            return torch.load(result_file, weights_only=False) if os.path.exists(result_file) else None
-
     def setup_environment(self) -> None:
         if self.num_processes == 1:
             raise NotImplementedError(
@@ -359,7 +333,7 @@ class XLAStrategy(ParallelStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         mark_step()  # materialise what the state depends on, on every rank alike
         if self.is_global_zero:
-            payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+            payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
             if self.checkpoint_io is not None:
                 self.checkpoint_io.save_checkpoint(payload, path)
             else:
@@ -415,7 +389,7 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
         mark_step()
-        payload = _to_cpu(checkpoint_state.to_saveable(self, state, filter))
+        payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
         if self.checkpoint_io is not None:
             self.checkpoint_io.save_checkpoint(payload, path)
         else:
@@ -425,20 +399,6 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
 def _no_groups(group: Any) -> None:
     if group is not None:
         raise ValueError("XLA collectives here run over all ranks; group= is not supported")
-
-
-def _to_cpu(data: Any) -> Any:
-    return apply_to_collection(data, Tensor, lambda t: t.detach().cpu())
-
-
-def _run_xla_rank(index: int, payload: bytes, result_file: str) -> None:
-    """One rank under ``xmp.spawn`` (``index`` is its global ordinal): run, let rank 0 write its value for
-    the parent, then wait until every rank is done (nobody exits while a peer may still need it)."""
-    function, args, kwargs = pickle.loads(payload)
-    value = function(*args, **kwargs)
-    if index == 0:
-        checkpoint_io.atomic_save(_to_cpu(value), result_file)
-    _xm().rendezvous("notebook_fabric.end")
 
 
 def register_strategies(registry: Any) -> None:

@@ -12,7 +12,8 @@ from ..accelerators import Accelerator
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
 from ..precision import Precision
-from .xla import XLAStrategy, _to_cpu, mark_step, require_xla
+from ..utilities.apply import tensors_to_cpu
+from .xla import XLAStrategy, mark_step, require_xla
 
 FSDP_STATE_DICT_TYPES = ("sharded", "full")
 
@@ -136,7 +137,7 @@ class XLAFSDPStrategy(XLAStrategy):
                  "state": rest}  # fmt: skip
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        checkpoint_io.atomic_save(_to_cpu(shard), folder / _shard_name(self.global_rank, self.world_size))
+        checkpoint_io.atomic_save(tensors_to_cpu(shard), folder / _shard_name(self.global_rank, self.world_size))
         self.barrier("save_checkpoint")
         if self.state_dict_type == "full":
             if self.is_global_zero:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Union
 
 
@@ -27,6 +28,17 @@ def apply_to_collection(data: Any, dtype: Union[type, tuple], function: Callable
         }
         return dataclasses.replace(data, **changes)
     return data
+
+
+def tensors_to_cpu(data: Any) -> Any:
+    """``data`` with every tensor detached and moved to the CPU (what travels back from a rank).
+
+    torch is not imported for it: where this process has not imported torch there is no tensor to move.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return data
+    return apply_to_collection(data, torch.Tensor, lambda tensor: tensor.detach().cpu())
 
 
 def _rebuild_mapping(original: dict, values: dict) -> dict:

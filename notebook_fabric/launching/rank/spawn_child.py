@@ -11,6 +11,6 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    from .rank_main import rank_entry
+    from .main import rank_entry
 
     rank_entry(bootstrap, None)

@@ -230,7 +230,7 @@ def _partial_marker_suffix(data: bytes, mark: bytes) -> int:
 
 
 def _libc() -> Optional[ctypes.CDLL]:
-    from .processes import libc_handle
+    from ..processes import libc_handle
 
     return libc_handle()
 

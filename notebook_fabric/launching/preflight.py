@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional
 
-START_METHODS: Tuple[str, ...] = ("fork", "spawn", "forkserver")
+from .start_methods import POOL_START_METHODS, check_start_method
 
 FORK_AFTER_CUDA = (
     "CUDA is already initialised in this process (something ran on the GPU, called torch.cuda.init(), "
@@ -32,8 +32,7 @@ def resolve_start_method(requested: Optional[str], notify: Callable[[str], None]
     ``None`` means fork where it is safe (Linux, CUDA not yet initialised here), else spawn. An
     explicit ``"fork"`` after CUDA was initialised is refused with what to do instead.
     """
-    if requested is not None and requested not in START_METHODS:
-        raise ValueError(f"start_method={requested!r} is not one of {', '.join(repr(m) for m in START_METHODS)}")
+    check_start_method(requested, POOL_START_METHODS, none_allowed=True)
     available = multiprocessing.get_all_start_methods()
     if requested is None:
         if "fork" in available and sys.platform.startswith("linux") and not cuda_initialized():

@@ -18,18 +18,20 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from ..live.events import RankReady, RankStarted, StartupFailed, TaskDone, TaskFailed, Output
-from ..live.channel import connect_to_notebook
-from .errors import describe_exception, pickle_for_parent
-from .processes import close_inherited_listeners, die_with_parent, kill_own_children
-from .protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
-from .rank_control import LAUNCH_DIR, CollectiveTracer, RankState, start_control_thread
-from .rank_ledger import install_ledger, ledger_snapshot
-from .rank_io import Outbox, OutputCapture
-from .rank_isolation import forget_kernel
-from .rank_telemetry import MemorySampler, report_metrics, report_progress
-from .rank_logs import rank_log_paths
-from ..stepping import rank_prompts
+from ...live.events import RankReady, RankStarted, StartupFailed, TaskDone, TaskFailed, Output
+from ...live.channel import connect_to_notebook
+from ..errors import describe_exception, pickle_for_parent
+from ..processes import close_inherited_listeners, die_with_parent, kill_own_children
+from ..protocol import RankBootstrap, RankSetup, RunTask, SetupPayload, StopRank
+from ..frames import LAUNCH_DIR
+from .control import CollectiveTracer, RankState, start_control_thread
+from .ledger import install_ledger, ledger_snapshot
+from .output import Outbox, OutputCapture
+from .isolation import forget_kernel
+from .telemetry import MemorySampler, report_metrics, report_progress
+from ..rank_logs import rank_log_paths
+from ...utilities.apply import tensors_to_cpu
+from ...stepping import rank_prompts
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
@@ -54,7 +56,7 @@ def rank_entry(bootstrap: RankBootstrap, setup: Optional[RankSetup] = None, cras
 def build_fabric(fabric_kwargs: Dict[str, Any]) -> Any:
     """The default ``make_fabric``: ``Fabric(**fabric_kwargs)``, then ``launch()`` (init only, as
     ``LOCAL_RANK`` is set)."""
-    from ..fabric import Fabric
+    from ...fabric import Fabric
 
     fabric = Fabric(**fabric_kwargs)
     fabric.launch()
@@ -160,7 +162,7 @@ def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: Ra
         finally:
             state.in_task = False
             rank_prompts.task_ended()
-        payload = pickle_for_parent(_to_cpu(value))
+        payload = pickle_for_parent(tensors_to_cpu(value))
         if payload is None:
             raise TypeError(f"the value returned on rank {rank} (a {type(value).__module__}.{type(value).__qualname__}) "
                             "cannot be pickled to send it back to the notebook")
@@ -214,11 +216,3 @@ def _install_sources(source_cache: Dict[str, Any]) -> None:
     """Register notebook cells' source so tracebacks and stacks show their lines."""
     for filename, entry in (source_cache or {}).items():
         linecache.cache.setdefault(filename, entry)
-
-
-def _to_cpu(value: Any) -> Any:
-    import torch
-
-    from ..utilities.apply import apply_to_collection
-
-    return apply_to_collection(value, torch.Tensor, lambda t: t.detach().cpu())

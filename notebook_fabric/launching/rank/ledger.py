@@ -10,17 +10,17 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from ..live.events import LedgerSnapshot
-from .rank_control import RankState
+from ...live.events import LedgerSnapshot
+from .control import RankState
 
 SNAPSHOT_ENTRIES = 500
 
 
 def install_ledger(state: RankState, tracer: Any) -> Any:
     """Switch the Flight Recorder on and install ``LedgerTracer(ledger, tracer)``; returns the ledger."""
-    from ..collectives import flight_recorder
-    from ..collectives.ledger import LedgerTracer, process_ledger
-    from ..collectives.trace import set_tracer
+    from ...collectives import flight_recorder
+    from ...collectives.ledger import LedgerTracer, process_ledger
+    from ...collectives.trace import set_tracer
 
     flight_recorder.enable()
     ledger = process_ledger()
@@ -34,7 +34,7 @@ def ledger_snapshot(state: RankState, task_id: int) -> Optional[LedgerSnapshot]:
     ledger = state.ledger
     if ledger is None:
         return None
-    from ..collectives import flight_recorder
+    from ...collectives import flight_recorder
 
     recording = flight_recorder.read()
     for _ in range(10):  # the backend counts a finished collective a moment after the wait returned

@@ -18,15 +18,14 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, List, Optional, Tuple
 
-from ..live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
-from .processes import kill_own_children
-from .protocol import WhereRequest
-from ..stepping.messages import InputReply
-from ..stepping.rank_prompts import deliver
-from .rank_io import Outbox
+from ...live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
+from ..processes import kill_own_children
+from ..protocol import WhereRequest
+from ...stepping.messages import InputReply
+from ...stepping.rank_prompts import deliver
+from ..frames import LAUNCH_DIR
+from .output import Outbox
 
-LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
-PACKAGE_DIR = os.path.dirname(LAUNCH_DIR)
 
 
 class RankState:
@@ -73,11 +72,9 @@ class CollectiveTracer:
 
 
 def install_tracer(tracer: CollectiveTracer) -> bool:
-    """Install ``tracer`` if the collective layer is importable; ``False`` when it is not."""
-    try:
-        from ..collectives.trace import set_tracer
-    except ImportError:
-        return False
+    """Install ``tracer`` as the collective layer's tracer; returns ``True`` (it always can)."""
+    from ...collectives.trace import set_tracer
+
     set_tracer(tracer)
     return True
 
@@ -148,7 +145,7 @@ def live_collective(state: RankState, heartbeat: bool = False) -> Tuple[Optional
         return state.collective, None
     if entry is None:
         return state.collective, entry
-    from ..collectives.callsite import describe_place
+    from ...collectives.callsite import describe_place
 
     place = describe_place(entry.place) if entry.place is not None else None
     traced = state.collective
@@ -187,20 +184,6 @@ def main_thread_stack(state: RankState) -> str:
         user_start += 1
     frames = frames[user_start:]
     return "".join(traceback.format_list(frames)).rstrip()
-
-
-def innermost_user_frame(traceback_text: str) -> str:
-    """The deepest ``File ..., line N, in f`` line of ``traceback_text`` outside the standard
-    library, site-packages and notebook-fabric itself (else the deepest line)."""
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    library = tuple({paths["stdlib"], paths["purelib"], paths["platlib"], PACKAGE_DIR})
-    frames = [line.strip() for line in traceback_text.splitlines() if line.strip().startswith('File "')]
-    for frame in reversed(frames):
-        if not frame[len('File "'):].startswith(library):
-            return frame
-    return frames[-1] if frames else ""
 
 
 def _plain_meta(meta: dict) -> dict:

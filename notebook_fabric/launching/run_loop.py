@@ -33,7 +33,7 @@ from .errors import (
 from .hang import CollectiveHangError, check_waiting, explain_failures, task_label, torch_debug_note, waiting_note
 from .outcome import RunOutcome, deaths_of
 from .protocol import RunTask
-from .rank_control import LAUNCH_DIR, innermost_user_frame
+from .frames import LAUNCH_DIR, innermost_user_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import RankPool

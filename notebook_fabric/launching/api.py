@@ -15,7 +15,10 @@ from ..live.sinks import EventSink, TextSink
 from ..collectives.ledger_view import remember as remember_ledgers
 from ..live.stall import StallWatchdog, StallWatchdogSink
 from .pool import RankPool
-from .preflight import START_METHODS, check_picklable, resolve_start_method
+from .preflight import check_picklable, resolve_start_method
+from .start_methods import (
+    POOL_START_METHODS, RankSource, check_start_method, inherits_memory, is_pool_start_method, traits_of,
+)
 
 _LAUNCHED = "__notebook_fabric_launched__"
 START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is given no timeout
@@ -54,7 +57,7 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a function to run on every rank, got {type(fn).__name__}")
-    _check_start_method(start_method)
+    check_start_method(start_method, POOL_START_METHODS, none_allowed=True)
     kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
     if _starts_own_ranks(kwargs):  # torch_xla starts XLA ranks itself: no rank pool
         if return_all or timeout is not None or start_method is not None or log_dir is not None:
@@ -109,7 +112,7 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
                   trace_collectives: bool) -> Any:
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
-    if method != "fork":  # fork inherits everything; the others pickle it: say what fails, before starting
+    if not inherits_memory(method):  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
                     namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir, trace_collectives=trace_collectives)
@@ -138,27 +141,23 @@ def plan_ranks(fabric_kwargs: Mapping[str, Any]) -> "tuple[int, Optional[str]]":
                          "use `notebook-fabric run` on every node instead")
     num_processes = int(getattr(strategy, "num_processes", 1) or 1)
     declared = getattr(strategy, "start_method", None)
-    return num_processes, declared if declared in START_METHODS else None
+    return num_processes, declared if is_pool_start_method(declared) else None
 
 
 def _starts_own_ranks(fabric_kwargs: Mapping[str, Any]) -> bool:
-    """Whether the strategy's ranks come from its own launcher (XLA strategies declare ``start_method = "xla"``)."""
+    """Whether the strategy's ranks come from torch_xla's launcher rather than a rank pool."""
     strategy = fabric_kwargs.get("strategy")
     if isinstance(strategy, str):
         from ..strategies import STRATEGY_REGISTRY
 
         strategy = STRATEGY_REGISTRY.get(strategy) if strategy in STRATEGY_REGISTRY else None
-    return getattr(strategy, "start_method", None) == "xla"
+    row = traits_of(getattr(strategy, "start_method", None))
+    return row is not None and row.source is RankSource.XLA
 
 
 def _call_launched_function(fabric: Any, namespace: Dict[str, Any]) -> Any:
     fn, args, kwargs = namespace[_LAUNCHED]
     return fn(fabric, *args, **kwargs)
-
-
-def _check_start_method(start_method: Optional[str]) -> None:
-    if start_method is not None and start_method not in START_METHODS:
-        raise ValueError(f"start_method={start_method!r} is not one of {', '.join(repr(m) for m in START_METHODS)}")
 
 
 def _shipped_items(fabric_kwargs: Mapping[str, Any], fn: Any, args: tuple, kwargs: dict) -> Dict[str, Any]:

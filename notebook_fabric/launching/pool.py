@@ -39,6 +39,7 @@ from .processes import descendants, kill_all, kill_process_group, signal_process
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
 from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
+from .start_methods import inherits_memory
 from .run_loop import RunLoop, wait_until_ready
 from .starters import start_rank
 from .supervisor import RankHandle, Supervisor
@@ -142,7 +143,7 @@ class RankPool:
         method = resolve_start_method(self.requested_start_method, self._notify)
         self.start_method = method
         setup_payload = None
-        if method != "fork":
+        if not inherits_memory(method):
             from notebook_fabric.utilities import by_value
 
             self._setup.source_cache = self._new_sources()
@@ -159,7 +160,7 @@ class RankPool:
                     parent_pid=os.getpid(), start_method=method,
                     env=self._rendezvous.rank_environment(rank, self.num_processes),
                     heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
-                    close_ports=(listener.address[1], self._rendezvous.port) if method == "fork" else (),
+                    close_ports=(listener.address[1], self._rendezvous.port) if inherits_memory(method) else (),
                     log_dir=self._logs.folder,
                 )
                 self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
@@ -381,7 +382,7 @@ class RankPool:
 
     def _new_sources(self) -> Dict[str, Any]:
         """``linecache`` entries of notebook cells not yet sent (files that do not exist on disk)."""
-        if self.start_method == "fork":
+        if inherits_memory(self.start_method):
             return {}
         fresh = {}
         for filename, entry in list(linecache.cache.items()):

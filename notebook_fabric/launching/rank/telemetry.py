@@ -5,7 +5,7 @@
   right before and after every task. It never initialises CUDA itself. It also flushes the
   metrics reporter, so a rank stuck in a collective has sent what it logged before.
 - :func:`report_progress`: tqdm bars (the text bar, which is what ranks draw, see
-  :mod:`.rank_isolation`) also send a :class:`Progress` event each time tqdm redraws them.
+  :mod:`.isolation`) also send a :class:`Progress` event each time tqdm redraws them.
 - :func:`report_metrics`: ``fabric.log`` / ``fabric.log_dict`` also send the scalars as
   :class:`Metrics`, a quarter second's calls at a time (loggers still get them as before).
 
@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..live.events import MemorySample, Metrics, Progress
+from ...live.events import MemorySample, Metrics, Progress
 
 MEMORY_INTERVAL = 0.5  # seconds between samples while a task runs
 
@@ -95,10 +95,8 @@ def _peak_rss() -> int:
 
 def report_progress(rank: int, outbox: Any) -> bool:
     """Make every tqdm bar of this rank send :class:`Progress` when drawn and when closed."""
-    try:
-        from tqdm import std
-    except ImportError:
-        return False
+    from tqdm import std  # a dependency: always there
+
     cls = std.tqdm
     if getattr(cls.display, "_notebook_fabric", False):
         return True

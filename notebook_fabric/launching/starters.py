@@ -3,7 +3,7 @@
 - ``fork`` and ``forkserver`` are ``multiprocessing``'s; the fork server preloads torch and the
   rank code, so its ranks start nearly as fast as forked ones without inheriting the notebook's
   threads or CUDA state.
-- ``spawn`` starts a fresh interpreter with ``subprocess`` running :mod:`.spawn_child`: unlike
+- ``spawn`` starts a fresh interpreter with ``subprocess`` running :mod:`.rank.spawn_child`: unlike
   ``multiprocessing``'s spawn it never re-imports the caller's ``__main__`` (the kernel module in
   a notebook, the whole script elsewhere), so scripts need no ``if __name__ == "__main__"`` guard
   and notebook ranks do not import ipykernel. The bootstrap travels on the child's stdin.
@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Protocol
 
 from .protocol import RankBootstrap, RankSetup
-from .rank_main import rank_entry
+from .rank.main import rank_entry
+from .start_methods import inherits_memory
 
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "notebook_fabric.launch.rank_main", "notebook_fabric.fabric"]
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "notebook_fabric.launching.rank.main", "notebook_fabric.fabric"]
 
 
 class RankProcess(Protocol):
@@ -116,7 +117,7 @@ class SubprocessRank:
         bootstrap = dataclasses.replace(bootstrap, crash_fd=crash_write)
         try:
             self._popen = subprocess.Popen(
-                [sys.executable, "-c", "from notebook_fabric.launch.spawn_child import main; main()"],
+                [sys.executable, "-c", "from notebook_fabric.launching.rank.spawn_child import main; main()"],
                 stdin=subprocess.PIPE, env=env, close_fds=True, pass_fds=(crash_write,),
             )
         finally:
@@ -176,7 +177,7 @@ def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSe
 def _start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
     if method == "spawn":
         return SubprocessRank(bootstrap)
-    return MultiprocessingRank(method, bootstrap, inherited if method == "fork" else None)
+    return MultiprocessingRank(method, bootstrap, inherited if inherits_memory(method) else None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,6 @@ any rank fails, naming it. Children die with this process (parent-death signal +
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import subprocess
@@ -16,7 +15,9 @@ import threading
 import time
 from typing import Any, Optional
 
-_PR_SET_PDEATHSIG = 1
+from ..live.notices import write_notice
+from .processes import die_with_parent, libc_handle
+
 #: how long rank 0, exiting normally, waits for the other ranks to finish before terminating them
 FINISH_GRACE_SECONDS = 30.0
 #: how long a terminated rank gets before it is killed
@@ -35,14 +36,6 @@ def script_command() -> list[str]:
         module = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
         return [sys.executable, "-m", module, *sys.argv[1:]]
     return [sys.executable, *sys.argv]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _host_store() -> int:
@@ -76,6 +69,7 @@ def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, envir
     }
     os.environ.update(shared)
     command = script_command()
+    libc_handle()  # looked up here, so that the children's die_with_parent (between fork and exec) finds it
     children: list[subprocess.Popen] = []
     for local_rank in range(1, num_processes):
         env = {
@@ -84,7 +78,7 @@ def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, envir
             "RANK": str(node_rank * num_processes + local_rank),
             "PYTHONUNBUFFERED": "1",  # a rank stopped because another failed must not lose what it printed
         }
-        children.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent))
+        children.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
     os.environ["LOCAL_RANK"] = "0"
     os.environ["RANK"] = str(node_rank * num_processes)
     environment.set_global_rank(node_rank * num_processes)
@@ -105,11 +99,7 @@ def _watch_children(children: list[subprocess.Popen], first_rank: int, interval:
             del pending[local_rank]
             if code != 0 and not _state.get("stopping"):
                 reason = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                print(
-                    f"[notebook-fabric] rank {first_rank + local_rank} {reason}; stopping the other ranks.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                write_notice([f"rank {first_rank + local_rank} {reason}; stopping the other ranks."], level="error")
                 _stop_children(grace=0.0)
                 os._exit(1)
         time.sleep(interval)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from ..collectives.callsite import rank_zero_guard
 from ..collectives.ledger import LedgerEntry, with_live_entry
 from .errors import LaunchError, format_ranks
-from .rank_control import innermost_user_frame
+from .frames import innermost_user_frame
 
 
 class CollectiveHangError(LaunchError):
