@@ -170,26 +170,34 @@ class Intruder:
                     continue
                 probed.add(port)
                 self.listening_ips.add(connection.laddr.ip)
-                probe = socket.create_connection(("127.0.0.1", port))
-                try:
-                    greeting = read_frame(probe, timeout=0.5)
-                except socket.timeout:
-                    greeting = b""
-                if not greeting.startswith(b"#CHALLENGE#"):
-                    probe.close()  # the rendezvous store: not ours to poke
-                    continue
-                if "silent" in self.kinds:
-                    self.sockets.append(probe)  # silent from here on
-                if "half" in self.kinds:
-                    half = socket.create_connection(("127.0.0.1", port))
-                    read_frame(half)
-                    half.close()  # hung up in the middle of the challenge
-                if "silent" not in self.kinds:
-                    probe.close()  # read the challenge and hung up: one more half-finished handshake
-                if "wrong key" in self.kinds:
-                    threading.Thread(target=self._wrong_key, args=(port,), daemon=True).start()
-                self.opened_at = time.time()
+                # each port in its own thread: the rendezvous store never greets, and on a loaded
+                # machine the channel's challenge may take a while, so no probe waits for another
+                threading.Thread(target=self._probe, args=(port,), daemon=True).start()
             time.sleep(0.002)
+
+    def _probe(self, port: int) -> None:
+        probe = socket.create_connection(("127.0.0.1", port))
+        try:
+            greeting = read_frame(probe, timeout=10)
+        except (socket.timeout, OSError):
+            greeting = b""
+        if not greeting.startswith(b"#CHALLENGE#"):
+            probe.close()  # the rendezvous store: not ours to poke
+            return
+        if "silent" in self.kinds:
+            self.sockets.append(probe)  # silent from here on
+        if "half" in self.kinds:
+            half = socket.create_connection(("127.0.0.1", port))
+            try:
+                read_frame(half, timeout=10)
+            except (socket.timeout, OSError):
+                pass
+            half.close()  # hung up in the middle of the challenge
+        if "silent" not in self.kinds:
+            probe.close()  # read the challenge and hung up: one more half-finished handshake
+        if "wrong key" in self.kinds:
+            threading.Thread(target=self._wrong_key, args=(port,), daemon=True).start()
+        self.opened_at = time.time()
 
     def _wrong_key(self, port: int) -> None:
         try:
