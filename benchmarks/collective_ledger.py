@@ -28,16 +28,33 @@ import torch
 CALLS = int(os.environ.get("BENCH_CALLS", 10_000))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 20))
 DDP_STEPS = int(os.environ.get("BENCH_DDP_STEPS", 200))
+DDP_PAIRS = int(os.environ.get("BENCH_DDP_PAIRS", 8))
 
 
-def _timed(fn: Callable[[], None], calls: int) -> float:
+def _spread(values: List[float]) -> str:
+    """``median [p25-p75]`` of ``values``."""
+    ordered = sorted(values)
+    if len(ordered) < 4:
+        return f"{statistics.median(ordered):.3f}"
+    quartiles = statistics.quantiles(ordered, n=4)
+    return f"{statistics.median(ordered):.3f} [{quartiles[0]:.3f}-{quartiles[2]:.3f}]"
+
+
+_CPU: Dict[str, List[float]] = {}  # the calling thread's CPU seconds per round, per variant
+
+
+def _timed(fn: Callable[[], None], calls: int, name: str = "") -> float:
+    """Wall seconds of ``calls`` calls (after a barrier); the calling thread's CPU goes to ``_CPU[name]``."""
     import torch.distributed as dist
 
     dist.barrier()
+    cpu = time.thread_time()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    _CPU.setdefault(name, []).append(time.thread_time() - cpu)
+    return wall
 
 
 def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
@@ -56,15 +73,16 @@ def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
     raw = lambda: dist.all_reduce(data)  # noqa: E731
     through = lambda: fabric.all_reduce(data, reduce_op="sum")  # noqa: E731
     per_round = max(1, CALLS // ROUNDS)
-    for _ in range(ROUNDS):
-        results["raw"].append(_timed(raw, per_round))
-        set_tracer(None)
-        results["fabric, no tracer"].append(_timed(through, per_round))
-        set_tracer(chain)
-        results["fabric + ledger"].append(_timed(through, per_round))
-        set_tracer(checker)
-        results["fabric + debug"].append(_timed(through, per_round))
-        set_tracer(chain)
+    variants = [("raw", None, raw), ("fabric, no tracer", None, through), ("fabric + ledger", chain, through),
+                ("fabric + debug", checker, through)]
+    for index in range(ROUNDS):
+        shift = index % len(variants)  # rotate the order too: no variant always runs first or last
+        for name, tracer, fn in variants[shift:] + variants[:shift]:
+            set_tracer(tracer)
+            results[name].append(_timed(fn, per_round, name))
+    set_tracer(chain)
+    for name in list(results):
+        results[f"cpu:{name}"] = _CPU[name]
     meta = {"group": None, "group_size": 2, "shapes": [(4,)], "dtypes": ["torch.float32"], "reduce_op": "sum"}
     start = time.process_time()
     for _ in range(CALLS):  # the chain's bookkeeping alone (CPU time), without the collective
@@ -115,22 +133,36 @@ def main() -> None:
     from notebook_fabric import launch
 
     rounds = launch(_all_reduce_rounds, devices=2, accelerator="cpu", stall=None)
-    print(f"{CALLS} x all_reduce(4 floats) per variant on 2 CPU ranks, in {ROUNDS} interleaved rounds:")
+    print(f"{CALLS} x all_reduce(4 floats) per variant on 2 CPU ranks, in {ROUNDS} interleaved rounds "
+          "(ratios to raw: median [quartiles] of the rounds' paired ratios; whole run):")
     bookkeeping = rounds.pop("bookkeeping")[0]
+    cpu = {name[4:]: rounds.pop(name) for name in list(rounds) if name.startswith("cpu:")}
     for name, times in rounds.items():
         ratios = [t / r for t, r in zip(times, rounds["raw"])]
-        print(f"  {name:<20} {sum(times) * 1e6 / CALLS:8.1f} us/call   total {sum(times) / sum(rounds['raw']):5.2f}x raw"
-              f"   median round {statistics.median(ratios):5.2f}x   best round {min(ratios):5.2f}x")
+        print(f"  {name:<20} {statistics.median(times) * 1e6 / max(1, CALLS // ROUNDS):8.1f} us/call (median round)"
+              f"   {_spread(ratios)}x raw   whole run {sum(times) / sum(rounds['raw']):5.2f}x")
+    per_round = max(1, CALLS // ROUNDS)
+    raw_cpu = statistics.median(cpu["raw"]) / per_round
+    print("  CPU of the calling thread per call (median round; waiting costs none, so load hardly moves it):")
+    for name, values in cpu.items():
+        extra = statistics.median(values) / per_round - raw_cpu
+        print(f"    {name:<20} {statistics.median(values) / per_round * 1e6:7.1f} us   (+{extra * 1e6:.1f} us over raw)")
     print(f"  ledger + rank tracer bookkeeping alone: {bookkeeping * 1e6 / CALLS:.2f} us CPU per call "
-          f"({bookkeeping * 1e6 / CALLS / (min(rounds['raw']) * 1e6 / max(1, CALLS // ROUNDS)) * 100:.1f}% of the "
-          "best raw all_reduce round)")
-    ddp_on, ddp_off = [], []
-    for _ in range(5):  # alternate, so drift hits both
-        ddp_off.append(_ddp_step_seconds(False))
-        ddp_on.append(_ddp_step_seconds(True))
-    off, on = statistics.median(ddp_off), statistics.median(ddp_on)
-    print(f"DDP step (256-512-10 MLP, batch 64), 2 ranks, best of 10 x {DDP_STEPS // 10} steps, median of 5 "
-          f"alternating launches: Flight Recorder off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms: {on / off:.3f}x")
+          f"({bookkeeping * 1e6 / CALLS / (statistics.median(rounds['raw']) * 1e6 / max(1, CALLS // ROUNDS)) * 100:.1f}% "
+          "of a raw all_reduce, median round)")
+    if os.environ.get("BENCH_SKIP_DDP") == "1":
+        return
+    ratios, ddp_on, ddp_off = [], [], []
+    for index in range(DDP_PAIRS):  # alternate which goes first, so drift hits both alike
+        order = (False, True) if index % 2 == 0 else (True, False)
+        pair = {recorder: _ddp_step_seconds(recorder) for recorder in order}
+        ddp_off.append(pair[False])
+        ddp_on.append(pair[True])
+        ratios.append(pair[True] / pair[False])
+    print(f"DDP step (256-512-10 MLP, batch 64), 2 ranks, best of 10 x {DDP_STEPS // 10} steps per launch, "
+          f"{DDP_PAIRS} alternating on/off pairs of fresh launches: Flight Recorder off "
+          f"{statistics.median(ddp_off) * 1e3:.2f} ms, on {statistics.median(ddp_on) * 1e3:.2f} ms (medians); "
+          f"paired ratio on/off {_spread(ratios)}x")
 
 
 if __name__ == "__main__":

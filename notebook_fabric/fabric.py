@@ -362,6 +362,9 @@ class Fabric:
         normalize_reduce_op(reduce_op)  # the same error on one process as on many
         self._check_launched()
         strategy = self._strategy
+        if isinstance(data, Tensor):  # the common case, without the collection walk
+            device = strategy.root_device
+            return strategy.all_reduce(data if data.device == device else data.to(device), group=group, reduce_op=reduce_op)
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .trace import get_tracer, traced
+from . import trace
 
 REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -52,11 +52,17 @@ def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -
 
 def _run(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:
     """``call()``, between the tracer's enter and exit when one is installed (``meta`` is built only then)."""
-    tracer = get_tracer()
+    tracer = trace._tracer
     if tracer is None:
         return call()
-    with traced(tracer, op, meta()):
-        return call()
+    token = tracer.enter(op, meta())  # what ``trace.traced`` does, without a generator per call
+    try:
+        result = call()
+    except BaseException as error:
+        tracer.exit(token, error)
+        raise
+    tracer.exit(token, None)
+    return result
 
 
 def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group: Optional[Any] = None) -> Tensor:
