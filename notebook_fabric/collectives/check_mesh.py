@@ -35,8 +35,7 @@ class CheckMesh:
 
     def exchange(self, frame: bytes) -> List[bytes]:
         """``frame`` (the same length on every rank) sent to every peer; every rank's frame by rank."""
-        for _, peer in self._sockets:
-            peer.sendall(frame)
+        self._send(frame)
         size = len(frame)
         received = {self.rank: frame}
         for rank, peer in self._sockets:
@@ -46,21 +45,29 @@ class CheckMesh:
     def exchange_objects(self, obj: Any) -> List[Any]:
         """Any picklable ``obj`` from every rank (length-prefixed frames), by rank."""
         payload = pickle.dumps(obj)
-        for _, peer in self._sockets:
-            peer.sendall(_LENGTH.pack(len(payload)) + payload)
+        self._send(_LENGTH.pack(len(payload)) + payload)
         received = {self.rank: obj}
         for rank, peer in self._sockets:
             (length,) = _LENGTH.unpack(self._read(rank, peer, _LENGTH.size))
             received[rank] = pickle.loads(self._read(rank, peer, length))
         return [received[r] for r in sorted(received)]
 
+    def _send(self, frame: bytes) -> None:
+        for rank, peer in self._sockets:
+            try:
+                peer.sendall(frame)
+            except OSError as error:
+                raise MeshPeerGone(f"rank {rank} ended before reaching the collective ({error})") from None
+
     def _read(self, rank: int, peer: socket.socket, size: int) -> bytes:
         chunks = []
         while size:
             try:
                 chunk = peer.recv(size)
-            except socket.timeout as error:
-                raise MeshPeerGone(f"rank {rank} did not reach the collective (debug mode's check timed out)") from error
+            except socket.timeout:
+                raise MeshPeerGone(f"rank {rank} did not reach the collective (debug mode's check timed out)") from None
+            except OSError as error:
+                raise MeshPeerGone(f"rank {rank} ended before reaching the collective ({error})") from None
             if not chunk:
                 raise MeshPeerGone(f"rank {rank} ended before reaching the collective")
             chunks.append(chunk)

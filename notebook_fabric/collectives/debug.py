@@ -17,17 +17,19 @@ notebook with the barrier's place, not only a rank's stderr.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..launch.errors import format_ranks
 from .callsite import Place, source_line, user_place
-from .check_mesh import CheckMesh, build_mesh
+from .check_mesh import CheckMesh, MeshPeerGone, build_mesh
 from .ops import _all_gather_single
 from .trace import Tracer, get_tracer, set_tracer
 
@@ -76,7 +78,15 @@ DEFAULT_BARRIER_TIMEOUT = 60.0
 
 
 class BarrierMissedError(CollectiveMismatchError):
-    """Raised in debug mode when torch's ``monitored_barrier`` found ranks missing from a barrier."""
+    """Raised in debug mode when torch's ``monitored_barrier`` found ranks missing from a barrier;
+    ``missing`` holds their global ranks (empty when torch's text named none)."""
+
+    def __init__(self, message: str, missing: Optional[List[int]] = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+    def __reduce__(self) -> Any:  # it travels from the rank to the notebook
+        return type(self), (str(self), self.missing)
 
 
 class SignatureChecker:
@@ -121,9 +131,14 @@ class SignatureChecker:
             checksum = self._checksums[key] = zlib.crc32(repr(key).encode())
         if world and self.mesh is not None:
             frame = _FINGERPRINT.pack(self._seq, checksum)
-            if all(other == frame for other in self.mesh.exchange(frame)):
-                return
-            everyone = self.mesh.exchange_objects(self._signature(op, meta))
+            try:
+                if all(other == frame for other in self.mesh.exchange(frame)):
+                    return
+                everyone = self.mesh.exchange_objects(self._signature(op, meta))
+            except MeshPeerGone as gone:
+                raise CollectiveMismatchError(
+                    f"{self._signature(op, meta).describe()}: {gone}, so this collective could never complete."
+                ) from None
             ranks = list(range(len(everyone)))
         else:
             via = self.check_group if world and self.check_group is not None else group
@@ -159,12 +174,30 @@ class SignatureChecker:
         except RuntimeError as error:
             name = meta.get("name")
             label = f"barrier #{self._seq}" + (f" (name={name!r})" if name else "")
-            finding = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            finding = " ".join(str(error).split()).split(" Original exception:")[0] or type(error).__name__
+            missing = self._missing_ranks(finding)
+            who = (f"{format_ranks(missing)} did not arrive" if missing else "not every rank arrived")
             raise BarrierMissedError(
-                f"{label} at {_format_place(user_place(4))}: not every rank arrived within {self.barrier_timeout:g} s "
-                f"(debug mode, {BARRIER_TIMEOUT_VARIABLE}). torch's monitored_barrier found: {finding}\n"
-                "Every rank must call the barrier (and every collective), in the same order."
+                f"{label} at {_format_place(user_place(4))}: {who} (debug mode waits up to {self.barrier_timeout:g} s, "
+                f"{BARRIER_TIMEOUT_VARIABLE}). torch's monitored_barrier reported: {finding}\n"
+                "Every rank must call the barrier (and every collective), in the same order.",
+                missing=missing,
             ) from None
+
+    def _missing_ranks(self, finding: str) -> List[int]:
+        """The global ranks torch's monitored_barrier names as missing (group ranks in its text)."""
+        found = _MISSING.search(finding)
+        if found:
+            local = [int(r) for r in re.findall(r"\d+", found.group(1))]
+        elif _MONITOR_MISSING.search(finding):
+            local = [0]  # the monitoring rank (the group's rank 0) never answered
+        else:
+            return []
+        return sorted(dist.get_global_rank(self.check_group, r) for r in local)
+
+
+_MISSING = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+_MONITOR_MISSING = re.compile(r"waiting for send/recv from rank 0")
 
 
 def enable_signature_checks() -> SignatureChecker:
