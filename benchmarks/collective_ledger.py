@@ -28,6 +28,7 @@ import torch
 CALLS = int(os.environ.get("BENCH_CALLS", 10_000))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 20))
 DDP_STEPS = int(os.environ.get("BENCH_DDP_STEPS", 200))
+GAP_US = int(os.environ.get("BENCH_GAP_US", 25))
 DDP_PAIRS = int(os.environ.get("BENCH_DDP_PAIRS", 8))
 
 
@@ -66,14 +67,22 @@ def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
 
     chain = get_tracer()  # the launcher's: ledger -> rank state
     data = torch.ones(4)
-    results: Dict[str, List[float]] = {"raw": [], "fabric, no tracer": [], "fabric + ledger": [], "fabric + debug": []}
+    results: Dict[str, List[float]] = {"raw": [], f"raw + {GAP_US} us spin": [], "fabric, no tracer": [],
+                                       "fabric + ledger": [], "fabric + debug": []}
     set_tracer(None)
     checker = enable_signature_checks()  # builds its group once (every rank, same point)
     set_tracer(chain)
     raw = lambda: dist.all_reduce(data)  # noqa: E731
     through = lambda: fabric.all_reduce(data, reduce_op="sum")  # noqa: E731
     per_round = max(1, CALLS // ROUNDS)
-    variants = [("raw", None, raw), ("fabric, no tracer", None, through), ("fabric + ledger", chain, through),
+    def spin_then_raw() -> None:  # the reference: raw, after a busy pause as long as Fabric's own work
+        end = time.perf_counter() + GAP_US / 1e6
+        while time.perf_counter() < end:
+            pass
+        dist.all_reduce(data)
+
+    variants = [("raw", None, raw), (f"raw + {GAP_US} us spin", None, spin_then_raw),
+                ("fabric, no tracer", None, through), ("fabric + ledger", chain, through),
                 ("fabric + debug", checker, through)]
     for index in range(ROUNDS):
         shift = index % len(variants)  # rotate the order too: no variant always runs first or last
