@@ -1,18 +1,23 @@
 """What the collective ledger and debug mode cost, against raw torch.distributed, in one run.
 
 Two CPU ranks started by ``notebook_fabric.launch`` (so the ranks carry the real tracer chain:
-ledger, heartbeat state, and debug mode when switched on). Per round, interleaved so that drift on
-a shared machine hits every variant alike:
+ledger, heartbeat state, and debug mode when switched on). Per round, interleaved (and rotated)
+so that drift on a shared machine hits every variant alike:
 
-- 10,000 ``all_reduce`` of 4 floats: raw ``dist.all_reduce`` vs ``fabric.all_reduce`` with no
-  tracer, with the ledger (the launcher's chain), and with debug mode on top;
-- a DDP training step with the Flight Recorder on vs off: two plain ``torch.distributed.run``-style
-  process groups in fresh processes (the recorder must be chosen before the group exists).
+- 10,000 ``all_reduce`` of 4 floats: raw ``dist.all_reduce``; raw after a busy pause of
+  ``BENCH_GAP_US`` (25) microseconds, about Fabric's own work per call (the reference for how
+  gloo's latency reacts to any pause between calls); ``fabric.all_reduce`` with no tracer, with
+  the ledger (the launcher's chain), and with debug mode on top. Reported: wall time per call, the
+  median and quartiles of the rounds' paired ratios to raw, and the calling thread's CPU per call
+  (waiting costs no CPU, so this is the number the machine's load moves least);
+- a DDP training step with the Flight Recorder on vs off: pairs of fresh 2-rank process groups
+  (the recorder must be chosen before the group exists), the "on" and "off" run of a pair side by
+  side at the same time so they share the load; wall and CPU per step, median and quartiles of the
+  paired ratios.
 
-    .venv/bin/python benchmarks/collective_ledger.py
+    .venv/bin/python benchmarks/collective_ledger.py     # BENCH_CALLS, BENCH_ROUNDS, BENCH_DDP_PAIRS, BENCH_SKIP_DDP
 
-Prints per-call times and ratios (whole run, median round, best round): on a loaded machine the
-best and median rounds say more than the total.
+Measured numbers and what they mean: ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -100,17 +105,23 @@ def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
     return results
 
 
-def _ddp_step_seconds(recorder: bool) -> float:
-    """Median seconds per DDP step of 2 fresh ranks, the Flight Recorder on or off."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DDP_CHILD": "1", "BENCH_FR": "1" if recorder else "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + int(recorder) + 2 * (os.getpid() % 500)),
-           "WORLD_SIZE": "2"}
-    if not recorder:
+def _ddp_pair(index: int) -> Dict[bool, List[float]]:
+    """One fresh 2-rank DDP run with the Flight Recorder off and one with it on, *at the same time*
+    (two process groups, four processes), so both see the same load; per run ``[wall s, CPU s]``
+    per step (rank 0: best of 10 blocks of steps; CPU of the whole process, gloo's threads too)."""
+    children = {}
+    for recorder in ((False, True) if index % 2 == 0 else (True, False)):  # who starts first alternates
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DDP_CHILD": "1", "BENCH_FR": "1" if recorder else "0",
+               "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2",
+               "MASTER_PORT": str(29600 + 2 * ((os.getpid() + index) % 400) + int(recorder))}
         env.pop("TORCH_FR_BUFFER_SIZE", None)
-    children = [subprocess.Popen([sys.executable, __file__], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                                 text=True) for r in range(2)]
-    outputs = [c.communicate(timeout=600)[0] for c in children]
-    return float(outputs[0].strip().splitlines()[-1])
+        children[recorder] = [subprocess.Popen([sys.executable, __file__], env={**env, "RANK": str(r)},
+                                               stdout=subprocess.PIPE, text=True) for r in range(2)]
+    result = {}
+    for recorder, ranks in sorted(children.items()):
+        outputs = [c.communicate(timeout=600)[0] for c in ranks]
+        result[recorder] = [float(x) for x in outputs[0].strip().splitlines()[-1].split()]
+    return result
 
 
 def _ddp_child() -> None:
@@ -132,9 +143,14 @@ def _ddp_child() -> None:
 
     for _ in range(10):
         step()
-    per_step = min(_timed(step, DDP_STEPS // 10) / (DDP_STEPS // 10) for _ in range(10))
+    blocks = DDP_STEPS // 10
+    walls, cpus = [], []
+    for _ in range(10):
+        cpu = time.process_time()
+        walls.append(_timed(step, blocks) / blocks)
+        cpus.append((time.process_time() - cpu) / blocks)
     if dist.get_rank() == 0:
-        print(per_step, flush=True)
+        print(min(walls), statistics.median(cpus), flush=True)
     dist.destroy_process_group()
 
 
@@ -161,18 +177,14 @@ def main() -> None:
           "of a raw all_reduce, median round)")
     if os.environ.get("BENCH_SKIP_DDP") == "1":
         return
-    ratios, ddp_on, ddp_off = [], [], []
-    for index in range(DDP_PAIRS):  # alternate which goes first, so drift hits both alike
-        order = (False, True) if index % 2 == 0 else (True, False)
-        pair = {recorder: _ddp_step_seconds(recorder) for recorder in order}
-        ddp_off.append(pair[False])
-        ddp_on.append(pair[True])
-        ratios.append(pair[True] / pair[False])
-    print(f"DDP step (256-512-10 MLP, batch 64), 2 ranks, best of 10 x {DDP_STEPS // 10} steps per launch, "
-          f"{DDP_PAIRS} alternating on/off pairs of fresh launches: Flight Recorder off "
-          f"{statistics.median(ddp_off) * 1e3:.2f} ms, on {statistics.median(ddp_on) * 1e3:.2f} ms (medians); "
-          f"paired ratio on/off {_spread(ratios)}x")
-
+    runs = [_ddp_pair(index) for index in range(DDP_PAIRS)]
+    for what, at in (("wall", 0), ("CPU", 1)):
+        off = [run[False][at] for run in runs]
+        on = [run[True][at] for run in runs]
+        print(f"DDP step (256-512-10 MLP, batch 64), 2 ranks, {what} per step, {DDP_PAIRS} pairs of fresh runs with the "
+              f"Flight Recorder off and on side by side: off {statistics.median(off) * 1e3:.2f} ms, on "
+              f"{statistics.median(on) * 1e3:.2f} ms (medians); paired ratio on/off "
+              f"{_spread([b / a for a, b in zip(off, on)])}x")
 
 if __name__ == "__main__":
     if os.environ.get("BENCH_DDP_CHILD") == "1":
