@@ -319,8 +319,20 @@ class Fabric:
         normalize_reduce_op(reduce_op)  # the same error on one process as on many
         self._check_launched()
         strategy = self._strategy
+        if isinstance(data, Tensor):  # the common case, without the collection walk or a device lookup
+            if data.is_cpu and self._on_cpu():
+                return strategy.all_reduce(data, group=group, reduce_op=reduce_op)
+            device = strategy.root_device
+            return strategy.all_reduce(data if data.device == device else data.to(device), group=group, reduce_op=reduce_op)
         data = tensors_to_device(data, self.device)
         return map_tensors(data, lambda t: strategy.all_reduce(t, group=group, reduce_op=reduce_op))
+
+    def _on_cpu(self) -> bool:
+        """Whether this rank computes on the CPU (looked up once: a rank's device does not change)."""
+        on_cpu = self.__dict__.get("_cpu_rank")
+        if on_cpu is None:
+            on_cpu = self.__dict__["_cpu_rank"] = self._strategy.root_device.type == "cpu"
+        return on_cpu
 
     @contextmanager
     def rank_zero_first(self, local: bool = False) -> Generator[None, None, None]:

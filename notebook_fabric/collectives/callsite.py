@@ -12,8 +12,8 @@ import importlib.util
 import linecache
 import os
 import sys
-from types import FrameType
-from typing import Optional, Tuple
+from types import CodeType, FrameType
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -51,9 +51,21 @@ def user_place(depth: int = 2) -> Optional[Place]:
     return place_of(frame)
 
 
+_LIBRARY_CODE: Dict[CodeType, bool] = {}  # code object -> inside the libraries (a cell's code is new each run)
+
+
 def place_of(frame: Optional[FrameType]) -> Optional[Place]:
     """The first frame from ``frame`` outwards that is the user's, as a :data:`Place`."""
-    while frame is not None and frame.f_code.co_filename.startswith(library_dirs()):
+    known = _LIBRARY_CODE
+    while frame is not None:
+        code = frame.f_code
+        inside = known.get(code)
+        if inside is None:
+            if len(known) > 20_000:
+                known.clear()
+            inside = known[code] = code.co_filename.startswith(library_dirs())
+        if not inside:
+            break
         frame = frame.f_back
     if frame is None:
         return None

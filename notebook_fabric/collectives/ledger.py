@@ -25,6 +25,7 @@ from .callsite import Place, describe_place, place_of, rank_zero_guard, source_l
 from .trace import Tracer
 
 MAX_CALLS = 4000
+_ONE_COLLECTIVE = frozenset({"all_reduce", "all_gather", "broadcast"})  # on tensors: exactly one torch collective
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ class Ledger:
 
     def end(self, call: _Call, error: Optional[BaseException]) -> None:
         call.ended_ns = time.time_ns()
-        call.last_seq = max(call.seq, _group_seq(call.group, call.seq - 1))
+        if error is not None or call.op not in _ONE_COLLECTIVE or "object" in (call.meta.get("dtypes") or ()):
+            call.last_seq = max(call.seq, _group_seq(call.group, call.seq - 1))  # it may have issued several
         if error is not None:
             call.error = f"{type(error).__name__}: {error}"
 

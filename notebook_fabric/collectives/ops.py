@@ -8,6 +8,7 @@ one that keeps the caller's tensor untouched. With no tracer installed, tracing 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -29,8 +30,16 @@ REDUCE_OPS = {
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+#: the names as written most often, looked up before anything else (this runs on every all_reduce)
+_NORMALIZED = {name: ("mean" if name == "avg" else name, op) for name, op in REDUCE_OPS.items()}
+
+
 def normalize_reduce_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[str, Any]:
     """``(name, torch ReduceOp)`` for ``reduce_op``; ``ValueError`` lists the supported names."""
+    if reduce_op.__class__ is str:
+        known = _NORMALIZED.get(reduce_op)
+        if known is not None:
+            return known
     if reduce_op is None:
         return "mean", dist.ReduceOp.SUM
     if isinstance(reduce_op, str):
@@ -43,8 +52,20 @@ def normalize_reduce_op(reduce_op: Union[str, "dist.ReduceOp", None]) -> tuple[s
     return str(reduce_op).split(".")[-1].lower(), reduce_op
 
 
+_WORLD_SIZE: list = [None, 0]  # [weak reference to the world group, its size]: a group's size never changes
+
+
 def _group_size(group: Optional[Any]) -> int:
-    return dist.get_world_size(group)
+    if group is not None:
+        return dist.get_world_size(group)
+    world = dist.group.WORLD
+    known = _WORLD_SIZE[0]
+    if known is not None and world is not None and known() is world:
+        return _WORLD_SIZE[1]
+    size = dist.get_world_size()
+    if world is not None:
+        _WORLD_SIZE[:] = [weakref.ref(world), size]
+    return size
 
 
 def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -> dict:

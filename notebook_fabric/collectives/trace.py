@@ -14,7 +14,8 @@ The chain in a rank, outermost (called first) to innermost; each link wraps the 
 
 1. ``subset_guard._GuardTracer`` (only while a ``%%fabric --ranks`` cell runs): refuses a
    collective that needs ranks not running the cell, before anything is recorded;
-2. ``debug.SignatureChecker`` (debug mode): the ranks compare the call, on a group of its own,
+2. ``debug.SignatureChecker`` (debug mode): the ranks compare the call (a socket mesh on one host,
+   else a group of its own; world barriers through torch's ``monitored_barrier``),
    and raise the same ``CollectiveMismatchError`` everywhere on a difference;
 3. ``ledger.LedgerTracer``: records the call in the rank's ledger and sets ``meta["seq"]``, torch's
    own sequence number of the call's group (the one numbering, shared with the Flight Recorder's
@@ -63,8 +64,14 @@ def traced(tracer: Tracer, op: str, meta: dict) -> Iterator[None]:
 
 def run_traced(op: str, call: Callable[[], Any], meta: Callable[[], dict]) -> Any:
     """``call()``, between the tracer's enter and exit when one is installed (``meta`` is built only then)."""
-    tracer = get_tracer()
+    tracer = _tracer
     if tracer is None:
         return call()
-    with traced(tracer, op, meta()):
-        return call()
+    token = tracer.enter(op, meta())  # what ``traced`` does, without a generator per call
+    try:
+        result = call()
+    except BaseException as error:
+        tracer.exit(token, error)
+        raise
+    tracer.exit(token, None)
+    return result
