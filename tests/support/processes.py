@@ -6,6 +6,7 @@ out of the leak checks.
 """
 from __future__ import annotations
 
+import _thread
 import os
 import warnings
 import signal
@@ -153,10 +154,12 @@ class InterruptWhen:
         os.kill(os.getpid(), signal.SIGINT)
         if not self._checked.wait(RESEND_AFTER_S):
             # the interrupt did not come back as KeyboardInterrupt (seen once in a full run, not
-            # reproduced alone): say what the process' signal state was, then press again as a user would
+            # reproduced alone; SIGALRM still reached the main thread then): say what the process'
+            # signal masks were, then raise it in the main thread the way the OS signal would have
             self.resent = _signal_state()
-            warnings.warn(f"SIGINT sent {RESEND_AFTER_S:g} s ago had no effect; sending another ({self.resent})")
-            os.kill(os.getpid(), signal.SIGINT)
+            warnings.warn(f"SIGINT sent {RESEND_AFTER_S:g} s ago had no effect; interrupting the main thread"
+                          f" directly ({self.resent})")
+            _thread.interrupt_main(signal.SIGINT)
 
     def check(self) -> None:
         """Fail if the interrupt was sent without the state it waited for."""
