@@ -142,6 +142,7 @@ class InterruptWhen:
         self.failure: Optional[WaitTimeout] = None
         self.resent = ""
         self._checked = threading.Event()
+        self._test_frame = sys._getframe(1)  # the test that waits for the interrupt
         self._predicate, self._timeout, self._what = predicate, timeout, what
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -152,7 +153,7 @@ class InterruptWhen:
         except WaitTimeout as failure:
             self.failure = failure
         os.kill(os.getpid(), signal.SIGINT)
-        if not self._checked.wait(RESEND_AFTER_S):
+        if not self._checked.wait(RESEND_AFTER_S) and self._test_still_running():
             # the interrupt did not come back as KeyboardInterrupt (seen once in a full run, not
             # reproduced alone; SIGALRM still reached the main thread then): say what the process'
             # signal masks were, then raise it in the main thread the way the OS signal would have
@@ -160,6 +161,15 @@ class InterruptWhen:
             warnings.warn(f"SIGINT sent {RESEND_AFTER_S:g} s ago had no effect; interrupting the main thread"
                           f" directly ({self.resent})")
             _thread.interrupt_main(signal.SIGINT)
+
+    def _test_still_running(self) -> bool:
+        """Whether the main thread is still inside the test that made us (never interrupt a later one)."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None:
+            if frame is self._test_frame:
+                return True
+            frame = frame.f_back
+        return False
 
     def check(self) -> None:
         """Fail if the interrupt was sent without the state it waited for."""
