@@ -102,10 +102,7 @@ def test_breakpoint_on_rank_1_print_next_continue(pool: Kernel) -> None:
 def test_two_ranks_at_a_breakpoint_are_served_in_rank_order(pool: Kernel) -> None:
     msg = pool.send("%%fabric\nwho = f'rank {fabric.global_rank}'\n"
                     "fabric.barrier()\nbreakpoint()\nfabric.barrier()\nwho")
-    prompts = []
-    for line in ("p who", "c", "where", "c"):
-        prompts.append(pool.prompt())
-        pool.answer(line)
+    prompts = pool.answer_each(("p who", "c", "where", "c"))
     reply = pool.collect(msg)
     assert reply.status == "ok", reply.all_text
     assert prompts == ["(Pdb rank 0) ", "(Pdb rank 0) ", "(Pdb rank 1) ", "(Pdb rank 1) "]
@@ -222,10 +219,7 @@ def test_a_rank_stepping_into_a_collective_hands_over_to_the_rank_it_waits_for(p
     served meanwhile, and rank 0 gets its prompt back once the all_reduce is through."""
     msg = pool.send("%%fabric\nfabric.barrier()\nbreakpoint()\n"
                     "t = fabric.all_reduce(torch.tensor([1.0]), reduce_op='sum')\nt.item()")
-    prompts = []
-    for line in ("n", "c", "p t", "c"):
-        prompts.append(pool.prompt())
-        pool.answer(line)
+    prompts = pool.answer_each(("n", "c", "p t", "c"))
     reply = pool.collect(msg)
     assert reply.status == "ok", reply.all_text
     assert prompts == ["(Pdb rank 0) ", "(Pdb rank 1) ", "(Pdb rank 0) ", "(Pdb rank 0) "]

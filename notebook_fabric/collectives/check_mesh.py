@@ -47,7 +47,7 @@ class CheckMesh:
         size = len(frame)
         received = {self.rank: frame}
         for rank, peer in self._sockets:
-            received[rank] = self._read(rank, peer, size)
+            received[rank] = _receive_exactly(rank, peer, size)
         return [received[r] for r in sorted(received)]
 
     def exchange_objects(self, obj: Any) -> List[Any]:
@@ -56,8 +56,8 @@ class CheckMesh:
         self._send(_LENGTH.pack(len(payload)) + payload)
         received = {self.rank: obj}
         for rank, peer in self._sockets:
-            (length,) = _LENGTH.unpack(self._read(rank, peer, _LENGTH.size))
-            received[rank] = pickle.loads(self._read(rank, peer, length))
+            (length,) = _LENGTH.unpack(_receive_exactly(rank, peer, _LENGTH.size))
+            received[rank] = pickle.loads(_receive_exactly(rank, peer, length))
         return [received[r] for r in sorted(received)]
 
     def _send(self, frame: bytes) -> None:
@@ -67,21 +67,6 @@ class CheckMesh:
             except OSError as error:
                 raise MeshPeerGone(f"rank {rank} ended before reaching the collective ({error})") from None
 
-    def _read(self, rank: int, peer: socket.socket, size: int) -> bytes:
-        chunks = []
-        while size:
-            try:
-                chunk = peer.recv(size)
-            except socket.timeout:
-                raise MeshPeerGone(f"rank {rank} did not reach the collective (debug mode's check timed out)") from None
-            except OSError as error:
-                raise MeshPeerGone(f"rank {rank} ended before reaching the collective ({error})") from None
-            if not chunk:
-                raise MeshPeerGone(f"rank {rank} ended before reaching the collective")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
     def close(self) -> None:
         for _, peer in self._sockets:
             try:
@@ -89,6 +74,23 @@ class CheckMesh:
             except OSError:
                 pass
         self._sockets = []
+
+
+def _receive_exactly(rank: int, peer: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``peer`` (rank ``rank``); :class:`MeshPeerGone` if it closes or times out first."""
+    chunks = []
+    while size:
+        try:
+            chunk = peer.recv(size)
+        except socket.timeout:
+            raise MeshPeerGone(f"rank {rank} did not reach the collective (debug mode's check timed out)") from None
+        except OSError as error:
+            raise MeshPeerGone(f"rank {rank} ended before reaching the collective ({error})") from None
+        if not chunk:
+            raise MeshPeerGone(f"rank {rank} ended before reaching the collective")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 def build_mesh(group: Any, timeout: Optional[float] = None) -> Optional[CheckMesh]:
@@ -159,7 +161,7 @@ def _hello(peer: socket.socket, key: bytes) -> int:
     """The rank an accepted connection names, or -1 when it does not know this listener's secret."""
     peer.settimeout(_HELLO_TIMEOUT_S)
     try:
-        hello = CheckMesh(-1, {})._read(-1, peer, _RANK.size + _SECRET_BYTES)
+        hello = _receive_exactly(-1, peer, _RANK.size + _SECRET_BYTES)
     except MeshPeerGone:
         return -1
     (other,) = _RANK.unpack(hello[:_RANK.size])

@@ -225,6 +225,14 @@ class Kernel:
     def answer(self, line: str) -> None:
         self.client.input(line)
 
+    def answer_each(self, lines: "tuple[str, ...]") -> "list[str]":
+        """Answer the next ``len(lines)`` input requests with ``lines`` in order; the prompts they showed."""
+        prompts = []
+        for line in lines:
+            prompts.append(self.prompt())
+            self.answer(line)
+        return prompts
+
     def interrupt(self) -> None:
         self.km.interrupt_kernel()
 
