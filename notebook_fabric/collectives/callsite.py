@@ -12,7 +12,7 @@ import importlib.util
 import linecache
 import os
 import sys
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -51,19 +51,19 @@ def user_place(depth: int = 2) -> Optional[Place]:
     return place_of(frame)
 
 
-_LIBRARY_CODE: Dict[CodeType, bool] = {}  # code object -> inside the libraries (a cell's code is new each run)
+_LIBRARY_FILES: Dict[str, bool] = {}  # file name -> inside the libraries (a string caches its hash; a code object does not)
 
 
 def place_of(frame: Optional[FrameType]) -> Optional[Place]:
     """The first frame from ``frame`` outwards that is the user's, as a :data:`Place`."""
-    known = _LIBRARY_CODE
+    known = _LIBRARY_FILES
     while frame is not None:
-        code = frame.f_code
-        inside = known.get(code)
+        filename = frame.f_code.co_filename
+        inside = known.get(filename)
         if inside is None:
-            if len(known) > 20_000:
+            if len(known) > 20_000:  # a new file name per cell run: start over now and then
                 known.clear()
-            inside = known[code] = code.co_filename.startswith(library_dirs())
+            inside = known[filename] = filename.startswith(library_dirs())
         if not inside:
             break
         frame = frame.f_back

@@ -171,6 +171,15 @@ class Ledger:
         out.sort(key=lambda e: (int(e.group) if e.group.isdigit() else 10**9, e.seq, e.origin != "fabric"))
         return out
 
+    def open_call(self) -> Optional[_Call]:
+        """The innermost Fabric collective not yet returned (calls end in order), else ``None``."""
+        calls = self.calls
+        try:
+            call = calls[-1]
+        except IndexError:
+            return None
+        return None if call.ended_ns else call
+
     def progress(self) -> Tuple[int, int]:
         """Cheap: (Fabric calls recorded, torch's collective count on the world group)."""
         return self.count, _group_seq(None, 0) or 0
@@ -180,10 +189,9 @@ class Ledger:
         """The collective this rank waits in now, if any: the innermost open Fabric call, else the
         newest unfinished one torch issued itself. ``frame`` (the waiting thread's current frame)
         gives a torch-internal one its place in the user's code and who issued it."""
-        for call in reversed(self.calls):
-            if not call.ended_ns:
-                return _fabric_entry(call)
-            break  # calls end in order; the newest one ended, so none is open
+        call = self.open_call()
+        if call is not None:
+            return _fabric_entry(call)
         if recording is None:
             recording = flight_recorder.read()
         waiting = [r for r in recording.waiting() if r.pg_id not in self.ignore_groups] if recording is not None else []

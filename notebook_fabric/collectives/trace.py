@@ -20,8 +20,10 @@ The chain in a rank, outermost (called first) to innermost; each link wraps the 
 3. ``ledger.LedgerTracer``: records the call in the rank's ledger and sets ``meta["seq"]``, torch's
    own sequence number of the call's group (the one numbering, shared with the Flight Recorder's
    view of torch's internal collectives);
-4. ``launching.rank.control.CollectiveTracer``: the rank's current collective for heartbeats, stall
-   reports and ``where``, and optional enter/exit events to the notebook; it reuses ``meta["seq"]``.
+4. ``launching.rank.control.CollectiveTracer`` (only where the notebook asked for enter/exit
+   events: the dashboard): sends them, numbered by ``meta["seq"]``. Heartbeats, stall reports and
+   ``where`` read the rank's current collective from the ledger's open call, so without events a
+   collective is recorded once.
 
 A refused or mismatched call never reaches the ledger: it was not issued.
 """

@@ -4,8 +4,9 @@
   ``where`` requests are answered at once from ``sys._current_frames()`` (so they work while a
   task is stuck in a collective), and a closed connection (the notebook is gone) ends the rank;
   between messages it sends heartbeats (memory, current collective) every few seconds;
-- the collective tracer (installed through ``notebook_fabric.collectives.trace``) records which
-  collective the rank is in, cheaply, and optionally sends enter/exit events.
+- the collective the rank is in is the ledger's open call (``notebook_fabric.collectives.ledger``,
+  the one record per call); :class:`CollectiveTracer` joins the tracer chain only where the
+  notebook asked for enter/exit events (the dashboard).
 """
 from __future__ import annotations
 
@@ -41,42 +42,38 @@ class RankState:
 
     @property
     def collective(self) -> Optional[CollectiveState]:
+        """The innermost collective the main thread is in: the event tracer's, else the ledger's open call."""
         stack = self.collectives
-        return stack[-1] if stack else None
+        if stack:
+            return stack[-1]
+        call = self.ledger.open_call() if self.ledger is not None else None
+        if call is None:
+            return None
+        return CollectiveState(seq=call.seq, op=call.op, meta=_plain_meta(call.meta), entered_at=call.started_ns / 1e9)
 
 
 class CollectiveTracer:
-    """The ``notebook_fabric.collectives.trace`` tracer of a rank."""
+    """The rank's ``notebook_fabric.collectives.trace`` link that sends every collective's enter and
+    exit to the notebook as events (and keeps its own stack of them for the heartbeat)."""
 
-    def __init__(self, state: RankState, outbox: Outbox, send_events: bool) -> None:
+    def __init__(self, state: RankState, outbox: Outbox) -> None:
         self._state = state
         self._outbox = outbox
-        self._send_events = send_events
 
     def enter(self, op: str, meta: dict) -> CollectiveState:
         state = self._state
         state.seq = meta.get("seq", state.seq + 1)  # the ledger's numbering when it runs before us
         entry = CollectiveState(seq=state.seq, op=op, meta=_plain_meta(meta), entered_at=time.time())
         state.collectives.append(entry)
-        if self._send_events:
-            self._outbox.put(CollectiveEntered(rank=state.rank, time=entry.entered_at, state=entry))
+        self._outbox.put(CollectiveEntered(rank=state.rank, time=entry.entered_at, state=entry))
         return entry
 
-    def exit(self, token: Any, error: Optional[BaseException]) -> None:
+    def exit(self, token: CollectiveState, error: Optional[BaseException]) -> None:
         stack = self._state.collectives
         if token in stack:
             stack.remove(token)
-        if self._send_events and isinstance(token, CollectiveState):
-            self._outbox.put(CollectiveExited(rank=self._state.rank, time=time.time(), seq=token.seq,
-                                              error=None if error is None else f"{type(error).__name__}: {error}"))
-
-
-def install_tracer(tracer: CollectiveTracer) -> bool:
-    """Install ``tracer`` as the collective layer's tracer; returns ``True`` (it always can)."""
-    from ...collectives.trace import set_tracer
-
-    set_tracer(tracer)
-    return True
+        self._outbox.put(CollectiveExited(rank=self._state.rank, time=time.time(), seq=token.seq,
+                                          error=None if error is None else f"{type(error).__name__}: {error}"))
 
 
 def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]", outbox: Outbox,

@@ -16,8 +16,12 @@ from .control import RankState
 SNAPSHOT_ENTRIES = 500
 
 
-def install_ledger(state: RankState, tracer: Any) -> Any:
-    """Switch the Flight Recorder on and install ``LedgerTracer(ledger, tracer)``; returns the ledger."""
+def install_ledger(state: RankState, tracer: Any = None) -> Any:
+    """Switch the Flight Recorder on and install ``LedgerTracer(ledger, tracer)``; returns the ledger.
+
+    ``tracer`` is the event link (``control.CollectiveTracer``), only where the notebook wants
+    enter/exit events: the heartbeat reads the ledger's open call (``state.collective``), so a
+    collective is recorded once."""
     from ...collectives import flight_recorder
     from ...collectives.ledger import LedgerTracer, process_ledger
     from ...collectives.trace import set_tracer

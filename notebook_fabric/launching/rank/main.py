@@ -110,7 +110,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         setup = inherited if inherited is not None else _receive_setup(inbox)
         os.environ.update(bootstrap.env)
         _adopt_notebook_paths(setup)
-        install_ledger(state, CollectiveTracer(state, outbox, bootstrap.trace_collectives))
+        install_ledger(state, CollectiveTracer(state, outbox) if bootstrap.trace_collectives else None)
         fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
     except BaseException as error:
         capture.flush()
