@@ -16,6 +16,7 @@ so that drift on a shared machine hits every variant alike:
   paired ratios.
 
     .venv/bin/python benchmarks/collective_ledger.py     # BENCH_CALLS, BENCH_ROUNDS, BENCH_DDP_PAIRS, BENCH_SKIP_DDP
+    BENCH_HOGS=1 .venv/bin/python benchmarks/collective_ledger.py   # the same beside 1 busy-looping process
 
 Measured numbers and what they mean: ``benchmarks/README.md``.
 """
@@ -35,6 +36,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", 20))
 DDP_STEPS = int(os.environ.get("BENCH_DDP_STEPS", 200))
 GAP_US = int(os.environ.get("BENCH_GAP_US", 25))
 DDP_PAIRS = int(os.environ.get("BENCH_DDP_PAIRS", 8))
+HOGS = int(os.environ.get("BENCH_HOGS", 0))  # busy-looping processes beside the ranks: a shared machine, on purpose
 
 
 def _spread(values: List[float]) -> str:
@@ -157,7 +159,15 @@ def _ddp_child() -> None:
 def main() -> None:
     from notebook_fabric import launch
 
-    rounds = launch(_all_reduce_rounds, devices=2, accelerator="cpu", stall=None)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(HOGS)]
+    try:
+        rounds = launch(_all_reduce_rounds, devices=2, accelerator="cpu", stall=None)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    if HOGS:
+        print(f"(beside {HOGS} busy-looping process{'es' if HOGS > 1 else ''} on {os.cpu_count()} cores)")
     print(f"{CALLS} x all_reduce(4 floats) per variant on 2 CPU ranks, in {ROUNDS} interleaved rounds "
           "(ratios to raw: median [quartiles] of the rounds' paired ratios; whole run):")
     bookkeeping = rounds.pop("bookkeeping")[0]

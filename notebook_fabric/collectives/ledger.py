@@ -218,13 +218,16 @@ class LedgerTracer:
     def enter(self, op: str, meta: dict) -> Any:
         call = self.ledger.begin(op, meta)
         meta["seq"] = call.seq
-        return call, (self.inner.enter(op, meta) if self.inner is not None else None)
+        inner = self.inner
+        return call if inner is None else (call, inner.enter(op, meta))  # the token: the call, or both
 
     def exit(self, token: Any, error: Optional[BaseException]) -> None:
+        if self.inner is None:
+            self.ledger.end(token, error)
+            return
         call, inner = token
         self.ledger.end(call, error)
-        if self.inner is not None:
-            self.inner.exit(inner, error)
+        self.inner.exit(inner, error)
 
 
 _LEDGER: Optional[Ledger] = None
@@ -274,9 +277,9 @@ def _group_object(group: Any) -> Any:
 
 
 def _group_seq(group: Any, default: Optional[int]) -> Optional[int]:
-    pg = _group_object(group)
+    pg = group if group is not None else _dist.group.WORLD
     try:
-        return int(pg._get_sequence_number_for_group())
+        return pg._get_sequence_number_for_group()  # an int already
     except Exception:  # noqa: BLE001 - no process group, or a backend without sequence numbers
         return default
 

@@ -69,7 +69,7 @@ def _group_size(group: Optional[Any]) -> int:
 
 
 def _meta(group: Optional[Any], tensor: Optional[Tensor] = None, **extra: Any) -> dict:
-    shapes = [tuple(tensor.shape)] if tensor is not None else []
+    shapes = [tensor.shape] if tensor is not None else []  # a torch.Size is a tuple
     dtypes = [str(tensor.dtype)] if tensor is not None else ["object"]
     return {"group": group, "group_size": _group_size(group), "shapes": shapes, "dtypes": dtypes, **extra}
 
@@ -80,7 +80,9 @@ def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group:
     result = tensor.clone()
     if name == "mean" and not result.is_floating_point() and not result.is_complex():
         result = result.to(torch.get_default_dtype())
-    _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group), lambda: _meta(group, tensor, reduce_op=name))
+    _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group),
+         lambda: {"group": group, "group_size": _group_size(group), "shapes": [tensor.shape],  # one literal: the
+                  "dtypes": [str(tensor.dtype)], "reduce_op": name})  # commonest call builds no kwargs dict
     if name == "mean":
         result.div_(_group_size(group))
     return result
