@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,12 @@ from typing import Any, Callable, Iterator, Optional
 # a started OpenMP pool (a forked child whose parent ran a parallel region can hang in its first
 # matmul), and two ranks on two cores do not oversubscribe them. Scripts' ranks get the same below.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A shell's background job (``cmd &`` without job control, as CI runners and ``nohup`` start it)
+# begins with SIGINT ignored, and Python then installs no handler: an interrupt would be lost. The
+# interrupt tests send this process SIGINT, so give it Python's usual handler back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
@@ -205,3 +213,20 @@ def run_script(tmp_path: Path) -> Callable[..., ScriptResult]:
         return execute_script(path, *args, cwd=cwd if cwd is not None else tmp_path, timeout=timeout, env=env)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _interrupts_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves SIGINT ignored, replaced or blocked in this process would swallow a later
+    test's interrupt: put the handler and the main thread's signal mask back as they were, and warn
+    naming the test."""
+    handler = signal.getsignal(signal.SIGINT)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    now_handler, now_mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if now_handler is handler and now_mask == mask:
+        return
+    signal.signal(signal.SIGINT, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    warnings.warn(f"{request.node.nodeid} left SIGINT's handler {now_handler!r} (was {handler!r}) and the main "
+                  f"thread's blocked signals {sorted(now_mask)} (were {sorted(mask)}); restored", stacklevel=1)
