@@ -1,8 +1,8 @@
 """What the collective ledger and debug mode cost, against raw torch.distributed, in one run.
 
 Two CPU ranks started by ``notebook_fabric.launch`` (so the ranks carry the real tracer chain:
-ledger, heartbeat state, and debug mode when switched on). Per round, interleaved (and rotated)
-so that drift on a shared machine hits every variant alike:
+the ledger, whose open call is also what heartbeats report, and debug mode when switched on).
+Per round, interleaved (and rotated) so that drift on a shared machine hits every variant alike:
 
 - 10,000 ``all_reduce`` of 4 floats: raw ``dist.all_reduce``; raw after a busy pause of
   ``BENCH_GAP_US`` (25) microseconds, about Fabric's own work per call (the reference for how
@@ -72,7 +72,7 @@ def _all_reduce_rounds(fabric) -> Dict[str, List[float]]:
     from notebook_fabric.collectives.debug import enable_signature_checks
     from notebook_fabric.collectives.trace import get_tracer, set_tracer
 
-    chain = get_tracer()  # the launcher's: ledger -> rank state
+    chain = get_tracer()  # the launcher's: the ledger (the event link joins it only for the dashboard)
     data = torch.ones(4)
     results: Dict[str, List[float]] = {"raw": [], f"raw + {GAP_US} us spin": [], "fabric, no tracer": [],
                                        "fabric + ledger": [], "fabric + debug": []}
@@ -182,7 +182,7 @@ def main() -> None:
     for name, values in cpu.items():
         extra = statistics.median(values) / per_round - raw_cpu
         print(f"    {name:<20} {statistics.median(values) / per_round * 1e6:7.1f} us   (+{extra * 1e6:.1f} us over raw)")
-    print(f"  ledger + rank tracer bookkeeping alone: {bookkeeping * 1e6 / CALLS:.2f} us CPU per call "
+    print(f"  the ledger's bookkeeping alone: {bookkeeping * 1e6 / CALLS:.2f} us CPU per call "
           f"({bookkeeping * 1e6 / CALLS / (statistics.median(rounds['raw']) * 1e6 / max(1, CALLS // ROUNDS)) * 100:.1f}% "
           "of a raw all_reduce, median round)")
     if os.environ.get("BENCH_SKIP_DDP") == "1":
