@@ -120,8 +120,10 @@ class Ledger:
 
     # -- recording (hot path) -------------------------------------------------------------------
     def begin(self, op: str, meta: dict, depth: int = 3) -> _Call:
+        """Record the call; sets ``meta["seq"]`` (before the call is visible to the heartbeat's thread)."""
         group = meta.get("group")
         call = _Call(self._next_seq(group), op, meta, group, user_place(depth))
+        meta["seq"] = call.seq
         self.calls.append(call)
         self.count += 1
         return call
@@ -216,8 +218,7 @@ class LedgerTracer:
         self.inner = inner
 
     def enter(self, op: str, meta: dict) -> Any:
-        call = self.ledger.begin(op, meta)
-        meta["seq"] = call.seq
+        call = self.ledger.begin(op, meta)  # sets meta["seq"] for the links after it
         inner = self.inner
         return call if inner is None else (call, inner.enter(op, meta))  # the token: the call, or both
 

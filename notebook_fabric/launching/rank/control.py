@@ -43,9 +43,10 @@ class RankState:
     @property
     def collective(self) -> Optional[CollectiveState]:
         """The innermost collective the main thread is in: the event tracer's, else the ledger's open call."""
-        stack = self.collectives
-        if stack:
-            return stack[-1]
+        try:
+            return self.collectives[-1]  # not "if stack:" first: the main thread may pop it in between
+        except IndexError:
+            pass
         call = self.ledger.open_call() if self.ledger is not None else None
         if call is None:
             return None
@@ -98,7 +99,10 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
         while True:
             now = time.monotonic()
             if now >= next_beat:
-                beat()
+                try:
+                    beat()
+                except Exception:  # noqa: BLE001 - a missed beat is better than a dead control thread
+                    pass
                 next_beat = now + heartbeat_interval
             try:
                 if not connection.poll(max(0.0, next_beat - now)):
@@ -186,7 +190,7 @@ def main_thread_stack(state: RankState) -> str:
 def _plain_meta(meta: dict) -> dict:
     """The tracer's metadata with only plain values (it travels to the notebook)."""
     plain = {}
-    for key, value in (meta or {}).items():
+    for key, value in tuple((meta or {}).items()):  # one atomic copy: the heartbeat's thread reads a live call's
         if key == "group":  # a process-group handle: the notebook has group_size
             continue
         if key in ("shapes",) and value is not None:
