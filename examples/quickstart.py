@@ -39,14 +39,14 @@ def main() -> None:
 
     for epoch in range(args.epochs):
         total = torch.zeros((), device=fabric.device)
-        batches = tqdm(train_loader, desc=f"epoch {epoch}", disable=not fabric.is_global_zero, leave=False)
+        batches = tqdm(train_loader, desc=f"epoch {epoch}", disable=not fabric.is_global_zero)
         for inputs, targets in batches:
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(inputs), targets)
             fabric.backward(loss)
             optimizer.step()
             total += loss.detach()
-            batches.set_postfix(loss=f"{loss.item():.3f}")
+            batches.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # shown with the count, at its own pace
         mean_loss = fabric.all_reduce(total / len(train_loader), reduce_op="mean")
         fabric.print(f"epoch {epoch}: loss {mean_loss.item():.4f} on {fabric.world_size} ranks")
     fabric.save("quickstart.ckpt", {"model": model, "optimizer": optimizer, "epoch": args.epochs})
