@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import trace as _trace
 from .trace import run_traced as _run
 
 REDUCE_OPS = {
@@ -80,9 +81,12 @@ def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group:
     result = tensor.clone()
     if name == "mean" and not result.is_floating_point() and not result.is_complex():
         result = result.to(torch.get_default_dtype())
-    _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group),
-         lambda: {"group": group, "group_size": _group_size(group), "shapes": [tensor.shape],  # one literal: the
-                  "dtypes": [str(tensor.dtype)], "reduce_op": name})  # commonest call builds no kwargs dict
+    if _trace._tracer is None:  # the commonest call, without the closures tracing needs
+        dist.all_reduce(result, op=op, group=group)
+    else:
+        _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group),
+             lambda: {"group": group, "group_size": _group_size(group), "shapes": [tensor.shape],  # one literal:
+                      "dtypes": [str(tensor.dtype)], "reduce_op": name})  # no kwargs dict to merge
     if name == "mean":
         result.div_(_group_size(group))
     return result
