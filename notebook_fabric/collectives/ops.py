@@ -81,7 +81,7 @@ def all_reduce(tensor: Tensor, reduce_op: Union[str, Any, None] = "mean", group:
     result = tensor.clone()
     if name == "mean" and not result.is_floating_point() and not result.is_complex():
         result = result.to(torch.get_default_dtype())
-    if _trace._tracer is None:  # the commonest call, without the closures tracing needs
+    if _trace._tracer is None:  # nothing traces this process: skip the closures tracing needs
         dist.all_reduce(result, op=op, group=group)
     else:
         _run("all_reduce", lambda: dist.all_reduce(result, op=op, group=group),
