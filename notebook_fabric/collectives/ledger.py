@@ -278,7 +278,7 @@ def _group_object(group: Any) -> Any:
 
 
 def _group_seq(group: Any, default: Optional[int]) -> Optional[int]:
-    pg = group if group is not None else _dist.group.WORLD
+    pg = group if group is not None else _dist.group.WORLD  # _group_object, inlined: every collective calls this
     try:
         return pg._get_sequence_number_for_group()  # an int already
     except Exception:  # noqa: BLE001 - no process group, or a backend without sequence numbers

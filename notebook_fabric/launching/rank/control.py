@@ -5,8 +5,8 @@
   task is stuck in a collective), and a closed connection (the notebook is gone) ends the rank;
   between messages it sends heartbeats (memory, current collective) every few seconds;
 - the collective the rank is in is the ledger's open call (``notebook_fabric.collectives.ledger``,
-  the one record per call); :class:`CollectiveTracer` joins the tracer chain only where the
-  notebook asked for enter/exit events (the dashboard).
+  the one record per call); :class:`CollectiveTracer` joins the tracer chain, after the ledger,
+  only where the notebook asked for enter/exit events (the dashboard).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from ...live.events import CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, WhereReply
 from ..processes import kill_own_children
@@ -36,17 +36,11 @@ class RankState:
         self.rank = rank
         self.main_thread_id = threading.main_thread().ident
         self.in_task = False
-        self.collectives: List[CollectiveState] = []
-        self.seq = 0
         self.ledger: Any = None  # the rank's collectives.ledger.Ledger, once installed
 
     @property
     def collective(self) -> Optional[CollectiveState]:
-        """The innermost collective the main thread is in: the event tracer's, else the ledger's open call."""
-        try:
-            return self.collectives[-1]  # not "if stack:" first: the main thread may pop it in between
-        except IndexError:
-            pass
+        """The innermost collective the main thread is in: the ledger's open call."""
         call = self.ledger.open_call() if self.ledger is not None else None
         if call is None:
             return None
@@ -55,24 +49,18 @@ class RankState:
 
 class CollectiveTracer:
     """The rank's ``notebook_fabric.collectives.trace`` link that sends every collective's enter and
-    exit to the notebook as events (and keeps its own stack of them for the heartbeat)."""
+    exit to the notebook as events; it follows the ledger's link, which numbers the call."""
 
     def __init__(self, state: RankState, outbox: Outbox) -> None:
         self._state = state
         self._outbox = outbox
 
     def enter(self, op: str, meta: dict) -> CollectiveState:
-        state = self._state
-        state.seq = meta.get("seq", state.seq + 1)  # the ledger's numbering when it runs before us
-        entry = CollectiveState(seq=state.seq, op=op, meta=_plain_meta(meta), entered_at=time.time())
-        state.collectives.append(entry)
-        self._outbox.put(CollectiveEntered(rank=state.rank, time=entry.entered_at, state=entry))
+        entry = CollectiveState(seq=meta["seq"], op=op, meta=_plain_meta(meta), entered_at=time.time())
+        self._outbox.put(CollectiveEntered(rank=self._state.rank, time=entry.entered_at, state=entry))
         return entry
 
     def exit(self, token: CollectiveState, error: Optional[BaseException]) -> None:
-        stack = self._state.collectives
-        if token in stack:
-            stack.remove(token)
         self._outbox.put(CollectiveExited(rank=self._state.rank, time=time.time(), seq=token.seq,
                                           error=None if error is None else f"{type(error).__name__}: {error}"))
 
