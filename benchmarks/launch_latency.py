@@ -13,12 +13,16 @@ Lightning and Accelerate are not dependencies: install them to compare
 Variants are interleaved round by round so load drift on a shared machine hits all alike;
 medians are reported with ratios to the floor of the same start method.
 
-    python benchmarks/launch_latency.py [--rounds 7] [--only fork] [--ranks 2 4 8]
+    python benchmarks/launch_latency.py [--rounds 7] [--only fork] [--ranks 2 4 8] [--call-timeout 120]
+
+A variant whose call raises or times out (Lightning at 4 ranks once failed in gloo's connectFullMesh) is
+reported with its reason and the run goes on; whatever it left running is killed before the next call.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import io
 import logging
 import multiprocessing
@@ -30,6 +34,7 @@ import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -153,22 +158,55 @@ def silenced_descriptors() -> Iterator[None]:
             os.close(fd)
 
 
-def quietly(call: Callable[[], object]) -> float:
+class CallTimedOut(Exception):
+    """One measured call took longer than ``--call-timeout`` seconds."""
+
+
+def _raise_timeout(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise CallTimedOut()
+
+
+def reap_children() -> None:
+    """End whatever a failed variant left running (its ranks, its elastic agent), so later rounds start clean."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
+
+
+def quietly(call: Callable[[], object], call_timeout: float) -> float:
+    """Seconds one call took; raises what the call raised (``CallTimedOut`` past ``call_timeout``)."""
     sink = io.StringIO()
-    with silenced_descriptors(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        started = time.perf_counter()
-        call()
-        return time.perf_counter() - started
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        with silenced_descriptors(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            started = time.perf_counter()
+            signal.setitimer(signal.ITIMER_REAL, call_timeout)
+            try:
+                call()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            return time.perf_counter() - started
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def describe_failure(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1][:120] if text else ''}".rstrip(": ")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="measured rounds (one warm-up round is not counted)")
     parser.add_argument("--only", choices=["fork", "spawn", "forkserver"], help="one start method only")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2], metavar="N",
-                        help="rank counts to measure, each against the floor at the same count (default 2)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], metavar="N",
+                        help="rank counts to measure, each against the floor at the same count (default 2 4 8)")
+    parser.add_argument("--call-timeout", type=float, default=120.0,
+                        help="seconds one call may take before it counts as failed (default 120)")
     options = parser.parse_args(argv)
     from notebook_fabric.launching.starters import FORKSERVER_PRELOAD
 
@@ -176,24 +214,39 @@ def main(argv: Optional[List[str]] = None) -> None:
     table = {key: row for n in options.ranks for key, row in variants(options.only, n).items()}
     missing = sorted({name for row in table.values() for name, call in row.items() if call is None})
     times: Dict[str, Dict[str, List[float]]] = {m: {n: [] for n, c in row.items() if c} for m, row in table.items()}
+    failures: Dict[str, Dict[str, List[str]]] = {m: {n: [] for n in row} for m, row in table.items()}
     for round_index in range(options.rounds + 1):
         for method, row in table.items():
             for name, call in row.items():
                 if call is None:
                     continue
-                elapsed = quietly(call)
+                try:
+                    elapsed = quietly(call, options.call_timeout)
+                except Exception as error:  # a peer that fails is reported, and the run goes on
+                    failures[method][name].append(describe_failure(error))
+                    print(f"{method} {name}: failed ({describe_failure(error)})", file=sys.stderr, flush=True)
+                    reap_children()
+                    continue
                 if round_index > 0:
                     times[method][name].append(elapsed)
         print(f"round {round_index}/{options.rounds} done", file=sys.stderr, flush=True)
 
     print(f"\nlaunch latency, call -> value, trivial function on {', '.join(map(str, options.ranks))} CPU ranks "
           f"(torch {torch.__version__}, {os.cpu_count()} cores, median of {options.rounds})\n")
-    print(f"{'method x ranks':<15} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8}")
+    print(f"{'method x ranks':<15} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8} {'failed':>7}")
     for method, row in times.items():
-        base = statistics.median(row[FLOOR])
+        base = statistics.median(row[FLOOR]) if row[FLOOR] else float("nan")
         for name, samples in row.items():
+            failed = f"{len(failures[method][name])}/{options.rounds + 1}" if failures[method][name] else ""
+            if not samples:
+                print(f"{method:<15} {name:<50} {'-':>9} {'-':>7} {'-':>8} {failed:>7}")
+                continue
             median = statistics.median(samples)
-            print(f"{method:<15} {name:<50} {median:>9.3f} {min(samples):>7.3f} {median / base:>8.2f}")
+            print(f"{method:<15} {name:<50} {median:>9.3f} {min(samples):>7.3f} {median / base:>8.2f} {failed:>7}")
+    for method, row in failures.items():
+        for name, reasons in row.items():
+            for reason in sorted(set(reasons)):
+                print(f"failed: {method} {name}: {reason} ({reasons.count(reason)}x)")
     if missing:
         print(f"\nskipped (not installed): {', '.join(missing)} -> pip install lightning-fabric accelerate")
 
