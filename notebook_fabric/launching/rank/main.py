@@ -32,6 +32,9 @@ from .telemetry import MemorySampler, report_metrics, report_progress
 from ..rank_logs import rank_log_paths
 from ...utilities.apply import tensors_to_cpu
 from ...stepping import rank_prompts
+# Imported with the rank's entry point, so a forked rank inherits pdb (and bdb, cmd, code) instead of
+# importing them again in every rank on every launch: about 12 ms of CPU per rank (issue 19's profile).
+from ...stepping import rank_pdb  # noqa: F401
 
 _SKIP_IN_TRACEBACKS = (LAUNCH_DIR,)
 
