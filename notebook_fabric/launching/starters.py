@@ -64,6 +64,16 @@ def read_available(fd: int, limit: int = 65536) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+def open_pidfd(pid: int) -> Optional[int]:
+    """A descriptor that turns readable when ``pid`` can be reaped (Linux 5.3+), or ``None``."""
+    if not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
 class MultiprocessingRank:
     """A rank started by a ``multiprocessing`` context (fork or forkserver)."""
 
@@ -79,6 +89,11 @@ class MultiprocessingRank:
             self._process.start()
         crash_write.close()
         self.pid: int = self._process.pid
+        # A forked rank is our child: its pidfd turns readable once it can be reaped, whereas
+        # multiprocessing's sentinel pipe closes while the kernel still tears the process down
+        # (the supervisor then polls until the exit code shows). The forkserver's ranks keep the
+        # pipe: their exit code travels on it.
+        self._pidfd = open_pidfd(self.pid) if method == "fork" else None
 
     def last_words(self) -> str:
         return read_available(self._crash_read.fileno())
@@ -89,7 +104,7 @@ class MultiprocessingRank:
 
     @property
     def sentinel(self) -> Optional[int]:
-        return self._process.sentinel
+        return self._pidfd if self._pidfd is not None else self._process.sentinel
 
     def terminate(self) -> None:
         self._process.terminate()
@@ -99,6 +114,9 @@ class MultiprocessingRank:
 
     def close(self) -> None:
         self._crash_read.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         try:
             self._process.join(timeout=0)
             self._process.close()
@@ -128,12 +146,7 @@ class SubprocessRank:
             self._popen.stdin.close()
         except OSError:  # it died at once; its exit code tells why
             pass
-        self._pidfd: Optional[int] = None
-        if hasattr(os, "pidfd_open"):
-            try:
-                self._pidfd = os.pidfd_open(self.pid)
-            except OSError:
-                self._pidfd = None
+        self._pidfd = open_pidfd(self.pid)
 
     @property
     def exitcode(self) -> Optional[int]:
