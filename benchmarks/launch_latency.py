@@ -166,13 +166,31 @@ def _raise_timeout(signum, frame) -> None:  # noqa: ANN001 - a signal handler
     raise CallTimedOut()
 
 
+def _shared_helpers() -> set:
+    """multiprocessing's forkserver and resource tracker: every later call of this run needs them."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
+            getattr(resource_tracker._resource_tracker, "_pid", None)}
+    return {pid for pid in pids if pid is not None}
+
+
 def reap_children() -> None:
     """End whatever a failed variant left running (its ranks, its elastic agent), so later rounds start clean."""
-    children = psutil.Process().children(recursive=True)
+    keep = _shared_helpers()
+    children = [c for c in psutil.Process().children(recursive=False) if c.pid not in keep]
+    children += [g for c in children for g in _descendants(c)]
     for child in children:
         with contextlib.suppress(psutil.Error):
             child.kill()
     psutil.wait_procs(children, timeout=5)
+
+
+def _descendants(process: "psutil.Process") -> list:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def quietly(call: Callable[[], object], call_timeout: float) -> float:
