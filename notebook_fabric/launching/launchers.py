@@ -7,6 +7,7 @@ this process is itself a rank.
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from .start_methods import RankSource, traits_of
@@ -102,7 +103,32 @@ def select_launcher(fabric: "Fabric", runs_a_function: bool) -> Launcher:
 
     A script strategy (``popen``) given a function on one node runs it in a pool instead: several
     nodes started by hand keep re-running the script (a local pool cannot hold the other nodes' ranks).
+    In an interactive session (a notebook, IPython, ``python -i``) a launcher that is not
+    ``is_interactive_compatible`` is refused here, before anything starts.
     """
+    launcher = _pick_launcher(fabric, runs_a_function)
+    if not launcher.is_interactive_compatible and running_interactively():
+        raise RuntimeError(
+            f"fabric.launch() without a function re-runs the script for the other ranks of"
+            f" strategy={type(fabric.strategy).__name__}, but this is an interactive session (a notebook or"
+            " a REPL) with no script to run again. Call fabric.launch(train_fn) with a function taking"
+            " `fabric` first, or use strategy='ddp_notebook'."
+        )
+    return launcher
+
+
+def running_interactively() -> bool:
+    """A notebook kernel, an IPython shell, the plain REPL or ``python -i``: no script to re-run."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    try:
+        return ipython is not None and ipython.get_ipython() is not None
+    except Exception:  # noqa: BLE001 - a broken IPython is no shell
+        return False
+
+
+def _pick_launcher(fabric: "Fabric", runs_a_function: bool) -> Launcher:
     strategy = fabric.strategy
     row = traits_of(strategy.start_method)
     if row is not None and row.source is RankSource.XLA:
