@@ -9,7 +9,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from notebook_fabric.launching.start_methods import POOL_START_METHODS
+from notebook_fabric.strategies.start_methods import POOL_START_METHODS
 
 from .commands import FabricUsageError
 from .session import CellOptions, FabricSession

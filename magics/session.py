@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from notebook_fabric.launching.api import plan_ranks
-from notebook_fabric.launching.errors import LaunchTimeoutError, RankDiedError, format_ranks
+from notebook_fabric.fabric import Fabric, build_rank_fabric
+from notebook_fabric.launching.errors import LaunchTimeoutError, RankDiedError
+from notebook_fabric.live.ranks import format_ranks
+from notebook_fabric.strategies.start_methods import is_pool_start_method
 from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.launching.processes import describe_exit
 from notebook_fabric.live.dashboard import DashboardSink, want_dashboard
@@ -96,7 +98,7 @@ class FabricSession(PoolCommands, DebugCommands):
         except (ValueError, TypeError) as error:
             raise with_render(error, [f"{type(error).__name__}: cannot start {settings.describe()}: {error}",
                                       "Nothing was started; fix the option and run the cell again."]) from None
-        pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes,
+        pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes, make_fabric=build_rank_fabric,
                         start_method=settings.start_method or declared, sink=TextSink(),
                         heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir,
                         trace_collectives=True)
@@ -278,3 +280,14 @@ def _notes(error: BaseException) -> List[str]:
 def _remote_traceback(error: BaseException) -> List[str]:
     text = getattr(error, "remote_traceback", None)
     return ["Traceback on the rank:", *text.rstrip().splitlines()] if text else []
+
+
+def plan_ranks(fabric_kwargs: Dict[str, Any]) -> "tuple[int, Optional[str]]":
+    """Build the pool's Fabric here (validating every setting, without touching CUDA) and read off how
+    many ranks it wants and the start method its strategy declares (if a pool one)."""
+    strategy = Fabric(**fabric_kwargs).strategy
+    num_nodes = int(getattr(strategy, "num_nodes", 1) or 1)
+    if num_nodes > 1:
+        raise ValueError(f"the %%fabric pool starts ranks on this machine only, but num_nodes={num_nodes}")
+    declared = getattr(strategy, "start_method", None)
+    return int(getattr(strategy, "num_processes", 1) or 1), declared if is_pool_start_method(declared) else None

@@ -126,7 +126,9 @@ def start_workers(fabric, ns):
 def test_ranks_and_their_dataloader_workers_end_with_the_kernel(kernel):
     kernel.run(DEFINE)
     cell = kernel.run("from notebook_fabric.launching.pool import RankPool\n"
-                      "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2).start()\n"
+                      "from notebook_fabric.fabric import build_rank_fabric\n"
+                      "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2,\n"
+                      "                make_fabric=build_rank_fabric).start()\n"
                       "pool.pids")
     assert cell.status == "ok", cell.all_text
     ranks = [psutil.Process(pid) for pid in json.loads(cell.result)]

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..launching.errors import format_ranks
+from ..live.ranks import format_ranks
 from .callsite import Place, source_line, user_place
 from .check_mesh import CheckMesh, MeshPeerGone, build_mesh
 from .ops import _all_gather_single

@@ -4,7 +4,8 @@ The one process-supervision implementation: ``launch(fn)`` is start + one task +
 ``%%fabric`` magic keeps a pool alive across cells. A task is ``task(fabric, namespace)`` where
 ``namespace`` is the rank's persistent dict (``namespace["fabric"]`` is the rank's Fabric).
 
-    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2).start()
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2,
+                    make_fabric=build_rank_fabric).start()   # from notebook_fabric.fabric
     pool.push({"lr": 0.1})
     pool.run(lambda fabric, ns: ns.setdefault("steps", []).append(fabric.global_rank))
     pool.pull("steps")            # {0: [0], 1: [1]}
@@ -39,7 +40,7 @@ from .processes import descendants, kill_all, kill_process_group, signal_process
 from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
 from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
-from .start_methods import inherits_memory
+from ..strategies.start_methods import inherits_memory
 from .run_loop import RunLoop, wait_until_ready
 from .starters import start_rank
 from .supervisor import RankHandle, Supervisor
@@ -65,7 +66,9 @@ class RankPool:
     """A pool of ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched.
 
     ``start_method``: ``"fork"``, ``"spawn"``, ``"forkserver"`` or ``None`` (fork where safe).
-    ``make_fabric(fabric_kwargs)`` replaces the default ``Fabric(**kw); fabric.launch()``.
+    ``make_fabric(fabric_kwargs)`` builds a rank's prepared Fabric in the rank (required: the pool
+    never imports ``fabric.py``; ``notebook_fabric.fabric.build_rank_fabric`` is
+    ``Fabric(**kw); fabric.launch()``).
     ``namespace`` seeds every rank's namespace (inherited under fork, cloudpickled otherwise).
     ``sink`` receives every event (default: a :class:`TextSink` printing ``[rank N] ...``).
     ``trace_collectives`` sends every collective enter/exit as an event (heartbeats always carry
@@ -78,13 +81,16 @@ class RankPool:
     """
 
     def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
-                 start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                 make_fabric: Callable[[Dict[str, Any]], Any], start_method: Optional[str] = None,
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
                  heartbeat_interval: float = 2.0, trace_collectives: bool = False,
                  log_dir: Union[str, "os.PathLike[str]", None, bool] = None,
                  idle_sink: Optional[EventSink] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+        if not callable(make_fabric):
+            raise TypeError("make_fabric must build a rank's Fabric from fabric_kwargs, e.g."
+                            f" notebook_fabric.fabric.build_rank_fabric; got {make_fabric!r}")
         if log_dir is True or not (log_dir is None or log_dir is False or isinstance(log_dir, (str, os.PathLike))):
             raise TypeError(f"log_dir must be a path, None (a temporary folder) or False (no logs), got {log_dir!r}")
         if isinstance(log_dir, str) and not log_dir.strip():

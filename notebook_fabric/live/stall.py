@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from .events import CollectiveState, Heartbeat, RankEvent
 from .fold import fold_frames
 from .notices import write_notice
+from .ranks import format_ranks
 from .sinks import EventSink
 
 
@@ -27,12 +28,8 @@ class StallReport:
     stacks: Dict[int, str]
 
 
-def ranks_label(ranks: List[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
-
 def plain_stacks(stacks: Dict[int, str], clean: Callable[[str], str] = fold_frames,
-                 label: Callable[[List[int]], str] = ranks_label) -> str:
+                 label: Callable[[List[int]], str] = format_ranks) -> str:
     """Every rank's stack, one indented block per group of ranks whose ``clean``-ed stacks are the same,
     headed by ``label(ranks)``."""
     groups: Dict[str, List[int]] = {}
@@ -74,7 +71,6 @@ class StallWatchdog:
         return self._report(now)
 
     def _report(self, now: float) -> StallReport:
-        from ..launching.errors import format_ranks
 
         stacks = self._where(2.0)
         waiting: Dict[str, List[int]] = {}

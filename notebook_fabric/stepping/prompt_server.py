@@ -140,7 +140,7 @@ class PromptServer:
         self.holder = rank
         others = sorted(set(self.waiting) - {rank})
         if self.waiting[rank].debugger and (rank not in self.served or others):
-            from ..launching.errors import format_ranks
+            from ..live.ranks import format_ranks
 
             queue = f"; {format_ranks(others)} {'waits' if len(others) == 1 else 'wait'} their turn" if others else ""
             self._notice(f"rank {rank} is in the debugger{queue}")
@@ -222,7 +222,7 @@ class PromptServer:
                 self._announce(rank, reply.collective)
 
     def _announce(self, rank: int, collective: Any) -> None:
-        from ..launching.errors import format_ranks
+        from ..live.ranks import format_ranks
 
         key = (rank, collective.seq)
         stopped = sorted(({self.holder} if self.holder is not None else set()) | set(self.waiting))

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from .parallel import ParallelStrategy
 from .process_group import DEFAULT_TIMEOUT, ProcessGroupMixin

@@ -1,7 +1,10 @@
-"""The start methods: how a strategy's ranks come to exist, spelled once, in one table.
+"""The start methods: how a strategy's ranks come to exist, in one table beside the strategies.
 
 A strategy declares one (``strategy.start_method``); the launcher that acts on it is picked in
-:mod:`.launchers`. Every other module asks this table rather than spelling the names itself.
+:mod:`notebook_fabric.launching.launchers`. What a method means (who starts the ranks, whether they
+inherit this process' memory, which strategy names spell it) is read from this table; the modules
+that start processes (``launching/starters.py``, ``launching/preflight.py``, ``launching/rank/main.py``)
+also spell ``"spawn"``, ``"fork"`` and ``"forkserver"`` where they call ``multiprocessing`` by those names.
 """
 from __future__ import annotations
 
@@ -31,11 +34,6 @@ class StartMethodTraits:
     name_suffixes: Tuple[str, ...] = ()
     #: whether a rank starts as a copy of this process (nothing is pickled; open ports are inherited)
     inherits_memory: bool = False
-
-    @property
-    def runs_a_function_only(self) -> bool:
-        """Whether its ranks can only run a function (never the script again): ``launch(fn)``, not the CLI."""
-        return self.source is not RankSource.SCRIPT
 
 
 START_METHOD_TABLE: Mapping[str, StartMethodTraits] = {
@@ -88,7 +86,7 @@ def inherits_memory(start_method: Optional[str]) -> bool:
 def start_method_named_by(strategy_name: str) -> Optional[str]:
     """The start method a strategy name stands for: a registered strategy's declared one, else the
     method an unregistered ``<strategy>_<method>`` name spells (``fsdp_spawn``, ``ddp_notebook``)."""
-    from ..strategies import STRATEGY_REGISTRY
+    from . import STRATEGY_REGISTRY
 
     name = strategy_name.strip().lower()
     if name in STRATEGY_REGISTRY:
