@@ -32,9 +32,12 @@ from .commands import RESTART_NOTE, FabricUsageError, PoolCommands, Snapshot, no
 from .debugging import DebugCommands
 from .probe import probe_rank
 from .render import RankValues, format_failures, format_stacks
-from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
+from notebook_fabric.launching.outcome import RunOutcome
 from .settings import PoolSettings, parse_ranks
 from .shipping import UnpicklableVariableError, ValueTracker
+
+FAILURE_GRACE = 1.0  # seconds to collect the other ranks' failures after the first
+INTERRUPT_GRACE = 3.0  # seconds ranks get to stop after an interrupt before the pool is ended
 
 
 @dataclass
@@ -160,10 +163,12 @@ class FabricSession(PoolCommands, DebugCommands):
             board = DashboardSink(ranks, title="%%fabric", shown=show if show is not None else ranks).start()
         sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall,
                         dashboard=board)
-        record = RunRecord()
+        record = RunOutcome(ranks=ranks)
         self.cell_running = True
-        try:
-            results = run_on_pool(pool, task, running, sink, options.timeout, record)
+        try:  # the whole outcome, not only the first group of failures: every rank's traceback is shown
+            record = pool.run_task(task, running, timeout=options.timeout, sink=sink, recover=True,
+                                   failure_grace=FAILURE_GRACE, interrupt_grace=INTERRUPT_GRACE)
+            results = record.result()
         except KeyboardInterrupt as error:
             self.tracker.forget(shipment.values)
             raise self._interrupted(error, record, ranks, sink.notices) from None
@@ -218,11 +223,11 @@ class FabricSession(PoolCommands, DebugCommands):
         self.ended = self.ended or "stopped after the failure above"
         return f"The pool was stopped; the next %%fabric cell starts a new one ({RESTART_NOTE})."
 
-    def _failed(self, error: Exception, record: RunRecord, ranks: List[int]) -> BaseException:
+    def _failed(self, error: Exception, record: RunOutcome, ranks: List[int]) -> BaseException:
         lines: List[str] = []
         dead = {} if isinstance(error, RankDiedError) else dict(record.deaths)
         if dead:  # another rank's error (e.g. a collective's peer hung up) arrived before the death itself
-            self.ended = "; ".join(f"rank {r} {text}" for r, text in sorted(dead.items()))
+            self.ended = record.death_summary
             lines.append(f"RankDiedError: {self.ended} while running the cell; the other ranks' errors follow from it:")
             first = min(dead)
             cause = error
@@ -251,7 +256,7 @@ class FabricSession(PoolCommands, DebugCommands):
         lines.append(self._pool_state_line())
         return with_render(error, lines)
 
-    def _interrupted(self, error: KeyboardInterrupt, record: RunRecord, ranks: List[int],
+    def _interrupted(self, error: KeyboardInterrupt, record: RunOutcome, ranks: List[int],
                      notices: List[str]) -> BaseException:
         stopped = sorted(record.interrupted)
         lines = ["KeyboardInterrupt: the %%fabric cell was interrupted."]

@@ -51,10 +51,6 @@ class CallSignature:
     name: Optional[str]
     place: str
 
-    def matches(self, other: "CallSignature") -> bool:
-        mine = (self.seq, self.op, self.shapes, self.dtypes, self.reduce_op, self.src)
-        return mine == (other.seq, other.op, other.shapes, other.dtypes, other.reduce_op, other.src)
-
     def checksum(self) -> int:
         """A checksum of what must match across ranks (the same in every process, unlike ``hash``)."""
         key = (self.op, self.shapes, self.dtypes, self.reduce_op, self.src)

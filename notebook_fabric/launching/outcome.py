@@ -23,6 +23,7 @@ class RunOutcome:
     arrival: List[int] = field(default_factory=list)  # failing ranks in the order their failures came
     interrupted: List[int] = field(default_factory=list)
     deaths: Dict[int, str] = field(default_factory=dict)  # rank -> "killed by signal SIGKILL (...)"
+    ledgers: Dict[int, tuple] = field(default_factory=dict)  # each rank's newest collective ledger entries
     error: Optional[BaseException] = None
 
     @property
@@ -32,6 +33,11 @@ class RunOutcome:
     @property
     def finished(self) -> List[int]:
         return sorted(self.values)
+
+    @property
+    def death_summary(self) -> str:
+        """``"rank 1 was killed by signal SIGKILL (...); rank 2 exited with code 3"``, or ``""``."""
+        return "; ".join(f"rank {rank} {text}" for rank, text in sorted(self.deaths.items()))
 
     def result(self) -> Dict[int, Any]:
         """``{rank: value}``, or raise what went wrong (what ``RankPool.run`` does)."""

@@ -194,6 +194,7 @@ class RunLoop:
         record.failures, record.arrival = dict(self.failures), list(self.arrival)
         record.interrupted = list(self.interrupted)
         record.deaths = deaths_of(self.deaths, self.pool.handles)
+        record.ledgers = dict(self.pool.ledgers)
         return record
 
     # -- waiting --------------------------------------------------------------------------------

@@ -93,19 +93,22 @@ def print_report(report: StallReport, hint: str) -> None:
 
 
 class StallWatchdogSink:
-    """An :class:`EventSink` that passes everything on and prints a stall report when one appears."""
+    """An :class:`EventSink` that passes everything on and prints a stall report when one appears
+    (``on_report(report)`` is told first: the ``%%fabric`` cell keeps it for ``%fabric where``)."""
 
-    def __init__(self, inner: EventSink, watchdog: StallWatchdog, hint: str) -> None:
+    def __init__(self, inner: EventSink, watchdog: StallWatchdog, hint: str,
+                 on_report: Optional[Callable[[StallReport], None]] = None) -> None:
         self.inner = inner
         self.watchdog = watchdog
         self.hint = hint
-        self.last_report: Optional[StallReport] = None
+        self._on_report = on_report
 
     def handle(self, event: RankEvent) -> None:
         if isinstance(event, Heartbeat):
             report = self.watchdog.observe(event)
             if report is not None:
-                self.last_report = report
+                if self._on_report is not None:
+                    self._on_report(report)
                 self.inner.flush()
                 print_report(report, self.hint)
         self.inner.handle(event)  # heartbeats too: the dashboard shows memory and collectives from them

@@ -82,8 +82,5 @@ class DDPStrategy(ProcessGroupMixin, ParallelStrategy):
         """Does nothing: DDP is configured in :meth:`setup_module`. Kept because the strategy interface
         of the spec lists it."""
 
-    def teardown(self) -> None:
-        super().teardown()
-
     def __repr__(self) -> str:
         return f"DDPStrategy(backend={self._process_group_backend or 'auto'}, start_method={self.start_method})"

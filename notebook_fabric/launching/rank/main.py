@@ -93,6 +93,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
                                                                     text=text)),
                             log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    memory = MemorySampler(rank, outbox, state).start()  # the one thread reading this rank's RSS
     forget_kernel()  # a rank forked from a kernel is not the kernel
     report_progress(rank, outbox)
     rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
@@ -110,7 +111,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
     metrics = report_metrics(fabric, rank, outbox)
-    memory = MemorySampler(rank, outbox, state, also=metrics.flush).start()
+    memory.watch(lambda: fabric.accelerator.memory_stats(fabric.device), also=metrics.flush)
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
     while True:
