@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..live.events import RankExited, RemoteFailure
+from ..live.events import RemoteFailure
 
 
 @dataclass
@@ -44,19 +44,3 @@ class RunOutcome:
         if self.error is not None:
             raise self.error
         return {rank: self.values[rank] for rank in self.ranks}
-
-
-def deaths_of(exits: Dict[int, RankExited], handles: List[Any]) -> Dict[int, str]:
-    """Every rank that died: those whose exit the run loop saw, and those whose process ended
-    unasked although its exit event had not arrived yet (asked of the process itself)."""
-    from .processes import describe_exit
-
-    deaths = {rank: event.description for rank, event in exits.items()}
-    for handle in handles:
-        try:
-            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
-        except ValueError:  # a process object the pool already closed: its exit was seen, or it was stopped
-            continue
-        if code is not None and not handle.exit_expected and handle.rank not in deaths:
-            deaths[handle.rank] = describe_exit(code)
-    return deaths
