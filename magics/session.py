@@ -269,7 +269,7 @@ class FabricSession(PoolCommands, DebugCommands):
         if failed:
             lines += format_failures(failed, [r for r in record.arrival if r in failed], sorted(failed))
         if self.pool is not None and not self.pool.alive:
-            stuck = sorted(set(ranks) - set(stopped) - set(record.finished) - set(record.failures))
+            stuck = record.unfinished
             if stuck:
                 lines.append(f"{format_ranks(stuck)} did not stop within {INTERRUPT_GRACE:g} s (or the kernel was "
                              "interrupted twice) and {} terminated.".format("was" if len(stuck) == 1 else "were"))

@@ -152,7 +152,8 @@ def test_a_pool_started_from_a_short_lived_thread_outlives_it(clean_environment)
     """The parent-death signal follows the starting thread: pools started off the main thread
     are started by a long-lived starter thread instead."""
     started = []
-    starter = threading.Thread(target=lambda: started.append(RankPool(CPU_DDP, 2, make_fabric=build_rank_fabric, sink=RecordingSink()).start()))
+    starter = threading.Thread(target=lambda: started.append(
+        RankPool(CPU_DDP, 2, make_fabric=build_rank_fabric, sink=RecordingSink()).start()))
     starter.start()
     starter.join()
     pool = started[0]

@@ -49,7 +49,8 @@ def train(fabric, namespace):
 def test_states_memory_output_progress_and_plot_of_a_real_run(clean_environment, ranks: int) -> None:
     model = DashboardModel(range(ranks))
     recorder = RecordingSink()
-    pool = RankPool(cpu_ddp(ranks), ranks, make_fabric=build_rank_fabric, sink=FanOutSink(model, recorder), trace_collectives=True,
+    pool = RankPool(cpu_ddp(ranks), ranks,
+                    make_fabric=build_rank_fabric, sink=FanOutSink(model, recorder), trace_collectives=True,
                     heartbeat_interval=0.2).start()
     try:
         values = pool.run(train)
@@ -153,7 +154,8 @@ def test_heartbeats_between_tasks_reach_the_idle_sink_and_the_next_task_gets_the
 
     idle = RecordingSink()  # thread-safe: the pool's reader thread calls it between tasks
     model = DashboardModel(range(2))
-    pool = RankPool(cpu_ddp(2), 2, make_fabric=build_rank_fabric, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
+    pool = RankPool(cpu_ddp(2), 2,
+                    make_fabric=build_rank_fabric, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
     try:
         wait_until(lambda: {e.rank for e in idle.events if isinstance(e, Heartbeat)} == {0, 1}, 30,
                    "heartbeats of both ranks between tasks")

@@ -22,6 +22,7 @@ class RunOutcome:
     failures: Dict[int, RemoteFailure] = field(default_factory=dict)
     arrival: List[int] = field(default_factory=list)  # failing ranks in the order their failures came
     interrupted: List[int] = field(default_factory=list)
+    unfinished: List[int] = field(default_factory=list)  # ranks that never answered (stopped with the pool)
     deaths: Dict[int, str] = field(default_factory=dict)  # rank -> "killed by signal SIGKILL (...)"
     ledgers: Dict[int, tuple] = field(default_factory=dict)  # each rank's newest collective ledger entries
     error: Optional[BaseException] = None

@@ -186,6 +186,7 @@ class RunLoop:
             record.values = {rank: self.results[rank] for rank in self.ranks if rank in self.results}
         record.failures, record.arrival = dict(self.failures), list(self.arrival)
         record.interrupted = list(self.interrupted)
+        record.unfinished = sorted(self.pending)
         record.deaths = self.world.deaths(self.deaths)
         record.ledgers = dict(self.world.ledgers)
         return record

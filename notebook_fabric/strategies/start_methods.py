@@ -3,8 +3,9 @@
 A strategy declares one (``strategy.start_method``); the launcher that acts on it is picked in
 :mod:`notebook_fabric.launching.launchers`. What a method means (who starts the ranks, whether they
 inherit this process' memory, which strategy names spell it) is read from this table; the modules
-that start processes (``launching/starters.py``, ``launching/preflight.py``, ``launching/rank/main.py``)
-also spell ``"spawn"``, ``"fork"`` and ``"forkserver"`` where they call ``multiprocessing`` by those names.
+that start processes (``launching/starters.py``, ``preflight.py``, ``rank/main.py``, ``xla_ranks.py``)
+also spell ``"spawn"``, ``"fork"`` and ``"forkserver"`` where they hand those names to ``multiprocessing``
+or torch_xla.
 """
 from __future__ import annotations
 
