@@ -9,7 +9,7 @@ Installed as ``notebook_fabric.magics`` and loaded with ``%load_ext notebook_fab
     %fabric status | stop | restart | where | pull NAME [--rank R | --all] | push NAME ...
 
 Only :mod:`.ipython_magics` imports IPython, and only when the extension is loaded: the modules
-that run inside ranks (:mod:`.cell_task`, :mod:`.subset_guard`) are importable without it.
+that run inside ranks (:mod:`.cell_task`) are importable without it.
 """
 from __future__ import annotations
 

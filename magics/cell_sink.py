@@ -5,7 +5,8 @@ notebook's main thread, so what it prints lands in the running cell):
 
 - rank output: the chosen ranks' stdout/stderr, prefixed ``[rank N]``, as it arrives
   (:class:`~notebook_fabric.live.sinks.TextSink`); other ranks' output is counted, not shown;
-- launcher notices: ``[notebook-fabric] ...`` on stderr;
+- launcher notices: ``[notebook-fabric] ...`` (informational ones on stdout in a kernel, warnings on
+  stderr: :mod:`notebook_fabric.live.notices`);
 - heartbeats: every rank reports its current collective; when some ranks have waited in a
   collective for ``stall_after`` seconds that other ranks have not entered, the watchdog asks every
   rank where it is (``pool.where``, answered by the ranks' control threads even while stuck) and
@@ -21,7 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 from notebook_fabric.live.events import Heartbeat, Notice, Output, RankEvent
 from notebook_fabric.live.sinks import EventSink, TextSink
-from notebook_fabric.live.stall import StallReport, StallWatchdog, print_report
+from notebook_fabric.live.stall import StallReport, StallWatchdog, StallWatchdogSink
 
 from .render import format_stacks
 
@@ -35,40 +36,30 @@ class CellSink:
         self._text: EventSink = dashboard if dashboard is not None else TextSink(ranks=show)
         self.dashboard = dashboard
         self.show = None if show is None else set(show)
-        self._watchdog = StallWatchdog(running, where, stall_after, format_stacks=format_stacks)
+        self._stall = StallWatchdogSink(self._text, StallWatchdog(running, where, stall_after, format_stacks=format_stacks),
+                                        hint="interrupt the kernel to stop the cell; --stall 0 turns this report off",
+                                        on_report=self._reported)
         self.hidden_output: Dict[int, int] = {}
         self.stall_report: Optional[StallReport] = None
         self.notices: List[str] = []
         self._wrote = False
 
     def handle(self, event: RankEvent) -> None:
-        if self.dashboard is not None:
-            if isinstance(event, Heartbeat):
-                self._observe(event)
-            if isinstance(event, Notice):
-                self.notices.append(event.text)
-            self.dashboard.handle(event)
-            return
-        if not isinstance(event, (Output, Heartbeat, Notice)):
-            return  # task, collective and memory events are for the dashboard
-        if isinstance(event, Output) and self.show is not None and event.rank not in self.show:
-            self.hidden_output[event.rank] = self.hidden_output.get(event.rank, 0) + event.text.count("\n")
-            return
-        if isinstance(event, Heartbeat):
-            self._observe(event)
-            return
         if isinstance(event, Notice):
             self.notices.append(event.text)
-        self._wrote = True
-        self._text.handle(event)
+        if self.dashboard is None:
+            if not isinstance(event, (Output, Heartbeat, Notice)):
+                return  # task, collective and memory events are for the dashboard
+            if isinstance(event, Output) and self.show is not None and event.rank not in self.show:
+                self.hidden_output[event.rank] = self.hidden_output.get(event.rank, 0) + event.text.count("\n")
+                return
+            if not isinstance(event, Heartbeat):
+                self._wrote = True
+        self._stall.handle(event)  # heartbeats feed the stall watchdog, then go on (the text printer drops them)
 
-    def _observe(self, event: Heartbeat) -> None:
-        report = self._watchdog.observe(event)
-        if report is not None:
-            self.stall_report = report
-            self.flush()
-            self._wrote = True
-            print_report(report, "interrupt the kernel to stop the cell; --stall 0 turns this report off")
+    def _reported(self, report: StallReport) -> None:
+        self.stall_report = report
+        self._wrote = True
 
     def flush(self) -> None:
         """Print held partial lines and flush the streams, if the cell printed anything (a kernel's

@@ -188,6 +188,6 @@ def _is_module(value: Any) -> bool:
 
 
 def _subset_guard(running: Tuple[int, ...], world_size: int) -> Any:
-    from .subset_guard import subset_guard
+    from notebook_fabric.collectives.subset_guard import subset_guard
 
     return subset_guard(running, world_size)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
-from notebook_fabric.launching.errors import format_ranks
+from notebook_fabric.live.ranks import format_ranks
 from notebook_fabric.live.notices import write_notice
 
 from .cell_task import CellTask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence
 
-from notebook_fabric.launching.errors import format_ranks
+from notebook_fabric.live.ranks import format_ranks
 from notebook_fabric.live.sinks import TextSink
 
 

@@ -3,31 +3,73 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from notebook_fabric.launching.start_methods import POOL_START_METHODS
+from notebook_fabric.strategies.start_methods import POOL_START_METHODS
 
 from .commands import FabricUsageError
 from .session import CellOptions, FabricSession
 
-LINE_USAGE = """\
-%fabric status                       ranks, pids, state, device, memory
-%fabric where                        every rank's current Python stack (works while a cell is stuck,
-                                     from a kernel subshell), then where ranks were at the last
-                                     interrupt or stall report
-%fabric ledger [--last N]            every rank's collectives (Fabric's and torch's own, e.g. DDP's) side
-                                     by side by sequence number, the first divergence marked
-%fabric stop                         end the pool
-%fabric restart                      end the pool and start it again with the same settings
-%fabric pull NAME [--rank R | --all] copy a rank's variable (default rank 0; --all: list by rank)
-%fabric push NAME [NAME ...] [--rank R]
-                                     send notebook variables to the ranks (default every rank)
-%fabric debug [--rank R]             pdb on the frame where the last failing cell failed (default: the
-                                     first failing rank), with its locals; the pool stays"""
+
+@dataclass(frozen=True)
+class LineCommand:
+    """One ``%fabric`` sub-command: its synopsis and help (the usage text), its arguments
+    (``argparse`` ``(name, options)`` pairs) and what it does with the session and the parsed arguments."""
+
+    synopsis: str
+    help: str
+    arguments: Tuple[Tuple[str, Dict[str, Any]], ...] = ()
+    run: Callable[[FabricSession, argparse.Namespace], Optional[str]] = lambda session, args: None
+
+    @property
+    def name(self) -> str:
+        return self.synopsis.split()[1]
+
+
+#: every ``%fabric`` sub-command: the usage text, the dispatch and the parsers are read from here
+LINE_COMMANDS: Tuple[LineCommand, ...] = (
+    LineCommand("%fabric status", "ranks, pids, state, device, memory", run=lambda session, args: session.status()),
+    LineCommand("%fabric where", "every rank's current Python stack (works while a cell is stuck,\n"
+                "from a kernel subshell), then where ranks were at the last\ninterrupt or stall report",
+                run=lambda session, args: session.where()),
+    LineCommand("%fabric ledger [--last N]", "every rank's collectives (Fabric's and torch's own, e.g. DDP's) side\n"
+                "by side by sequence number, the first divergence marked",
+                (("--last", {"type": int, "default": None}),), lambda session, args: session.ledger(args.last)),
+    LineCommand("%fabric stop", "end the pool", run=lambda session, args: session.stop()),
+    LineCommand("%fabric restart", "end the pool and start it again with the same settings",
+                run=lambda session, args: session.restart()),
+    LineCommand("%fabric pull NAME [--rank R | --all]", "copy a rank's variable (default rank 0; --all: list by rank)",
+                (("name", {}), ("--rank", {"type": int, "default": None}), ("--all", {"action": "store_true"})),
+                lambda session, args: session.pull(args.name, args.rank, args.all)),
+    LineCommand("%fabric push NAME [NAME ...] [--rank R]", "send notebook variables to the ranks (default every rank)",
+                (("names", {"nargs": "+"}), ("--rank", {"type": int, "action": "append"})),
+                lambda session, args: session.push(args.names, args.rank)),
+    LineCommand("%fabric debug [--rank R]", "pdb on the frame where the last failing cell failed (default: the\n"
+                "first failing rank), with its locals; the pool stays",
+                (("--rank", {"type": int, "default": None}),), lambda session, args: session.debug(args.rank)),
+)
+_HELP_COLUMN = 37
+
+
+def _usage(commands: Sequence[LineCommand]) -> str:
+    lines: List[str] = []
+    for command in commands:
+        helps = command.help.split("\n")
+        if len(command.synopsis) < _HELP_COLUMN:
+            lines.append(command.synopsis.ljust(_HELP_COLUMN) + helps[0])
+            helps = helps[1:]
+        else:
+            lines.append(command.synopsis)
+        lines += [" " * _HELP_COLUMN + text for text in helps]
+    return "\n".join(lines)
+
+
+LINE_USAGE = _usage(LINE_COMMANDS)
 
 
 @magics_class
@@ -96,40 +138,25 @@ class FabricMagics(Magics):
 
     def _line(self, line: str) -> Any:
         words = shlex.split(line)
-        command, rest = (words[0], words[1:]) if words else ("status", [])
-        session = self.session
+        name, rest = (words[0], words[1:]) if words else ("status", [])
+        if name in ("help", "-h", "--help"):
+            print(LINE_USAGE)
+            return None
+        command = _BY_NAME.get(name)
+        if command is None:
+            raise UsageError(f"unknown %fabric command {name!r}; use one of:\n{LINE_USAGE}")
         try:
-            if command == "status":
-                print(session.status())
-            elif command == "where":
-                print(session.where())
-            elif command == "ledger":
-                parsed = _parse(rest, "ledger", [("--last", {"type": int, "default": None})])
-                print(session.ledger(parsed.last))
-            elif command == "stop":
-                print(session.stop())
-            elif command == "restart":
-                print(session.restart())
-            elif command == "pull":
-                parsed = _parse(rest, "pull", [("name", {}), ("--rank", {"type": int, "default": None}),
-                                               ("--all", {"action": "store_true"})])
-                print(session.pull(parsed.name, parsed.rank, parsed.all))
-            elif command == "push":
-                parsed = _parse(rest, "push", [("names", {"nargs": "+"}), ("--rank", {"type": int, "action": "append"})])
-                print(session.push(parsed.names, parsed.rank))
-            elif command == "debug":
-                parsed = _parse(rest, "debug", [("--rank", {"type": int, "default": None})])
-                print(session.debug(parsed.rank))
-            elif command in ("help", "-h", "--help"):
-                print(LINE_USAGE)
-            else:
-                raise UsageError(f"unknown %fabric command {command!r}; use one of:\n{LINE_USAGE}")
+            args = _parse(rest, name, command.arguments) if command.arguments else argparse.Namespace()
+            print(command.run(self.session, args))
         except FabricUsageError as error:
             raise UsageError(str(error)) from None
         return None
 
 
-def _parse(words: List[str], command: str, spec: List[Any]) -> argparse.Namespace:
+_BY_NAME: Dict[str, LineCommand] = {command.name: command for command in LINE_COMMANDS}
+
+
+def _parse(words: List[str], command: str, spec: Sequence[Any]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"%fabric {command}", add_help=False)
     for name, kwargs in spec:
         parser.add_argument(name, **kwargs)

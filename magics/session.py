@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from notebook_fabric.launching.api import plan_ranks
-from notebook_fabric.launching.errors import LaunchTimeoutError, RankDiedError, format_ranks
+from notebook_fabric.fabric import Fabric, build_rank_fabric
+from notebook_fabric.launching.errors import LaunchTimeoutError, RankDiedError
+from notebook_fabric.live.ranks import format_ranks
+from notebook_fabric.strategies.start_methods import is_pool_start_method
 from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.launching.processes import describe_exit
 from notebook_fabric.live.dashboard import DashboardSink, want_dashboard
@@ -30,9 +32,12 @@ from .commands import RESTART_NOTE, FabricUsageError, PoolCommands, Snapshot, no
 from .debugging import DebugCommands
 from .probe import probe_rank
 from .render import RankValues, format_failures, format_stacks
-from .runner import INTERRUPT_GRACE, RunRecord, run_on_pool
+from notebook_fabric.launching.outcome import RunOutcome
 from .settings import PoolSettings, parse_ranks
 from .shipping import UnpicklableVariableError, ValueTracker
+
+FAILURE_GRACE = 1.0  # seconds to collect the other ranks' failures after the first
+INTERRUPT_GRACE = 3.0  # seconds ranks get to stop after an interrupt before the pool is ended
 
 
 @dataclass
@@ -96,7 +101,7 @@ class FabricSession(PoolCommands, DebugCommands):
         except (ValueError, TypeError) as error:
             raise with_render(error, [f"{type(error).__name__}: cannot start {settings.describe()}: {error}",
                                       "Nothing was started; fix the option and run the cell again."]) from None
-        pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes,
+        pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes, make_fabric=build_rank_fabric,
                         start_method=settings.start_method or declared, sink=TextSink(),
                         heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir,
                         trace_collectives=True)
@@ -158,10 +163,12 @@ class FabricSession(PoolCommands, DebugCommands):
             board = DashboardSink(ranks, title="%%fabric", shown=show if show is not None else ranks).start()
         sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall,
                         dashboard=board)
-        record = RunRecord()
+        record = RunOutcome(ranks=ranks)
         self.cell_running = True
-        try:
-            results = run_on_pool(pool, task, running, sink, options.timeout, record)
+        try:  # the whole outcome, not only the first group of failures: every rank's traceback is shown
+            record = pool.run_task(task, running, timeout=options.timeout, sink=sink, recover=True,
+                                   failure_grace=FAILURE_GRACE, interrupt_grace=INTERRUPT_GRACE)
+            results = record.result()
         except KeyboardInterrupt as error:
             self.tracker.forget(shipment.values)
             raise self._interrupted(error, record, ranks, sink.notices) from None
@@ -216,11 +223,11 @@ class FabricSession(PoolCommands, DebugCommands):
         self.ended = self.ended or "stopped after the failure above"
         return f"The pool was stopped; the next %%fabric cell starts a new one ({RESTART_NOTE})."
 
-    def _failed(self, error: Exception, record: RunRecord, ranks: List[int]) -> BaseException:
+    def _failed(self, error: Exception, record: RunOutcome, ranks: List[int]) -> BaseException:
         lines: List[str] = []
         dead = {} if isinstance(error, RankDiedError) else dict(record.deaths)
         if dead:  # another rank's error (e.g. a collective's peer hung up) arrived before the death itself
-            self.ended = "; ".join(f"rank {r} {text}" for r, text in sorted(dead.items()))
+            self.ended = record.death_summary
             lines.append(f"RankDiedError: {self.ended} while running the cell; the other ranks' errors follow from it:")
             first = min(dead)
             cause = error
@@ -249,7 +256,7 @@ class FabricSession(PoolCommands, DebugCommands):
         lines.append(self._pool_state_line())
         return with_render(error, lines)
 
-    def _interrupted(self, error: KeyboardInterrupt, record: RunRecord, ranks: List[int],
+    def _interrupted(self, error: KeyboardInterrupt, record: RunOutcome, ranks: List[int],
                      notices: List[str]) -> BaseException:
         stopped = sorted(record.interrupted)
         lines = ["KeyboardInterrupt: the %%fabric cell was interrupted."]
@@ -262,7 +269,7 @@ class FabricSession(PoolCommands, DebugCommands):
         if failed:
             lines += format_failures(failed, [r for r in record.arrival if r in failed], sorted(failed))
         if self.pool is not None and not self.pool.alive:
-            stuck = sorted(set(ranks) - set(stopped) - set(record.finished) - set(record.failures))
+            stuck = record.unfinished
             if stuck:
                 lines.append(f"{format_ranks(stuck)} did not stop within {INTERRUPT_GRACE:g} s (or the kernel was "
                              "interrupted twice) and {} terminated.".format("was" if len(stuck) == 1 else "were"))
@@ -278,3 +285,14 @@ def _notes(error: BaseException) -> List[str]:
 def _remote_traceback(error: BaseException) -> List[str]:
     text = getattr(error, "remote_traceback", None)
     return ["Traceback on the rank:", *text.rstrip().splitlines()] if text else []
+
+
+def plan_ranks(fabric_kwargs: Dict[str, Any]) -> "tuple[int, Optional[str]]":
+    """Build the pool's Fabric here (validating every setting, without touching CUDA) and read off how
+    many ranks it wants and the start method its strategy declares (if a pool one)."""
+    strategy = Fabric(**fabric_kwargs).strategy
+    num_nodes = int(getattr(strategy, "num_nodes", 1) or 1)
+    if num_nodes > 1:
+        raise ValueError(f"the %%fabric pool starts ranks on this machine only, but num_nodes={num_nodes}")
+    declared = getattr(strategy, "start_method", None)
+    return int(getattr(strategy, "num_processes", 1) or 1), declared if is_pool_start_method(declared) else None

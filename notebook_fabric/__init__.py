@@ -23,4 +23,4 @@ def unload_ipython_extension(ipython):  # noqa: ANN001
 __all__ = ["Fabric", "seed_everything", "launch", "__version__"]
 
 # The function users call; the package that starts and supervises ranks is `notebook_fabric.launching`.
-from .launching import launch  # noqa: E402
+from .launch_api import launch  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .accelerators import ACCELERATOR_CHOICES
 from .cli_settings import export_cli_settings
-from .launching.start_methods import is_pool_start_method, start_method_named_by
+from .strategies.start_methods import is_pool_start_method, start_method_named_by
 
 PROG = "notebook-fabric"
 MULTI_NODE_DEFAULT_PORT = 29500

@@ -10,7 +10,7 @@ import inspect
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Generator, Iterable, Optional, Union
+from typing import Any, Callable, ContextManager, Generator, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,8 @@ from .collectives.debug import enable_signature_checks
 from .collectives.ops import normalize_reduce_op
 from .connector import Connector
 from .environments import ClusterEnvironment
-from .launching.launchers import select_launcher
+from .launching.launchers import RankRecipe, select_launcher
+from .launching.options import LaunchOptions
 from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
@@ -118,22 +119,39 @@ class Fabric:
         return self._loggers[0] if self._loggers else None
 
     # ----- processes -----------------------------------------------------------------------------
-    def launch(self, function: Optional[Callable[..., Any]] = None, *args: Any, **kwargs: Any) -> Any:
-        """Start the ranks and prepare this process; with ``function``, run ``function(fabric, *args)`` on each.
+    def launch(self, function: Optional[Callable[..., Any]] = None, *args: Any, start_method: Optional[str] = None,
+               timeout: Optional[float] = None, return_all: bool = False, stall: Optional[float] = 30.0,
+               sink: Any = None, log_dir: Any = None, dashboard: Optional[bool] = None, post_mortem: bool = False,
+               **kwargs: Any) -> Any:
+        """Start the ranks and prepare this process; with ``function``, run ``function(fabric, *args, **kwargs)`` on each.
 
         In a script with ``strategy="ddp"`` (or ``fsdp``, ``deepspeed``, ``model_parallel``),
-        ``fabric.launch()`` re-runs the script for the other ranks. ``fabric.launch(function)``
-        runs ``function`` on every rank and nothing else (in a script, a notebook or a REPL alike:
-        the same supervised ranks as ``notebook_fabric.launch``), and rank 0's return value comes
-        back here.
+        ``fabric.launch()`` re-runs the script for the other ranks (refused in a notebook or a REPL,
+        where there is no script). ``fabric.launch(function)`` runs ``function`` on every rank and
+        nothing else (in a script, a notebook or a REPL alike: the same supervised ranks as
+        ``notebook_fabric.launch``), and rank 0's return value comes back here. The keywords
+        ``start_method``, ``timeout``, ``return_all``, ``stall``, ``sink``, ``log_dir``, ``dashboard`` and
+        ``post_mortem`` mean what they mean for :func:`notebook_fabric.launch`; the others go to ``function``.
         """
         _check_launch_function(function)
+        name = getattr(function, "__qualname__", type(function).__name__)
+        options = LaunchOptions(start_method=start_method, timeout=timeout, return_all=return_all, stall=stall,
+                                sink=sink, log_dir=log_dir, dashboard=dashboard, post_mortem=post_mortem,
+                                title=f"fabric.launch({name})" if function is not None else "fabric.launch()")
+        return self._launch(function, args, kwargs, options)
+
+    def _launch(self, function: Optional[Callable[..., Any]], args: tuple, kwargs: dict, options: LaunchOptions,
+                fresh_processes: bool = False) -> Any:
+        """``launch`` with its options gathered; ``fresh_processes`` (``notebook_fabric.launch``): run
+        ``function`` in rank processes even where this process could be the only rank."""
         if self._launched and self._prepared_outside:  # the ranks came from outside and this one is ready
             self._prepared_outside = False
             return function(self, *args, **kwargs) if function is not None else None
         if self._launched:
             raise RuntimeError("fabric.launch() was already called for this Fabric; call it once")
-        return select_launcher(self, runs_a_function=function is not None).launch(function, *args, **kwargs)
+        launcher = select_launcher(self._strategy, rank_recipe(self), runs_a_function=function is not None,
+                                   fresh_processes=fresh_processes)
+        return launcher.launch(function, tuple(args), dict(kwargs), options)
 
     # ----- models, optimizers, data --------------------------------------------------------------
     def setup(
@@ -443,6 +461,25 @@ class Fabric:
             raise ValueError("This model was already set up with fabric.setup(); pass the original model")
         if any(isinstance(opt, _FabricOptimizer) for opt in optimizers):
             raise ValueError("This optimizer was already set up with fabric.setup(); pass the original optimizer")
+
+
+def rank_recipe(fabric: Fabric) -> RankRecipe:
+    """What a launcher is handed to start ``fabric``'s ranks (see ``launching.launchers.RankRecipe``)."""
+    return RankRecipe(fabric=fabric, prepare=prepare_rank, rebuild=fabric._init_kwargs, build=build_rank_fabric)
+
+
+def prepare_rank(fabric: Fabric) -> None:
+    """Make ``fabric`` a working rank once its process is one: the strategy's environment (process
+    group, device) and, with ``debug=True``, the collective signature checks. Every launcher calls this."""
+    fabric._prepare_this_rank()
+
+
+def build_rank_fabric(fabric_kwargs: Mapping[str, Any]) -> Fabric:
+    """In a new rank process (its torchrun variables set): ``Fabric(**fabric_kwargs)``, prepared as a rank.
+    A launcher hands this to its ranks (``RankPool(make_fabric=)``); it travels by reference."""
+    fabric = Fabric(**fabric_kwargs)
+    fabric.launch()  # LOCAL_RANK is set: starts nothing, prepares this rank
+    return fabric
 
 
 def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: bool = True) -> int:

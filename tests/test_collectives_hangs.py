@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from support.processes import wait_no_children
+from notebook_fabric.fabric import build_rank_fabric
 from notebook_fabric import launch
 from notebook_fabric.collectives import CollectiveMismatchError, last_ledger
 from notebook_fabric.launching.errors import LaunchTimeoutError
@@ -119,7 +120,8 @@ def test_save_under_is_global_zero_in_launch_is_reported_at_once(tmp_path) -> No
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_uneven_data_under_ddp_names_the_gradient_all_reduce(ranks: int) -> None:
-    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": ranks}, num_processes=ranks).start()
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": ranks}, num_processes=ranks,
+                    make_fabric=build_rank_fabric).start()
     try:
         started = time.monotonic()
         with pytest.raises(CollectiveHangError) as caught:
@@ -167,7 +169,8 @@ def test_uneven_data_under_ddp_in_launch(start_method: str) -> None:
 
 
 def test_a_barrier_skipped_by_one_of_four_ranks() -> None:
-    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 4}, num_processes=4).start()
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 4}, num_processes=4,
+                    make_fabric=build_rank_fabric).start()
     try:
         with pytest.raises(CollectiveHangError) as caught:
             pool.run(_barrier_skipped_by_rank_zero, timeout=120.0)
@@ -183,7 +186,8 @@ def test_a_barrier_skipped_by_one_of_four_ranks() -> None:
 
 
 def test_a_ddp_step_on_a_subset_of_ranks_is_reported_at_once() -> None:
-    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2).start()
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2,
+                    make_fabric=build_rank_fabric).start()
     try:
         assert pool.run(_ddp_step) == {0: "stepped", 1: "stepped"}
         started = time.monotonic()

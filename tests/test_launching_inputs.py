@@ -7,6 +7,7 @@ import pytest
 
 from support.processes import rank_like_children
 from notebook_fabric import launch
+from notebook_fabric.fabric import build_rank_fabric
 from notebook_fabric.launching import UnpicklableError, run_function
 from notebook_fabric.launching import preflight
 
@@ -41,7 +42,8 @@ def test_unknown_start_method_lists_the_valid_ones():
 
 def test_unknown_start_method_through_run_function():
     with pytest.raises(ValueError, match="'fork', 'spawn', 'forkserver'"):
-        run_function({"accelerator": "cpu"}, noop, (), num_processes=2, start_method="vfork")
+        run_function({"accelerator": "cpu"}, noop, (), make_fabric=build_rank_fabric, num_processes=2,
+                     start_method="vfork")
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
@@ -62,8 +64,8 @@ def test_generator_argument_is_refused_under_spawn():
 
 def test_unpicklable_keyword_argument_of_fabric_launch():
     with pytest.raises(UnpicklableError, match="keyword argument 'guard'"):
-        run_function({"accelerator": "cpu"}, noop, (), kwargs={"guard": threading.Lock()}, num_processes=2,
-                     start_method="spawn")
+        run_function({"accelerator": "cpu"}, noop, (), {"guard": threading.Lock()}, make_fabric=build_rank_fabric,
+                     num_processes=2, start_method="spawn")
 
 
 def test_not_a_function():

@@ -126,7 +126,9 @@ def start_workers(fabric, ns):
 def test_ranks_and_their_dataloader_workers_end_with_the_kernel(kernel):
     kernel.run(DEFINE)
     cell = kernel.run("from notebook_fabric.launching.pool import RankPool\n"
-                      "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2).start()\n"
+                      "from notebook_fabric.fabric import build_rank_fabric\n"
+                      "pool = RankPool({'accelerator': 'cpu', 'strategy': 'ddp', 'devices': 2}, 2,\n"
+                      "                make_fabric=build_rank_fabric).start()\n"
                       "pool.pids")
     assert cell.status == "ok", cell.all_text
     ranks = [psutil.Process(pid) for pid in json.loads(cell.result)]
@@ -139,3 +141,32 @@ def test_ranks_and_their_dataloader_workers_end_with_the_kernel(kernel):
     kernel.km.shutdown_kernel(now=True)  # SIGKILL: no atexit, only the parent-death signal
     gone, alive = psutil.wait_procs(ranks, timeout=15)  # ranks at once; workers notice their rank is gone
     assert alive == []
+
+
+BARE_LAUNCH = """
+import time
+from notebook_fabric import Fabric
+
+f = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+began = time.monotonic()
+try:
+    f.launch()
+finally:
+    print(f"refused after {time.monotonic() - began:.3f} s")
+"""
+
+
+def test_a_bare_launch_in_a_kernel_is_refused_before_anything_starts_and_launch_fn_still_works(kernel):
+    """``fabric.launch()`` with no function would re-run the kernel's own command line (a second kernel on
+    the same ports): it raises at once, naming what works in a notebook, and starts nothing; the same
+    Fabric then runs a function on its ranks."""
+    assert kernel.run(DEFINE).status == "ok"
+    cell = kernel.run(BARE_LAUNCH, timeout=60)
+    assert cell.status == "error" and cell.ename == "RuntimeError", cell.all_text
+    assert "fabric.launch(train_fn)" in cell.evalue and "strategy='ddp_notebook'" in cell.evalue, cell.evalue
+    assert "refused after" in cell.stdout
+    assert kernel.ranks() == []
+    cell = kernel.run("f.launch(step, 1)")
+    assert cell.status == "ok", cell.all_text
+    assert cell.result == "103.0"  # rank 0's value: (1 + 0) + (1 + 1) + 100
+    assert kernel.ranks() == []

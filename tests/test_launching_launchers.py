@@ -7,10 +7,11 @@ import psutil
 import pytest
 
 from notebook_fabric import Fabric, cli, launch
+from notebook_fabric.fabric import rank_recipe
 from notebook_fabric.launching.launchers import (
     PoolLauncher, ScriptRerunLauncher, ThisProcessLauncher, select_launcher,
 )
-from notebook_fabric.launching.start_methods import (
+from notebook_fabric.strategies.start_methods import (
     POOL_START_METHODS, START_METHOD_TABLE, RankSource, start_method_named_by,
 )
 from notebook_fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
@@ -35,7 +36,8 @@ def world_size_plus_rank(fabric: Fabric, offset: int) -> int:
 def test_the_launcher_follows_the_strategy_and_its_start_method(
     strategy: str, devices: int, runs_a_function: bool, expected: type, start_method: str
 ) -> None:
-    launcher = select_launcher(Fabric(accelerator="cpu", devices=devices, strategy=strategy), runs_a_function)
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy)
+    launcher = select_launcher(fabric.strategy, rank_recipe(fabric), runs_a_function)
     assert type(launcher) is expected
     if expected is PoolLauncher:
         assert launcher._start_method == start_method
@@ -44,7 +46,7 @@ def test_the_launcher_follows_the_strategy_and_its_start_method(
 
 def test_several_nodes_keep_re_running_the_script() -> None:
     fabric = Fabric(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp")
-    assert type(select_launcher(fabric, runs_a_function=True)) is ScriptRerunLauncher
+    assert type(select_launcher(fabric.strategy, rank_recipe(fabric), runs_a_function=True)) is ScriptRerunLauncher
 
 
 def test_every_registered_start_method_is_in_the_table() -> None:
@@ -88,3 +90,25 @@ def test_the_cli_refuses_by_the_table_not_by_the_name() -> None:
     finally:
         STRATEGY_REGISTRY.remove("pooled_quietly")
         STRATEGY_REGISTRY.remove("script_named_spawn")
+
+
+def test_fabric_launch_takes_the_options_of_launch(tmp_path) -> None:
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_fork")
+    values = fabric.launch(world_size_plus_rank, 1, return_all=True, timeout=60, log_dir=tmp_path, dashboard=False,
+                           stall=None)
+    assert values == [21, 22]
+    assert (tmp_path / "rank0" / "stdout.log").exists() and (tmp_path / "rank1" / "stderr.log").exists()
+
+
+def test_fabric_launch_refuses_a_bad_option_before_any_rank_starts() -> None:
+    before = {child.pid for child in psutil.Process(os.getpid()).children(recursive=True)}
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_fork")
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        fabric.launch(world_size_plus_rank, 1, timeout=-1)
+    with pytest.raises(TypeError, match="log_dir must be a path"):
+        fabric.launch(world_size_plus_rank, 1, log_dir=True)
+    with pytest.raises(ValueError, match="start_method='threads' is not one of"):
+        fabric.launch(world_size_plus_rank, 1, start_method="threads")
+    after = {child.pid for child in psutil.Process(os.getpid()).children(recursive=True)}
+    assert after <= before
+    assert fabric.launch(world_size_plus_rank, 2) == 22  # nothing was half-started: the same Fabric launches

@@ -11,6 +11,7 @@ import torch
 
 from support.processes import InterruptWhen, pid_alive, touch, wait_for_file, wait_no_children
 from support.waiting import poll, wait_until
+from notebook_fabric.fabric import build_rank_fabric
 from notebook_fabric.launching import PoolClosedError
 from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.events import Heartbeat, Output
@@ -23,7 +24,7 @@ CPU_DDP = {"accelerator": "cpu", "strategy": "ddp", "devices": 2}
 @pytest.fixture
 def pool(clean_environment):
     sink = RecordingSink()
-    pool = RankPool(CPU_DDP, num_processes=2, sink=sink, heartbeat_interval=0.2).start()
+    pool = RankPool(CPU_DDP, num_processes=2, make_fabric=build_rank_fabric, sink=sink, heartbeat_interval=0.2).start()
     yield pool
     pool.stop()
     assert wait_no_children() == []
@@ -131,7 +132,7 @@ def test_output_between_tasks_is_not_lost(pool):
 
 
 def test_stop_kills_rank_children_and_the_pool_refuses_more_work(clean_environment):
-    pool = RankPool(CPU_DDP, num_processes=2, sink=RecordingSink()).start()
+    pool = RankPool(CPU_DDP, num_processes=2, make_fabric=build_rank_fabric, sink=RecordingSink()).start()
     grandchildren = pool.run(lambda fabric, ns: ns.setdefault("child", __import__("subprocess").Popen(["sleep", "300"])).pid)
     pool.stop()
     assert not any(pid_alive(pid) for pid in grandchildren.values())
@@ -151,7 +152,8 @@ def test_a_pool_started_from_a_short_lived_thread_outlives_it(clean_environment)
     """The parent-death signal follows the starting thread: pools started off the main thread
     are started by a long-lived starter thread instead."""
     started = []
-    starter = threading.Thread(target=lambda: started.append(RankPool(CPU_DDP, 2, sink=RecordingSink()).start()))
+    starter = threading.Thread(target=lambda: started.append(
+        RankPool(CPU_DDP, 2, make_fabric=build_rank_fabric, sink=RecordingSink()).start()))
     starter.start()
     starter.join()
     pool = started[0]

@@ -13,6 +13,7 @@ import torch
 
 from support.processes import wait_no_children
 from notebook_fabric import launch
+from notebook_fabric.fabric import build_rank_fabric
 from notebook_fabric.launching import run_function
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,7 +44,7 @@ def test_values_come_back_from_every_start_method(start_method):
 def test_rank_zero_value_by_default_and_keyword_arguments_through_run_function():
     assert launch(sum_of_ranks, 1.0, accelerator="cpu")["rank"] == 0
     value = run_function({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, sum_of_ranks, (1.0,),
-                         kwargs={"offset": 10.0}, num_processes=2, start_method="fork")
+                         {"offset": 10.0}, make_fabric=build_rank_fabric, num_processes=2, start_method="fork")
     assert value["total"].tolist() == [13.0]
 
 

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from support.processes import wait_no_children
-from notebook_fabric.launching import launch
+from notebook_fabric.fabric import build_rank_fabric
+from notebook_fabric import launch
 from notebook_fabric.launching.pool import RankPool
 from notebook_fabric.live.dashboard_html import summary_html, summary_text, table_html
 from notebook_fabric.live.dashboard_model import DashboardModel
@@ -48,7 +49,8 @@ def train(fabric, namespace):
 def test_states_memory_output_progress_and_plot_of_a_real_run(clean_environment, ranks: int) -> None:
     model = DashboardModel(range(ranks))
     recorder = RecordingSink()
-    pool = RankPool(cpu_ddp(ranks), ranks, sink=FanOutSink(model, recorder), trace_collectives=True,
+    pool = RankPool(cpu_ddp(ranks), ranks,
+                    make_fabric=build_rank_fabric, sink=FanOutSink(model, recorder), trace_collectives=True,
                     heartbeat_interval=0.2).start()
     try:
         values = pool.run(train)
@@ -89,7 +91,7 @@ def test_a_failing_rank_is_marked_red_and_the_others_not(clean_environment) -> N
             raise ValueError("loss exploded on rank 2")
         return fabric.global_rank
 
-    pool = RankPool(cpu_ddp(4), 4, sink=model, trace_collectives=True).start()
+    pool = RankPool(cpu_ddp(4), 4, make_fabric=build_rank_fabric, sink=model, trace_collectives=True).start()
     try:
         outcome = pool.run_task(fail_on_two)
     finally:
@@ -134,7 +136,7 @@ def test_a_rank_that_dies_is_dead_with_its_signal_and_launch_feeds_the_model(cle
 
 def test_output_is_capped_per_rank_with_a_marker(clean_environment) -> None:
     model = DashboardModel(range(2), max_lines=100)
-    pool = RankPool(cpu_ddp(2), 2, sink=model).start()
+    pool = RankPool(cpu_ddp(2), 2, make_fabric=build_rank_fabric, sink=model).start()
     try:
         pool.run(lambda fabric, ns: print("\n".join(f"row {i}" for i in range(1000))))
     finally:
@@ -152,7 +154,8 @@ def test_heartbeats_between_tasks_reach_the_idle_sink_and_the_next_task_gets_the
 
     idle = RecordingSink()  # thread-safe: the pool's reader thread calls it between tasks
     model = DashboardModel(range(2))
-    pool = RankPool(cpu_ddp(2), 2, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
+    pool = RankPool(cpu_ddp(2), 2,
+                    make_fabric=build_rank_fabric, sink=RecordingSink(), heartbeat_interval=0.1, idle_sink=idle).start()
     try:
         wait_until(lambda: {e.rank for e in idle.events if isinstance(e, Heartbeat)} == {0, 1}, 30,
                    "heartbeats of both ranks between tasks")

@@ -169,6 +169,7 @@ def test_second_interrupt_ends_stuck_ranks_and_next_cell_restarts(kernel: Kernel
     reply = kernel.collect(msg, timeout=60)
     assert reply.ename == "KeyboardInterrupt"
     assert "The pool was stopped" in reply.error_text
+    assert "rank 0 did not stop within 3 s (or the kernel was interrupted twice) and was terminated" in reply.error_text
     assert not wait_gone(list(before.values()))
     restarted = kernel.ok("%%fabric\nfabric.global_rank")
     assert "the previous pool ended (it was stopped after an interrupt)" in restarted.stderr

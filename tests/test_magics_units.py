@@ -103,3 +103,19 @@ def test_rendering() -> None:
             "ZeroDivisionError: division by zero")
     assert clean_traceback(text) == ('Traceback (most recent call last):\n  File "<fabric-cell-3>", line 2, in <module>\n'
                                      "    1 / 0\nZeroDivisionError: division by zero")
+
+
+def test_the_fabric_line_commands_come_from_one_table() -> None:
+    """``%fabric`` sub-commands: the usage text, the parsers and the dispatch are read from ``LINE_COMMANDS``."""
+    import argparse
+
+    magics = pytest.importorskip("notebook_fabric.magics.ipython_magics")
+    from notebook_fabric.magics.session import FabricSession
+
+    names = [command.name for command in magics.LINE_COMMANDS]
+    assert names == ["status", "where", "ledger", "stop", "restart", "pull", "push", "debug"]
+    assert all(command.synopsis in magics.LINE_USAGE for command in magics.LINE_COMMANDS)
+    pull = magics._parse(["loss", "--all"], "pull", magics._BY_NAME["pull"].arguments)
+    assert pull.name == "loss" and pull.all and pull.rank is None
+    session = FabricSession({})
+    assert magics._BY_NAME["status"].run(session, argparse.Namespace()).startswith("no pool is running")

@@ -41,7 +41,8 @@ class Accelerator(ABC):
         """Whether this machine has this kind of device."""
 
     def memory_stats(self, device: torch.device) -> dict[str, int]:
-        """Bytes in use on ``device``: keys ``allocated``, ``reserved``, ``peak`` where known."""
+        """Bytes in use on ``device``: keys ``allocated``, ``reserved``, ``peak``, ``total`` where known
+        (and ``device``, its name). Asked by the rank's memory sampler; never initialises the device."""
         return {}
 
     def __repr__(self) -> str:

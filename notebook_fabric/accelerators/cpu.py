@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import psutil
 import torch
 
 from .base import Accelerator, parse_count_or_indices
@@ -46,5 +45,4 @@ class CPUAccelerator(Accelerator):
         return True
 
     def memory_stats(self, device: torch.device) -> dict[str, int]:
-        rss = psutil.Process().memory_info().rss
-        return {"resident": rss}
+        return {}  # host memory is the rank's resident set, sampled by the rank's one memory thread

@@ -54,11 +54,14 @@ class CUDAAccelerator(Accelerator):
     def is_available() -> bool:
         return cuda_device_count() > 0
 
-    def memory_stats(self, device: torch.device) -> dict[str, int]:
-        if not torch.cuda.is_initialized():
+    def memory_stats(self, device: torch.device) -> dict[str, Any]:
+        if not torch.cuda.is_initialized():  # never initialise CUDA to answer
             return {}
+        index = device.index if device.index is not None else torch.cuda.current_device()
         return {
-            "allocated": torch.cuda.memory_allocated(device),
-            "reserved": torch.cuda.memory_reserved(device),
-            "peak": torch.cuda.max_memory_allocated(device),
+            "device": f"cuda:{index}",
+            "allocated": torch.cuda.memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+            "peak": torch.cuda.max_memory_allocated(index),
+            "total": torch.cuda.get_device_properties(index).total_memory,
         }

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..launching.errors import format_ranks
+from ..live.ranks import format_ranks
 from .callsite import Place, source_line, user_place
 from .check_mesh import CheckMesh, MeshPeerGone, build_mesh
 from .ops import _all_gather_single
@@ -50,10 +50,6 @@ class CallSignature:
     src: Optional[int]
     name: Optional[str]
     place: str
-
-    def matches(self, other: "CallSignature") -> bool:
-        mine = (self.seq, self.op, self.shapes, self.dtypes, self.reduce_op, self.src)
-        return mine == (other.seq, other.op, other.shapes, other.dtypes, other.reduce_op, other.src)
 
     def checksum(self) -> int:
         """A checksum of what must match across ranks (the same in every process, unlike ``hash``)."""

@@ -24,7 +24,7 @@ import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from notebook_fabric.launching.errors import format_ranks
+from notebook_fabric.live.ranks import format_ranks
 
 _DIST_COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_gather_single",

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..live.events import CollectiveState, RemoteFailure
 from ..live.fold import fold_frames
+from ..live.ranks import format_ranks  # noqa: F401 - also re-exported here
 
 
 class LaunchError(RuntimeError):
@@ -72,20 +73,6 @@ class LaunchTimeoutError(LaunchError, TimeoutError):
 
 class PoolClosedError(LaunchError):
     """The pool was stopped (or broke) and must be started again."""
-
-
-def format_ranks(ranks: Sequence[int]) -> str:
-    """``[0]`` -> ``"rank 0"``; ``[1, 2, 3, 5]`` -> ``"ranks 1-3, 5"``."""
-    ordered = sorted(set(ranks))
-    if len(ordered) == 1:
-        return f"rank {ordered[0]}"
-    spans: List[Tuple[int, int]] = []
-    for rank in ordered:
-        if spans and rank == spans[-1][1] + 1:
-            spans[-1] = (spans[-1][0], rank)
-        else:
-            spans.append((rank, rank))
-    return "ranks " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def group_failures(failures: Dict[int, RemoteFailure], arrival: Sequence[int]) -> List[Tuple[List[int], RemoteFailure]]:

@@ -182,26 +182,26 @@ def torch_debug_note(last_words: str) -> Optional[str]:
 
 
 # -- what the run loop asks (it owns the waiting; these look at the ranks and decide) ------------------
-def check_waiting(pool: Any, pending: Iterable[int], finished: Iterable[int], idle: Iterable[int],
+def check_waiting(world: Any, pending: Iterable[int], finished: Iterable[int], idle: Iterable[int],
                   label: str) -> Optional[CollectiveHangError]:
     """The error for pending ranks waiting in a collective a finished or idle rank never issued."""
-    replies = pool.where_replies(timeout=1.0)
+    replies = world.where(timeout=1.0)
     waiting = {r: replies[r].waiting for r in sorted(pending)
                if r in replies and getattr(replies[r], "waiting", None) is not None}
     gone = {r: describe_gone("finished", label) for r in finished}
     gone.update({r: f"is not running {label} (--ranks)" for r in idle})
-    verdict = find_certain_hang(waiting, gone, pool.ledgers) if waiting else None
+    verdict = find_certain_hang(waiting, gone, world.ledgers) if waiting else None
     if verdict is None:
         return None
-    for rank, reply in pool.where_replies(timeout=1.0, ledger=True).items():
+    for rank, reply in world.where(timeout=1.0, ledger=True).items():
         if reply.ledger is not None:
-            pool.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
-    ledgers = dict(pool.ledgers)
+            world.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
+    ledgers = dict(world.ledgers)
     return CollectiveHangError(explain(verdict, ledgers, label), waiting=verdict.waiting, gone=verdict.gone,
                                ledgers=ledgers)
 
 
-def explain_failures(pool: Any, failures: Dict[int, Any], finished: Iterable[int],
+def explain_failures(world: Any, failures: Dict[int, Any], finished: Iterable[int],
                      label: str) -> Tuple[Optional[CollectiveHangError], Optional[str]]:
     """Ranks failed inside a collective (the backend saw its peer leave) that another rank never issued.
 
@@ -210,16 +210,16 @@ def explain_failures(pool: Any, failures: Dict[int, Any], finished: Iterable[int
     finished = list(finished)
     waiting = {}
     for rank, failure in failures.items():
-        others = {r: e for r, e in pool.ledgers.items() if r != rank and (r in finished or r in failures)}
-        entry = entry_at_failure(pool.ledgers.get(rank, ()), failure.traceback, others)
+        others = {r: e for r, e in world.ledgers.items() if r != rank and (r in finished or r in failures)}
+        entry = entry_at_failure(world.ledgers.get(rank, ()), failure.traceback, others)
         if entry is not None:
             waiting[rank] = entry
     gone = {r: describe_gone("finished", label) for r in finished}
     gone.update({r: describe_gone("failed", label, f.summary) for r, f in failures.items() if r not in waiting})
-    verdict = find_certain_hang(waiting, gone, pool.ledgers) if waiting and gone else None
+    verdict = find_certain_hang(waiting, gone, world.ledgers) if waiting and gone else None
     if verdict is None:
         return None, None
-    ledgers = dict(pool.ledgers)
+    ledgers = dict(world.ledgers)
     story = explain(verdict, ledgers, label)
     if any(rank in failures for rank in verdict.gone):
         return None, story.replace("a collective can never complete (reported at once: no threshold needed):",
@@ -230,10 +230,10 @@ def explain_failures(pool: Any, failures: Dict[int, Any], finished: Iterable[int
     return error, None
 
 
-def waiting_note(pool: Any, pending: Iterable[int]) -> Optional[str]:
+def waiting_note(world: Any, pending: Iterable[int]) -> Optional[str]:
     """One line for an exception note: who waited in what when the others failed or died."""
     try:
-        replies = pool.where_replies(timeout=0.5)
+        replies = world.where(timeout=0.5)
     except Exception:  # noqa: BLE001 - a note only
         return None
     waiting = {r: replies[r].waiting for r in sorted(pending)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..live.events import RankExited, RemoteFailure
+from ..live.events import RemoteFailure
 
 
 @dataclass
@@ -22,7 +22,9 @@ class RunOutcome:
     failures: Dict[int, RemoteFailure] = field(default_factory=dict)
     arrival: List[int] = field(default_factory=list)  # failing ranks in the order their failures came
     interrupted: List[int] = field(default_factory=list)
+    unfinished: List[int] = field(default_factory=list)  # ranks that never answered (stopped with the pool)
     deaths: Dict[int, str] = field(default_factory=dict)  # rank -> "killed by signal SIGKILL (...)"
+    ledgers: Dict[int, tuple] = field(default_factory=dict)  # each rank's newest collective ledger entries
     error: Optional[BaseException] = None
 
     @property
@@ -33,24 +35,13 @@ class RunOutcome:
     def finished(self) -> List[int]:
         return sorted(self.values)
 
+    @property
+    def death_summary(self) -> str:
+        """``"rank 1 was killed by signal SIGKILL (...); rank 2 exited with code 3"``, or ``""``."""
+        return "; ".join(f"rank {rank} {text}" for rank, text in sorted(self.deaths.items()))
+
     def result(self) -> Dict[int, Any]:
         """``{rank: value}``, or raise what went wrong (what ``RankPool.run`` does)."""
         if self.error is not None:
             raise self.error
         return {rank: self.values[rank] for rank in self.ranks}
-
-
-def deaths_of(exits: Dict[int, RankExited], handles: List[Any]) -> Dict[int, str]:
-    """Every rank that died: those whose exit the run loop saw, and those whose process ended
-    unasked although its exit event had not arrived yet (asked of the process itself)."""
-    from .processes import describe_exit
-
-    deaths = {rank: event.description for rank, event in exits.items()}
-    for handle in handles:
-        try:
-            code = handle.exitcode if handle.exitcode is not None else handle.process.exitcode
-        except ValueError:  # a process object the pool already closed: its exit was seen, or it was stopped
-            continue
-        if code is not None and not handle.exit_expected and handle.rank not in deaths:
-            deaths[handle.rank] = describe_exit(code)
-    return deaths

@@ -4,7 +4,8 @@ The one process-supervision implementation: ``launch(fn)`` is start + one task +
 ``%%fabric`` magic keeps a pool alive across cells. A task is ``task(fabric, namespace)`` where
 ``namespace`` is the rank's persistent dict (``namespace["fabric"]`` is the rank's Fabric).
 
-    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2).start()
+    pool = RankPool({"accelerator": "cpu", "strategy": "ddp", "devices": 2}, num_processes=2,
+                    make_fabric=build_rank_fabric).start()   # from notebook_fabric.fabric
     pool.push({"lr": 0.1})
     pool.run(lambda fabric, ns: ns.setdefault("steps", []).append(fabric.global_rank))
     pool.pull("steps")            # {0: [0], 1: [1]}
@@ -17,11 +18,9 @@ caller is forwarded to the ranks as KeyboardInterrupt, and ranks that do not sto
 from __future__ import annotations
 
 import atexit
-import itertools
 import linecache
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -35,11 +34,12 @@ from ..live.sinks import EventSink, TextSink
 from .errors import PoolClosedError
 from .outcome import RunOutcome
 from .preflight import resolve_start_method
-from .processes import descendants, kill_all, kill_process_group, signal_process, wait_until
-from .protocol import RankBootstrap, RankSetup, StopRank, WhereRequest
+from .processes import descendants, kill_all, kill_process_group, wait_until
+from .protocol import RankBootstrap, RankSetup, StopRank
 from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
-from .start_methods import inherits_memory
+from ..strategies.start_methods import inherits_memory
+from .ranks import Ranks
 from .run_loop import RunLoop, wait_until_ready
 from .starters import start_rank
 from .supervisor import RankHandle, Supervisor
@@ -65,7 +65,9 @@ class RankPool:
     """A pool of ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched.
 
     ``start_method``: ``"fork"``, ``"spawn"``, ``"forkserver"`` or ``None`` (fork where safe).
-    ``make_fabric(fabric_kwargs)`` replaces the default ``Fabric(**kw); fabric.launch()``.
+    ``make_fabric(fabric_kwargs)`` builds a rank's prepared Fabric in the rank (required: the pool
+    never imports ``fabric.py``; ``notebook_fabric.fabric.build_rank_fabric`` is
+    ``Fabric(**kw); fabric.launch()``).
     ``namespace`` seeds every rank's namespace (inherited under fork, cloudpickled otherwise).
     ``sink`` receives every event (default: a :class:`TextSink` printing ``[rank N] ...``).
     ``trace_collectives`` sends every collective enter/exit as an event (heartbeats always carry
@@ -78,13 +80,16 @@ class RankPool:
     """
 
     def __init__(self, fabric_kwargs: Optional[Mapping[str, Any]] = None, num_processes: int = 2, *,
-                 start_method: Optional[str] = None, make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                 make_fabric: Callable[[Dict[str, Any]], Any], start_method: Optional[str] = None,
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
                  heartbeat_interval: float = 2.0, trace_collectives: bool = False,
                  log_dir: Union[str, "os.PathLike[str]", None, bool] = None,
                  idle_sink: Optional[EventSink] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+        if not callable(make_fabric):
+            raise TypeError("make_fabric must build a rank's Fabric from fabric_kwargs, e.g."
+                            f" notebook_fabric.fabric.build_rank_fabric; got {make_fabric!r}")
         if log_dir is True or not (log_dir is None or log_dir is False or isinstance(log_dir, (str, os.PathLike))):
             raise TypeError(f"log_dir must be a path, None (a temporary folder) or False (no logs), got {log_dir!r}")
         if isinstance(log_dir, str) and not log_dir.strip():
@@ -107,10 +112,11 @@ class RankPool:
         self._rendezvous: Optional[RendezvousStore] = None
         self._listener: Optional[EventListener] = None
         self._state = "new"  # new | running | stopped
-        self._ids = itertools.count(1)
         self._shipped_sources: set = set()
-        self.ledgers: Dict[int, tuple] = {}  # each rank's newest collective ledger entries (see collectives.ledger)
         self._lock = threading.RLock()
+        # what the run loop, hang detection and stepping see of the ranks
+        self._ranks = Ranks(self._handles, self._events, stop=lambda grace: self.stop(grace=grace),
+                            keep_logs=self.keep_logs, new_sources=self._new_sources)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -121,6 +127,11 @@ class RankPool:
     @property
     def world_size(self) -> int:
         return self.num_processes
+
+    @property
+    def ledgers(self) -> Dict[int, tuple]:
+        """Each rank's newest collective ledger entries (see :mod:`notebook_fabric.collectives.ledger`)."""
+        return self._ranks.ledgers
 
     @property
     def pids(self) -> List[int]:
@@ -167,8 +178,9 @@ class RankPool:
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
             if self.idle_sink is not None:
                 self._supervisor.idle_heartbeats = self.idle_sink.handle
+            self._ranks.attach(self._supervisor)
             self._supervisor.start()
-            wait_until_ready(self, timeout)
+            wait_until_ready(self._ranks, self.sink, timeout)
             self._supervisor.stop_accepting()
         except BaseException:
             self.keep_logs()
@@ -200,7 +212,7 @@ class RankPool:
             if self._rendezvous is not None:
                 self._rendezvous.close()
             _LIVE_POOLS.discard(self)
-            self.drain_events(self.sink)
+            self._ranks.drain(self.sink)
             kept = self._logs.finish() if self._logs is not None else None
             if kept is not None:
                 self._notify(f"per-rank logs (complete stdout and stderr): {kept}")
@@ -280,7 +292,7 @@ class RankPool:
         Only a closed pool or a bad ``ranks`` raises here."""
         self._require_alive()
         selected = self._select(ranks)
-        loop = RunLoop(self, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
+        loop = RunLoop(self._ranks, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
                        failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
         return loop.outcome(task)
 
@@ -295,8 +307,7 @@ class RankPool:
 
     def interrupt(self, ranks: Optional[Iterable[int]] = None) -> List[int]:
         """Send SIGINT (KeyboardInterrupt in the running task) to ``ranks``; returns who got it."""
-        chosen = self._select(ranks) if ranks is not None else range(len(self._handles))
-        return [r for r in chosen if self._handles[r].alive and signal_process(self._handles[r].pid, signal.SIGINT)]
+        return self._ranks.interrupt(self._select(ranks) if ranks is not None else range(len(self._handles)))
 
     # -- inspection -----------------------------------------------------------------------------
     def where(self, timeout: float = 3.0) -> Dict[int, str]:
@@ -316,12 +327,7 @@ class RankPool:
     def where_replies(self, timeout: float = 3.0, ledger: bool = False) -> Dict[int, Any]:
         """The raw :class:`~notebook_fabric.live.events.WhereReply` of each rank that answered
         (with the rank's collective ledger when ``ledger``)."""
-        if self._supervisor is None:
-            return {}
-        request_id = next(self._ids)
-        self._supervisor.expect_where(request_id)
-        asked = [h.rank for h in self._handles if h.alive and h.send(WhereRequest(request_id, ledger=ledger))]
-        return self._supervisor.where_replies(request_id, asked, timeout)
+        return self._ranks.where(timeout, ledger=ledger)
 
     def status(self) -> Dict[int, RankStatus]:
         """Per rank: pid, state, resident memory (rank and its children), current collective."""
@@ -347,38 +353,9 @@ class RankPool:
                                              seconds_since_heartbeat=None if beat is None else now - beat.time)
         return result
 
-    # -- used by RunLoop ------------------------------------------------------------------------
-    def next_id(self) -> int:
-        return next(self._ids)
-
-    def handle(self, rank: int) -> RankHandle:
-        return self._handles[rank]
-
     @property
     def handles(self) -> List[RankHandle]:
         return self._handles
-
-    def task_running(self, running: bool) -> None:
-        """While a task runs, heartbeats are queued as events too (else only kept per rank)."""
-        if self._supervisor is not None:
-            (self._supervisor.task_running.set if running else self._supervisor.task_running.clear)()
-
-    def next_event(self, timeout: float) -> Optional[RankEvent]:
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def drain_events(self, sink: EventSink) -> None:
-        """Hand queued events (output between runs) to ``sink``."""
-        while True:
-            try:
-                sink.handle(self._events.get_nowait())
-            except queue.Empty:
-                return
-
-    def new_sources(self) -> Dict[str, Any]:
-        return self._new_sources()
 
     def _new_sources(self) -> Dict[str, Any]:
         """``linecache`` entries of notebook cells not yet sent (files that do not exist on disk)."""

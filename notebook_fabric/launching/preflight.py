@@ -5,7 +5,7 @@ import multiprocessing
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from .start_methods import POOL_START_METHODS, check_start_method
+from ..strategies.start_methods import POOL_START_METHODS, check_start_method
 
 FORK_AFTER_CUDA = (
     "CUDA is already initialised in this process (something ran on the GPU, called torch.cuda.init(), "

@@ -34,14 +34,14 @@ class RankBootstrap:
 class RankSetup:
     """What a rank builds and keeps: inherited as is under fork, cloudpickled under spawn/forkserver.
 
-    ``make_fabric(fabric_kwargs)`` returns the rank's launched Fabric (by default
-    ``Fabric(**fabric_kwargs)`` followed by ``fabric.launch()``); ``namespace`` seeds the rank's
+    ``make_fabric(fabric_kwargs)`` returns the rank's prepared Fabric (the launcher's choice, e.g.
+    ``notebook_fabric.fabric.build_rank_fabric``: the rank side never imports ``fabric.py``); ``namespace`` seeds the rank's
     persistent namespace; ``sys_path`` and ``source_cache`` (``linecache`` entries of notebook
     cells) make functions and tracebacks from the notebook work in a fresh interpreter.
     """
 
     fabric_kwargs: Dict[str, Any]
-    make_fabric: Optional[Callable[[Dict[str, Any]], Any]] = None
+    make_fabric: Callable[[Dict[str, Any]], Any]
     namespace: Dict[str, Any] = field(default_factory=dict)
     sys_path: List[str] = field(default_factory=list)
     source_cache: Dict[str, Any] = field(default_factory=dict)

@@ -31,21 +31,20 @@ from .errors import (
     LaunchTimeoutError, RankDiedError, format_ranks, rebuild_exception,
 )
 from .hang import CollectiveHangError, check_waiting, explain_failures, task_label, torch_debug_note, waiting_note
-from .outcome import RunOutcome, deaths_of
-from .protocol import RunTask
+from .outcome import RunOutcome
 from .frames import LAUNCH_DIR, innermost_user_frame
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pool import RankPool
+    from .ranks import Ranks
 
 HANG_CHECK_EVERY = 0.25  # seconds between looks at the waiting ranks once some rank finished the task
 DEATH_GRACE = 0.3  # seconds to gather ranks that die together ("ranks 0-1 exited with code 3")
 EXIT_EVENT_WAIT = 3.0  # at most this long past failure_grace for the exit event of a rank already gone
 
 
-def wait_until_ready(pool: "RankPool", timeout: float) -> None:
-    """Block until every rank sent ``RankReady``; raise what went wrong otherwise."""
-    pending = set(range(pool.num_processes))
+def wait_until_ready(world: "Ranks", sink: EventSink, timeout: float) -> None:
+    """Block until every rank sent ``RankReady`` (other events go to ``sink``); raise what went wrong otherwise."""
+    pending = set(range(world.world_size))
     failures: Dict[int, RemoteFailure] = {}
     arrival: List[int] = []
     deaths: Dict[int, RankExited] = {}
@@ -56,8 +55,8 @@ def wait_until_ready(pool: "RankPool", timeout: float) -> None:
         if first_problem is not None and now - first_problem > 1.0:
             break
         if now > deadline:
-            raise _start_timeout(pool, sorted(pending), timeout)
-        event = pool.next_event(0.05)
+            raise _start_timeout(world, sorted(pending), timeout)
+        event = world.select(0.05)
         if event is None:
             continue
         if isinstance(event, RankReady):
@@ -73,7 +72,7 @@ def wait_until_ready(pool: "RankPool", timeout: float) -> None:
                 first_problem = first_problem or now
             pending.discard(event.rank)
         else:
-            pool.sink.handle(event)
+            sink.handle(event)
     if failures:
         exc = rebuild_exception(failures, arrival)
         _note(exc, "while starting the rank (building Fabric and joining the process group)")
@@ -82,14 +81,14 @@ def wait_until_ready(pool: "RankPool", timeout: float) -> None:
         raise _death_error(deaths, "while starting")
 
 
-def _start_timeout(pool: "RankPool", pending: List[int], timeout: float) -> LaunchTimeoutError:
+def _start_timeout(world: "Ranks", pending: List[int], timeout: float) -> LaunchTimeoutError:
     """The start-up error: ranks that never reached the notebook apart from those that did but never
     got their Fabric ready (the process group never formed, or building the Fabric hangs)."""
-    silent = [r for r in pending if pool.handle(r).connection is None]
+    silent = world.never_connected(pending)
     joining = [r for r in pending if r not in silent]
     lines = [f"the ranks were not ready within timeout={timeout:g} s of starting:"]
     if silent:
-        pids = ", ".join(str(pool.handle(r).pid) for r in silent)
+        pids = ", ".join(str(world.pid(r)) for r in silent)
         verb = "has" if len(silent) == 1 else "have"
         lines.append(f"  {format_ranks(silent)} never connected to the notebook (pid {pids}): the process {verb} not "
                      "come this far (still starting Python, importing, or stopped)")
@@ -103,10 +102,10 @@ def _start_timeout(pool: "RankPool", pending: List[int], timeout: float) -> Laun
 class RunLoop:
     """One task on a set of ranks, from sending it to its outcome (see the module docstring)."""
 
-    def __init__(self, pool: "RankPool", ranks: List[int], sink: EventSink, *, timeout: Optional[float],
+    def __init__(self, world: "Ranks", ranks: List[int], sink: EventSink, *, timeout: Optional[float],
                  recover: bool, failure_grace: float, interrupt_grace: float, last: bool = False) -> None:
-        self.pool = pool
-        self.ranks = ranks
+        self.world = world  # every rank of the pool, through the narrow Ranks verbs
+        self.ranks = ranks  # the ranks this task runs on
         self.sink = sink
         self.timeout = timeout
         self.recover = recover
@@ -121,10 +120,10 @@ class RunLoop:
         self.interrupted: List[int] = []
         self.deaths: Dict[int, RankExited] = {}
         self._we_interrupted = False
-        self.prompts = PromptServer(pool, sink)  # ranks at breakpoint()/input(): asked here, one at a time
+        self.prompts = PromptServer(world, sink)  # ranks at breakpoint()/input(): asked here, one at a time
         self._label = "the task"
         self._hang_check_at: Optional[float] = None
-        self._idle = sorted(set(range(pool.num_processes)) - set(ranks))  # not running this task (--ranks)
+        self._idle = sorted(set(range(world.world_size)) - set(ranks))  # not running this task (--ranks)
         self._hang: Optional[CollectiveHangError] = None
         self._failure_story: Optional[str] = None
 
@@ -132,47 +131,41 @@ class RunLoop:
         try:
             return self._run(task)
         except BaseException:
-            self.pool.keep_logs()  # the logs of a failed run are kept
+            self.world.keep_logs()  # the logs of a failed run are kept
             raise
 
     def _run(self, task: Any) -> Dict[int, Any]:
         payload = _pickle_task(task)
         self._label = task_label(task)
-        self.pool.drain_events(self.sink)
+        self.world.drain(self.sink)
         for rank in self.ranks:  # between tasks only the latest heartbeat is kept: hand it over first
-            beat = self.pool.handle(rank).heartbeat
+            beat = self.world.heartbeat(rank)
             if beat is not None:
                 self.sink.handle(beat)
-        self.task_id = self.pool.next_id()
-        message = RunTask(task_id=self.task_id, payload=payload, source_cache=self.pool.new_sources(),
-                          exit_after=self.last)
+        self.task_id = self.world.begin_task(self.ranks, payload, exit_after=self.last)
         for rank in self.ranks:
-            handle = self.pool.handle(rank)
-            handle.state = "running"
-            handle.exit_expected = handle.exit_expected or self.last
-            handle.send(message)
             self.sink.handle(TaskStarted(rank=rank, time=time.time(), task_id=self.task_id))
-        self.pool.task_running(True)
+        self.world.watch_task(True)
         if self._idle:  # a collective needing an idle rank can never complete: watch from the start
             self._hang_check_at = time.monotonic() + HANG_CHECK_EVERY
         try:
             outcome = self._wait()
         except KeyboardInterrupt:
-            self.pool.keep_logs()  # before anything stops the pool: a failed run's logs are kept
+            self.world.keep_logs()  # before anything stops the pool: a failed run's logs are kept
             self._on_interrupt()
             raise
         finally:
-            self.pool.task_running(False)
-            self.pool.drain_events(self.sink)
+            self.world.watch_task(False)
+            self.world.drain(self.sink)
             self.sink.flush()
         if outcome != "done" or self.failures:
-            self.pool.keep_logs()
+            self.world.keep_logs()
         if outcome == "died":
             self._on_death()
         if outcome == "timeout":
             self._on_timeout()
         if outcome == "hang" and self._hang is not None:
-            self.pool.stop(grace=0.2)  # the waiting ranks sit in the backend's wait: no interrupt reaches them
+            self.world.end(grace=0.2)  # the waiting ranks sit in the backend's wait: no interrupt reaches them
             raise self._hang
         if self.failures:
             error = self._hang_from_failures() or rebuild_exception(self.failures, self.arrival)
@@ -193,7 +186,9 @@ class RunLoop:
             record.values = {rank: self.results[rank] for rank in self.ranks if rank in self.results}
         record.failures, record.arrival = dict(self.failures), list(self.arrival)
         record.interrupted = list(self.interrupted)
-        record.deaths = deaths_of(self.deaths, self.pool.handles)
+        record.unfinished = sorted(self.pending)
+        record.deaths = self.world.deaths(self.deaths)
+        record.ledgers = dict(self.world.ledgers)
         return record
 
     # -- waiting --------------------------------------------------------------------------------
@@ -214,7 +209,7 @@ class RunLoop:
                     return "failed"
             if self.timeout is not None and now - started - self.prompts.paused_seconds() > self.timeout:
                 return "timeout"
-            event = self.prompts.observe(self.pool.next_event(0.05))
+            event = self.prompts.observe(self.world.select(0.05))
             if event is not None:
                 self._dispatch(event)
             self.prompts.serve()
@@ -227,7 +222,7 @@ class RunLoop:
 
     def _dispatch(self, event: Any) -> None:
         if isinstance(event, LedgerSnapshot):
-            self.pool.ledgers[event.rank] = event.entries
+            self.world.ledgers[event.rank] = event.entries
             return
         if isinstance(event, (TaskDone, TaskFailed)):
             self.sink.handle(event)  # the dashboard marks ranks done, failed
@@ -264,20 +259,20 @@ class RunLoop:
 
     def _certain_hang(self) -> bool:
         """Do pending ranks wait in a collective that a finished (or idle) rank never issued?"""
-        self._hang = check_waiting(self.pool, self.pending, self.results, self._idle, self._label)
+        self._hang = check_waiting(self.world, self.pending, self.results, self._idle, self._label)
         return self._hang is not None
 
     def _hang_from_failures(self) -> Optional[CollectiveHangError]:
-        error, self._failure_story = explain_failures(self.pool, self.failures, self.results, self._label)
+        error, self._failure_story = explain_failures(self.world, self.failures, self.results, self._label)
         return error
 
     def _note_waiting(self, error: BaseException) -> None:
-        note = waiting_note(self.pool, self.pending)
+        note = waiting_note(self.world, self.pending)
         if note:
             _note(error, note)
 
     def _pending_rank_exited(self) -> bool:
-        return any(self.pool.handle(rank).process.exitcode is not None for rank in self.pending)
+        return any(self.world.has_exited(rank) for rank in self.pending)
 
     def _fail(self, rank: int, failure: RemoteFailure) -> None:
         self.failures[rank] = failure
@@ -289,7 +284,7 @@ class RunLoop:
         busy = sorted(self.pending)
         self._we_interrupted = True
         self.prompts.abort()
-        self.pool.interrupt(busy)
+        self.world.interrupt(busy)
         try:
             self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
         except KeyboardInterrupt:  # a second interrupt: stop now
@@ -300,21 +295,21 @@ class RunLoop:
                 verb = "was" if len(stuck) == 1 else "were"
                 self._notice(f"interrupted; {format_ranks(stuck)} did not stop within "
                              f"{self.interrupt_grace:g} s{self._collective_hint(stuck)} and {verb} terminated")
-            self.pool.stop(grace=0.2)
+            self.world.end(grace=0.2)
 
     def _on_death(self) -> None:
         deadline = time.monotonic() + DEATH_GRACE
         while time.monotonic() < deadline:
-            event = self.pool.next_event(0.05)
+            event = self.world.select(0.05)
             if event is not None:
                 self._dispatch(event)
-        survivors = [h.rank for h in self.pool.handles if h.alive]
+        survivors = self.world.living()
         error = _death_error(self.deaths, "while running the task")
         self._note_waiting(error)
         advice = torch_debug_note("".join(event.last_words for event in self.deaths.values()))
         if advice:
             _note(error, advice)
-        self.pool.stop(grace=0.2)
+        self.world.end(grace=0.2)
         if survivors:
             _note(error, f"the other ranks ({format_ranks(survivors)}) were stopped")
         if self.failures:
@@ -323,7 +318,7 @@ class RunLoop:
         raise error
 
     def _on_timeout(self) -> None:
-        replies: Dict[int, WhereReply] = self.pool.where_replies(timeout=2.0)
+        replies: Dict[int, WhereReply] = self.world.where(timeout=2.0)
         now = time.time()
         waiting = {r: replies[r].collective for r in sorted(self.pending) if r in replies and replies[r].collective}
         elsewhere = {r: replies[r].stack for r in sorted(self.pending) if r in replies and not replies[r].collective}
@@ -354,28 +349,28 @@ class RunLoop:
         if not self.pending:
             return
         if not self.recover:
-            self.pool.stop(grace=0.2)
+            self.world.end(grace=0.2)
             return
         self._we_interrupted = True
         self.prompts.abort()
-        self.pool.interrupt(sorted(self.pending))
+        self.world.interrupt(sorted(self.pending))
         try:
             outcome = self._wait(until=time.monotonic() + self.interrupt_grace, settle_on_failure=False)
         except KeyboardInterrupt:
             outcome = "interrupted"
         if outcome != "done":
-            self.pool.stop(grace=0.2)
+            self.world.end(grace=0.2)
 
     def _collective_hint(self, ranks: List[int]) -> str:
         """``" (rank 0 in barrier #3)"``: asked of the ranks themselves (their side thread answers); a
         rank too busy to answer in time is described by its last heartbeat."""
         try:
-            replies = self.pool.where_replies(timeout=0.5)
+            replies = self.world.where(timeout=0.5)
         except Exception:  # noqa: BLE001 - a hint only
             replies = {}
         described = []
         for rank in ranks:
-            beat = self.pool.handle(rank).heartbeat
+            beat = self.world.heartbeat(rank)
             state = replies[rank].collective if rank in replies else (beat.collective if beat is not None else None)
             if state is not None:
                 described.append(f"rank {rank} in {state.describe()}")

@@ -24,7 +24,7 @@ from typing import Optional, Protocol
 
 from .protocol import RankBootstrap, RankSetup
 from .rank.main import rank_entry
-from .start_methods import inherits_memory
+from ..strategies.start_methods import inherits_memory
 
 FORKSERVER_PRELOAD = ["torch", "torch.distributed", "notebook_fabric.launching.rank.main", "notebook_fabric.fabric"]
 

@@ -18,7 +18,8 @@ from ..utilities.apply import tensors_to_cpu
 
 def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
     """Run ``function(*args, **kwargs)`` on every XLA device of ``strategy``, one process each; return
-    rank 0's value (moved to the CPU). ``function`` must call ``strategy.setup_environment()`` first."""
+    rank 0's value (moved to the CPU). ``function`` must prepare the rank first (the launcher's
+    ``run_on_xla_rank`` does, through the same ``prepare`` as every launcher: process group, debug checks)."""
     if strategy.num_processes == 1:
         raise ValueError(f"{type(strategy).__name__} runs one process per device; for one device use strategy='single_xla'")
     from notebook_fabric.utilities import by_value

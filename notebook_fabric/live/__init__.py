@@ -1,5 +1,6 @@
 """Rank -> notebook events: their types, the authenticated loopback channel, and the sinks
-that show them (a text printer now; an ipywidgets dashboard implements the same ``EventSink``)."""
+that show them (the text printer and the ipywidgets dashboard, both ``EventSink``s), the stall
+watchdog, and how a set of ranks is written (``ranks.format_ranks``)."""
 from .events import (
     CollectiveEntered, CollectiveExited, CollectiveState, Heartbeat, Notice, Output, RankEvent, RankExited, RankReady,
     RankStarted, RemoteFailure, StartupFailed, TaskDone, TaskFailed, WhereReply,

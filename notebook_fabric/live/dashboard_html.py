@@ -8,7 +8,8 @@ summary sits in ``<details>`` elements.
 from __future__ import annotations
 
 import html
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .dashboard_model import DashboardModel, RankView
 from .events import MemorySample, Progress
@@ -69,38 +70,57 @@ def progress_html(bar: Optional[Progress]) -> str:
             f"<span>{label}</span></div>")
 
 
-def table_rows(model: DashboardModel, now: Optional[float] = None, final: bool = False) -> List[Tuple[str, ...]]:
-    """``(rank, state, memory, progress, last output)`` per rank, as text."""
-    rows = []
+@dataclass(frozen=True)
+class Column:
+    """One column of the per-rank table: its header, its cell as text (the frozen text summary) and
+    as HTML (the live table and the frozen HTML summary). ``flagged``: a failed or dead rank's cell
+    is red; ``in_text``: shown in the text summary. A new column is one row of :data:`COLUMNS`
+    (and, if it needs new data, a field of ``RankView`` that ``DashboardModel`` fills)."""
+
+    name: str
+    text: Callable[[DashboardModel, RankView, Optional[float], bool], str]
+    html: Callable[[DashboardModel, RankView, Optional[float], bool], str]
+    flagged: bool = False
+    in_text: bool = True
+
+
+COLUMNS: Tuple[Column, ...] = (
+    Column("rank", lambda model, view, now, final: str(view.rank),
+           lambda model, view, now, final: str(view.rank), flagged=True),
+    Column("state", lambda model, view, now, final: model.state(view.rank, now),
+           lambda model, view, now, final: html.escape(model.state(view.rank, now)), flagged=True),
+    Column("memory", lambda model, view, now, final: memory_text(view, final),
+           lambda model, view, now, final: f'<span style="white-space:nowrap">{html.escape(memory_text(view, final))}</span>'),
+    Column("progress", lambda model, view, now, final: progress_text(view.current_progress),
+           lambda model, view, now, final: progress_html(view.current_progress)),
+    Column("last collective", lambda model, view, now, final: view.last_collective,
+           lambda model, view, now, final: html.escape(view.last_collective)),
+    Column("last output", lambda model, view, now, final: view.last_line,
+           lambda model, view, now, final: f'<code style="white-space:pre">{html.escape(_clip(view.last_line, 72))}</code>',
+           in_text=False),  # the text summary prints the output itself, above the table
+)
+HEADER = tuple(column.name for column in COLUMNS)
+
+
+def table_rows(model: DashboardModel, now: Optional[float] = None, final: bool = False,
+               columns: Sequence[Column] = COLUMNS) -> List[Tuple[str, ...]]:
+    """One tuple of ``columns``' texts per rank."""
     with model.lock():
-        for rank in model.ranks:
-            view = model.views[rank]
-            rows.append((str(rank), model.state(rank, now), memory_text(view, final), progress_text(view.current_progress),
-                         view.last_collective, view.last_line))
-    return rows
-
-
-HEADER = ("rank", "state", "memory", "progress", "last collective", "last output")
+        return [tuple(column.text(model, model.views[rank], now, final) for column in columns) for rank in model.ranks]
 
 
 def table_html(model: DashboardModel, now: Optional[float] = None, final: bool = False) -> str:
     """The per-rank table; failed and dead ranks in red."""
-    head = "".join(f'<th style="{_CELL}">{name}</th>' for name in HEADER)
+    head = "".join(f'<th style="{_CELL}">{column.name}</th>' for column in COLUMNS)
     body = []
     with model.lock():
         for rank in model.ranks:
             view = model.views[rank]
             bad = model.is_bad(rank)
             style = f"color:{FAILED_COLOR};font-weight:600;" if bad else ""
-            cells = [
-                str(rank), html.escape(model.state(rank, now)),
-                f'<span style="white-space:nowrap">{html.escape(memory_text(view, final))}</span>',
-                progress_html(view.current_progress), html.escape(view.last_collective),
-                f'<code style="white-space:pre">{html.escape(_clip(view.last_line, 72))}</code>',
-            ]
-            body.append(f'<tr class="nbf-rank" data-rank="{rank}" style="{style}">'
-                        + "".join(f'<td style="{_CELL}{style if i < 2 else ""}">{c}</td>' for i, c in enumerate(cells))
-                        + "</tr>")
+            cells = "".join(f'<td style="{_CELL}{style if column.flagged else ""}">{column.html(model, view, now, final)}</td>'
+                            for column in COLUMNS)
+            body.append(f'<tr class="nbf-rank" data-rank="{rank}" style="{style}">{cells}</tr>')
     return (f'<table class="nbf-table" style="border-collapse:collapse;font-size:12px;font-family:monospace">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
@@ -187,12 +207,13 @@ def summary_text(model: DashboardModel, title: str, shown: Sequence[int]) -> str
             if view.dropped_lines:
                 lines.append(f"[rank {rank}] ({view.dropped_lines} earlier lines not shown)")
             lines += [f"[rank {rank}] {line}" for line in view.output_lines()]
-        rows = table_rows(model, final=True)
-        header = HEADER[:5]
-        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(5)]
+        columns = [column for column in COLUMNS if column.in_text]
+        rows = table_rows(model, final=True, columns=columns)
+        header = [column.name for column in columns]
+        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(columns))]
         lines.append(f"{title}: {len(model.ranks)} ranks, {model.duration:.1f} s")
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)).rstrip() for row in rows]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         for name, values in sorted(model.series.items()):
             if values:
                 lines.append(f"{name}: {values[0][1]:.4g} -> {values[-1][1]:.4g} over {len(values)} points")

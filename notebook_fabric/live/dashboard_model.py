@@ -43,7 +43,6 @@ class RankView:
     phase: str = "starting"  # starting | idle | running | done | failed | interrupted | stopped | dead
     pid: Optional[int] = None
     collective: Optional[CollectiveState] = None
-    collectives_seen: int = 0
     last_collective: str = ""
     failure: str = ""
     exit_description: str = ""
@@ -122,7 +121,6 @@ class DashboardModel:
         elif isinstance(event, CollectiveEntered):
             self.tracing = True
             view.collective = event.state
-            view.collectives_seen += 1
             view.last_collective = collective_label(event.state)
         elif isinstance(event, CollectiveExited):
             if view.collective is not None and view.collective.seq == event.seq:

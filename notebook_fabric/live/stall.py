@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from .events import CollectiveState, Heartbeat, RankEvent
 from .fold import fold_frames
 from .notices import write_notice
+from .ranks import format_ranks
 from .sinks import EventSink
 
 
@@ -27,12 +28,8 @@ class StallReport:
     stacks: Dict[int, str]
 
 
-def ranks_label(ranks: List[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
-
 def plain_stacks(stacks: Dict[int, str], clean: Callable[[str], str] = fold_frames,
-                 label: Callable[[List[int]], str] = ranks_label) -> str:
+                 label: Callable[[List[int]], str] = format_ranks) -> str:
     """Every rank's stack, one indented block per group of ranks whose ``clean``-ed stacks are the same,
     headed by ``label(ranks)``."""
     groups: Dict[str, List[int]] = {}
@@ -74,7 +71,6 @@ class StallWatchdog:
         return self._report(now)
 
     def _report(self, now: float) -> StallReport:
-        from ..launching.errors import format_ranks
 
         stacks = self._where(2.0)
         waiting: Dict[str, List[int]] = {}
@@ -97,19 +93,22 @@ def print_report(report: StallReport, hint: str) -> None:
 
 
 class StallWatchdogSink:
-    """An :class:`EventSink` that passes everything on and prints a stall report when one appears."""
+    """An :class:`EventSink` that passes everything on and prints a stall report when one appears
+    (``on_report(report)`` is told first: the ``%%fabric`` cell keeps it for ``%fabric where``)."""
 
-    def __init__(self, inner: EventSink, watchdog: StallWatchdog, hint: str) -> None:
+    def __init__(self, inner: EventSink, watchdog: StallWatchdog, hint: str,
+                 on_report: Optional[Callable[[StallReport], None]] = None) -> None:
         self.inner = inner
         self.watchdog = watchdog
         self.hint = hint
-        self.last_report: Optional[StallReport] = None
+        self._on_report = on_report
 
     def handle(self, event: RankEvent) -> None:
         if isinstance(event, Heartbeat):
             report = self.watchdog.observe(event)
             if report is not None:
-                self.last_report = report
+                if self._on_report is not None:
+                    self._on_report(report)
                 self.inner.flush()
                 print_report(report, self.hint)
         self.inner.handle(event)  # heartbeats too: the dashboard shows memory and collectives from them

@@ -35,7 +35,7 @@ from ..live.sinks import EventSink, TextSink
 from .messages import DebuggerLeft, InputReply, InputRequest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..launching.pool import RankPool
+    from ..launching.ranks import Ranks
 
 GATHER = 0.25  # seconds to let ranks that stop together arrive before choosing whom to serve
 HANDOVER_AFTER = 1.0  # seconds the rank holding the floor may run without asking before others are served
@@ -50,8 +50,8 @@ Ask = Callable[[str], str]
 class PromptServer:
     """One run's prompts (see the module docstring). ``ask(prompt) -> line`` defaults to ``input``."""
 
-    def __init__(self, pool: "RankPool", sink: EventSink, ask: Optional[Ask] = None) -> None:
-        self.pool = pool
+    def __init__(self, world: "Ranks", sink: EventSink, ask: Optional[Ask] = None) -> None:
+        self.world = world
         self.sink = sink
         self._ask = ask
         self.waiting: Dict[int, InputRequest] = {}
@@ -140,7 +140,7 @@ class PromptServer:
         self.holder = rank
         others = sorted(set(self.waiting) - {rank})
         if self.waiting[rank].debugger and (rank not in self.served or others):
-            from ..launching.errors import format_ranks
+            from ..live.ranks import format_ranks
 
             queue = f"; {format_ranks(others)} {'waits' if len(others) == 1 else 'wait'} their turn" if others else ""
             self._notice(f"rank {rank} is in the debugger{queue}")
@@ -209,11 +209,11 @@ class PromptServer:
     def _announce_waiting(self) -> None:
         """``rank 0 waits for rank 1 (in the debugger) in all_reduce #1 ...``, once per rank and collective,
         asked of the ranks themselves (their side threads answer at once)."""
-        others = [h.rank for h in self.pool.handles if h.alive and h.state == "running"]
+        others = self.world.running()
         if not others:
             return
         try:
-            replies = self.pool.where_replies(timeout=0.2)
+            replies = self.world.where(timeout=0.2)
         except Exception:  # noqa: BLE001 - an announcement only
             return
         for rank in others:
@@ -222,7 +222,7 @@ class PromptServer:
                 self._announce(rank, reply.collective)
 
     def _announce(self, rank: int, collective: Any) -> None:
-        from ..launching.errors import format_ranks
+        from ..live.ranks import format_ranks
 
         key = (rank, collective.seq)
         stopped = sorted(({self.holder} if self.holder is not None else set()) | set(self.waiting))
@@ -252,16 +252,10 @@ class PromptServer:
 
     # -- talking to ranks -----------------------------------------------------------------------
     def _reply(self, request: InputRequest, **answer: Any) -> None:
-        self.pool.handle(request.rank).send(InputReply(request_id=request.request_id, **answer))
+        self.world.answer(request.rank, InputReply(request_id=request.request_id, **answer))
 
     def _set_state(self, rank: int, state: str, only_from: Optional[str] = None) -> None:
-        try:
-            handle = self.pool.handle(rank)
-        except IndexError:
-            return
-        if only_from is None or handle.state == only_from:
-            if handle.alive and handle.state != "exited":
-                handle.state = state
+        self.world.mark(rank, state, only_from)
 
 
 def _entered_after(beat: Heartbeat, floor: float) -> Heartbeat:

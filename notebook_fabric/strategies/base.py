@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from ..accelerators import Accelerator
 from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from ..utilities.init import SkipInitialization
 
@@ -33,7 +33,7 @@ class Strategy:
     """
 
     #: how the ranks of this strategy come to exist: None (this process only) or a name of the start-method
-    #: table (:mod:`notebook_fabric.launching.start_methods`), which also says who starts them
+    #: table (:mod:`notebook_fabric.strategies.start_methods`), which also says who starts them
     start_method: Optional[StartMethod] = None
     #: whether ``Fabric.init_module(empty_init=None)`` should create parameters on the meta device
     shards_parameters: bool = False

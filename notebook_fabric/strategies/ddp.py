@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from .parallel import ParallelStrategy
 from .process_group import DEFAULT_TIMEOUT, ProcessGroupMixin
@@ -81,9 +81,6 @@ class DDPStrategy(ProcessGroupMixin, ParallelStrategy):
     def configure_ddp(self) -> None:
         """Does nothing: DDP is configured in :meth:`setup_module`. Kept because the strategy interface
         of the spec lists it."""
-
-    def teardown(self) -> None:
-        super().teardown()
 
     def __repr__(self) -> str:
         return f"DDPStrategy(backend={self._process_group_backend or 'auto'}, start_method={self.start_method})"

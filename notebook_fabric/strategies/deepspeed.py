@@ -27,7 +27,7 @@ from ..accelerators import Accelerator
 from ..checkpoint.deepspeed import CHECKPOINT_TAG, CLIENT_STATE_KEY, consolidate_checkpoint
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from ..precision.deepspeed import DeepSpeedPrecision, to_deepspeed_precision
 from .ddp import DEFAULT_TIMEOUT, DDPStrategy

@@ -21,7 +21,7 @@ from ..accelerators import Accelerator
 from ..checkpoint import distributed as dcp_io
 from ..checkpoint import state as checkpoint_state
 from ..environments.base import ClusterEnvironment
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from .parallel import ParallelStrategy
 from .process_group import ProcessGroupMixin

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..accelerators import Accelerator
 from ..environments.base import ClusterEnvironment
-from ..launching.start_methods import StartMethod
+from .start_methods import StartMethod
 from ..precision import Precision
 from .dtensor import DTensorStrategy
 

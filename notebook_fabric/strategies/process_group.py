@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from ..launching.start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
+from .start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 

@@ -36,6 +36,7 @@ class RankState:
         self.rank = rank
         self.main_thread_id = threading.main_thread().ident
         self.in_task = False
+        self.rss_bytes = 0  # resident memory, kept fresh by the rank's memory sampler (telemetry.py)
         self.ledger: Any = None  # the rank's collectives.ledger.Ledger, once installed
 
     @property
@@ -69,17 +70,9 @@ def start_control_thread(connection: Connection, inbox: "queue.SimpleQueue[Any]"
                          state: RankState, heartbeat_interval: float) -> threading.Thread:
     """Read the connection until it closes (then end the rank and its children at once); answer
     ``where`` requests; send a :class:`Heartbeat` every ``heartbeat_interval`` seconds."""
-    import psutil
-
-    process = psutil.Process()
-
-    def beat() -> None:
-        try:
-            rss = process.memory_info().rss
-        except psutil.Error:
-            rss = 0
+    def beat() -> None:  # resident memory as the rank's memory sampler last read it
         collective, _ = live_collective(state, heartbeat=True)
-        outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=rss, in_task=state.in_task,
+        outbox.put(Heartbeat(rank=state.rank, time=time.time(), rss_bytes=state.rss_bytes, in_task=state.in_task,
                              collective=collective))
 
     def control() -> None:

@@ -3,7 +3,7 @@
 1. die with the parent (PR_SET_PDEATHSIG), own process group (only the notebook interrupts us),
 2. capture fds 1 and 2, connect to the notebook's event channel (in the background),
 3. receive the :class:`RankSetup` (spawn/forkserver) or use the inherited one (fork),
-4. set the torchrun variables, build ``Fabric(**kwargs)`` and ``fabric.launch()``,
+4. set the torchrun variables, build the rank's Fabric with the launcher's ``make_fabric(fabric_kwargs)``,
 5. run tasks ``task(fabric, namespace)`` until told to stop; every result or exception is
    queued after the output written before it.
 """
@@ -56,16 +56,6 @@ def rank_entry(bootstrap: RankBootstrap, setup: Optional[RankSetup] = None, cras
         os._exit(code)
 
 
-def build_fabric(fabric_kwargs: Dict[str, Any]) -> Any:
-    """The default ``make_fabric``: ``Fabric(**fabric_kwargs)``, then ``launch()`` (init only, as
-    ``LOCAL_RANK`` is set)."""
-    from ...fabric import Fabric
-
-    fabric = Fabric(**fabric_kwargs)
-    fabric.launch()
-    return fabric
-
-
 def _one_openmp_thread_after_fork() -> None:
     """A forked rank computes on one intra-op thread.
 
@@ -106,6 +96,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
                                                                     text=text)),
                             log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
     outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    memory = MemorySampler(rank, outbox, state).start()  # the one thread reading this rank's RSS
     forget_kernel()  # a rank forked from a kernel is not the kernel
     report_progress(rank, outbox)
     rank_prompts.install(rank, outbox.put, capture.flush)  # input(), sys.stdin, pdb: asked in the notebook
@@ -114,7 +105,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
         os.environ.update(bootstrap.env)
         _adopt_notebook_paths(setup)
         install_ledger(state, CollectiveTracer(state, outbox) if bootstrap.trace_collectives else None)
-        fabric = (setup.make_fabric or build_fabric)(setup.fabric_kwargs)
+        fabric = setup.make_fabric(setup.fabric_kwargs)
     except BaseException as error:
         capture.flush()
         outbox.put(StartupFailed(rank=rank, time=time.time(), failure=describe_exception(error, _SKIP_IN_TRACEBACKS)))
@@ -123,7 +114,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     namespace: Dict[str, Any] = dict(setup.namespace)
     namespace.setdefault("fabric", fabric)
     metrics = report_metrics(fabric, rank, outbox)
-    memory = MemorySampler(rank, outbox, state, also=metrics.flush).start()
+    memory.watch(lambda: fabric.accelerator.memory_stats(fabric.device), also=metrics.flush)
     outbox.put(RankReady(rank=rank, time=time.time(), world_size=bootstrap.world_size))
 
     while True:

@@ -50,11 +50,6 @@ class Outbox:
     def put(self, message: Any) -> None:
         self._queue.put(message)
 
-    def wait_connected(self, timeout: float = 60.0) -> Connection:
-        if not self.connected.wait(timeout) or self.connection is None:
-            raise ConnectionError(f"could not connect to the notebook within {timeout:.0f} s")
-        return self.connection
-
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop the thread."""
         self._queue.put(_STOP)

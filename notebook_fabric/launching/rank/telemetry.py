@@ -1,9 +1,10 @@
 """Inside a rank: what the dashboard shows besides output, sent on the rank's outbox.
 
-- :class:`MemorySampler`: a side thread that samples host memory (RSS and its peak) and, once the
-  rank initialised CUDA, the caching allocator's figures, while a task runs; plus one sample
-  right before and after every task. It never initialises CUDA itself. It also flushes the
-  metrics reporter, so a rank stuck in a collective has sent what it logged before.
+- :class:`MemorySampler`: the one thread that samples host memory (RSS, kept on the rank's state for
+  the heartbeats, and its peak) and, through the accelerator's ``memory_stats`` (CUDA's caching
+  allocator once the rank initialised CUDA, MPS), the device's figures; it sends them while a task
+  runs, plus one sample right before and after every task. It never initialises a device itself.
+  It also flushes the metrics reporter, so a rank stuck in a collective has sent what it logged before.
 - :func:`report_progress`: tqdm bars (the text bar, which is what ranks draw, see
   :mod:`.isolation`) also send a :class:`Progress` event each time tqdm redraws them.
 - :func:`report_metrics`: ``fabric.log`` / ``fabric.log_dict`` also send the scalars as
@@ -18,7 +19,6 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,11 +31,11 @@ MEMORY_INTERVAL = 0.5  # seconds between samples while a task runs
 class MemorySampler:
     """Samples this rank's memory (see the module docstring). ``state.in_task`` gates the thread."""
 
-    def __init__(self, rank: int, outbox: Any, state: Any, interval: float = MEMORY_INTERVAL,
-                 also: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, rank: int, outbox: Any, state: Any, interval: float = MEMORY_INTERVAL) -> None:
         import psutil
 
-        self._also = also  # run with every sample (the metrics reporter's flush)
+        self._also: Optional[Callable[[], None]] = None  # run with every sample (the metrics reporter's flush)
+        self._device_memory: Optional[Callable[[], Dict[str, int]]] = None
         self.rank = rank
         self.interval = interval
         self._outbox = outbox
@@ -45,31 +45,39 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, name="notebook-fabric memory", daemon=True)
 
     def start(self) -> "MemorySampler":
+        self._read_rss()
         self._thread.start()
         return self
+
+    def watch(self, device_memory: Callable[[], Dict[str, int]], also: Optional[Callable[[], None]] = None) -> None:
+        """Once the rank has its Fabric: ``device_memory()`` is its accelerator's ``memory_stats``
+        (keys ``allocated``, ``reserved``, ``peak``, ``total``, where known); ``also`` runs with every sample."""
+        self._device_memory, self._also = device_memory, also
+
+    def _read_rss(self) -> int:
+        try:
+            rss = self._process.memory_info().rss
+        except Exception:  # noqa: BLE001 - psutil errors: report what we can
+            rss = 0
+        self._state.rss_bytes = rss
+        return rss
 
     def send(self) -> None:
         """Put one sample on the outbox now."""
         self._outbox.put(self.sample())
 
     def sample(self) -> MemorySample:
-        try:
-            rss = self._process.memory_info().rss
-        except Exception:  # noqa: BLE001 - psutil errors: report what we can
-            rss = 0
+        rss = self._read_rss()
         self._peak = max(self._peak, rss, _peak_rss())
         fields: Dict[str, Any] = {}
-        torch = sys.modules.get("torch")
-        cuda = getattr(torch, "cuda", None) if torch is not None else None
-        if cuda is not None and cuda.is_initialized():
+        if self._device_memory is not None:
             try:
-                index = cuda.current_device()
-                fields = dict(device=f"cuda:{index}", allocated_bytes=cuda.memory_allocated(index),
-                              reserved_bytes=cuda.memory_reserved(index),
-                              peak_allocated_bytes=cuda.max_memory_allocated(index),
-                              total_bytes=cuda.get_device_properties(index).total_memory)
+                stats = self._device_memory()
             except Exception:  # noqa: BLE001 - a broken device must not end the sampler
-                fields = {}
+                stats = {}
+            named = {field: stats[key] for key, field in _DEVICE_FIELDS.items() if key in stats}
+            if named:
+                fields = dict(device=str(stats.get("device", "")) or None, **named)
         return MemorySample(rank=self.rank, time=time.time(), rss_bytes=rss, rss_peak_bytes=self._peak, **fields)
 
     def _run(self) -> None:
@@ -79,6 +87,13 @@ class MemorySampler:
                 self.send()
                 if self._also is not None:
                     self._also()
+            else:
+                self._read_rss()  # the heartbeats between tasks read it from the state
+
+
+#: the accelerator's ``memory_stats`` keys -> the fields of :class:`MemorySample`
+_DEVICE_FIELDS = {"allocated": "allocated_bytes", "reserved": "reserved_bytes", "peak": "peak_allocated_bytes",
+                  "total": "total_bytes"}
 
 
 def _peak_rss() -> int:

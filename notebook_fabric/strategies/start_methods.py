@@ -1,7 +1,11 @@
-"""The start methods: how a strategy's ranks come to exist, spelled once, in one table.
+"""The start methods: how a strategy's ranks come to exist, in one table beside the strategies.
 
 A strategy declares one (``strategy.start_method``); the launcher that acts on it is picked in
-:mod:`.launchers`. Every other module asks this table rather than spelling the names itself.
+:mod:`notebook_fabric.launching.launchers`. What a method means (who starts the ranks, whether they
+inherit this process' memory, which strategy names spell it) is read from this table; the modules
+that start processes (``launching/starters.py``, ``preflight.py``, ``rank/main.py``, ``xla_ranks.py``)
+also spell ``"spawn"``, ``"fork"`` and ``"forkserver"`` where they hand those names to ``multiprocessing``
+or torch_xla.
 """
 from __future__ import annotations
 
@@ -31,11 +35,6 @@ class StartMethodTraits:
     name_suffixes: Tuple[str, ...] = ()
     #: whether a rank starts as a copy of this process (nothing is pickled; open ports are inherited)
     inherits_memory: bool = False
-
-    @property
-    def runs_a_function_only(self) -> bool:
-        """Whether its ranks can only run a function (never the script again): ``launch(fn)``, not the CLI."""
-        return self.source is not RankSource.SCRIPT
 
 
 START_METHOD_TABLE: Mapping[str, StartMethodTraits] = {
@@ -88,7 +87,7 @@ def inherits_memory(start_method: Optional[str]) -> bool:
 def start_method_named_by(strategy_name: str) -> Optional[str]:
     """The start method a strategy name stands for: a registered strategy's declared one, else the
     method an unregistered ``<strategy>_<method>`` name spells (``fsdp_spawn``, ``ddp_notebook``)."""
-    from ..strategies import STRATEGY_REGISTRY
+    from . import STRATEGY_REGISTRY
 
     name = strategy_name.strip().lower()
     if name in STRATEGY_REGISTRY:
