@@ -28,7 +28,7 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
            log_dir: Any = None, dashboard: Optional[bool] = None, post_mortem: bool = False,
-           **fabric_kwargs: Any) -> Any:
+           cluster: Any = None, **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -51,6 +51,9 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     asked here: the kernel's stdin or the terminal) before the ranks are stopped.
     ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
 
+    ``cluster``: ``"slurm"`` or :class:`~notebook_fabric.Slurm` puts ``devices`` ranks on each of
+    ``num_nodes`` hosts that Slurm allocates (see :mod:`notebook_fabric.clusters`).
+
     Outside the dashboard, rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
     ``.remote_traceback``); a rank that dies raises :class:`RankDiedError`.
@@ -59,6 +62,15 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
         raise TypeError(f"launch() needs a function to run on every rank, got {type(fn).__name__}")
     check_start_method(start_method, POOL_START_METHODS, none_allowed=True)
     kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
+    from ..clusters.spec import resolve_cluster
+
+    on_cluster = resolve_cluster(cluster)
+    if on_cluster is not None:
+        from ..clusters.launch import launch_on_cluster
+
+        return launch_on_cluster(on_cluster, kwargs, fn, args, start_method=start_method, timeout=timeout,
+                                 return_all=return_all, stall=stall, sink=sink, log_dir=log_dir, dashboard=dashboard,
+                                 post_mortem=post_mortem)
     if _starts_own_ranks(kwargs):  # torch_xla starts XLA ranks itself: no rank pool
         if return_all or timeout is not None or start_method is not None or log_dir is not None:
             raise ValueError("XLA strategies start their ranks with torch_xla: return_all=, timeout=,"
@@ -77,7 +89,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
                  num_processes: int, start_method: Optional[str], timeout: Optional[float] = None,
                  return_all: bool = False, kwargs: Optional[Mapping[str, Any]] = None, stall: Optional[float] = 30.0,
                  sink: Optional[EventSink] = None, log_dir: Any = None, dashboard: Optional[bool] = None,
-                 title: str = "launch", post_mortem: bool = False) -> Any:
+                 title: str = "launch", post_mortem: bool = False, hosts: Any = None) -> Any:
     """Start ``num_processes`` ranks, each with ``Fabric(**fabric_kwargs)`` launched, run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``return_all``). This is what ``Fabric.launch(fn)`` calls for fork, spawn and
@@ -100,7 +112,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
     try:
         return _run_function(fabric_kwargs, fn, args, num_processes=num_processes, start_method=start_method,
                              timeout=timeout, return_all=return_all, kwargs=kwargs, stall=stall, sink=sink,
-                             log_dir=log_dir, trace_collectives=board is not None)
+                             log_dir=log_dir, trace_collectives=board is not None, hosts=hosts)
     finally:
         if board is not None:
             board.freeze()
@@ -109,13 +121,14 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
 def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any], *,
                   num_processes: int, start_method: Optional[str], timeout: Optional[float], return_all: bool,
                   kwargs: Optional[Mapping[str, Any]], stall: Optional[float], sink: EventSink, log_dir: Any,
-                  trace_collectives: bool) -> Any:
+                  trace_collectives: bool, hosts: Any = None) -> Any:
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     args, kwargs = tuple(args), dict(kwargs or {})
     if not inherits_memory(method):  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, start_method=method, sink=sink,
-                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir, trace_collectives=trace_collectives)
+                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=log_dir, trace_collectives=trace_collectives,
+                    hosts=hosts)
     try:
         pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
         watchdog = StallWatchdog(range(num_processes), pool.where, stall)
@@ -137,8 +150,9 @@ def plan_ranks(fabric_kwargs: Mapping[str, Any]) -> "tuple[int, Optional[str]]":
     strategy = fabric.strategy
     num_nodes = int(getattr(strategy, "num_nodes", 1) or 1)
     if num_nodes > 1:
-        raise ValueError(f"launch() starts ranks on this machine only, but num_nodes={num_nodes}; "
-                         "use `notebook-fabric run` on every node instead")
+        raise ValueError(f"launch() starts ranks on this machine unless told where else, but num_nodes={num_nodes}:"
+                         " pass cluster='slurm' (or cluster=Slurm(partition=...)) for ranks on Slurm's hosts, or use"
+                         " `notebook-fabric run` on every node")
     num_processes = int(getattr(strategy, "num_processes", 1) or 1)
     declared = getattr(strategy, "start_method", None)
     return num_processes, declared if is_pool_start_method(declared) else None

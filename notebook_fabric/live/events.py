@@ -115,6 +115,7 @@ class RemoteFailure:
     message: str
     traceback: str
     pickled: Optional[bytes] = None
+    host: str = ""  # the rank's host, where it runs on another one (NOTEBOOK_FABRIC_HOST)
 
     @property
     def qualified_type(self) -> str:
