@@ -90,6 +90,8 @@ class SlurmHosts:
 
     def close(self) -> None:
         try:
+            if self.allocation.owned:  # cancelling the job ends the step too, at once
+                self.allocation.release()
             if self._step is not None:
                 self._step.close()
         finally:

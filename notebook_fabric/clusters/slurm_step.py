@@ -64,6 +64,7 @@ class SrunStep:
         self._lines: List[str] = []
         self._step_id: Optional[str] = None
         self._last_signal: Dict[str, float] = {}
+        self._signals: List[subprocess.Popen] = []  # scancel calls under way (never waited for in the caller)
         self._lock = threading.Lock()
         command = ["srun", f"--jobid={allocation.job_id}", f"--nodes={len(self.hosts)}", f"--ntasks={self.size}",
                    f"--ntasks-per-node={per_node}", f"--nodelist={','.join(self.hosts)}", "--distribution=block",
@@ -153,7 +154,8 @@ class SrunStep:
         return self._step_id
 
     def signal(self, name: str) -> bool:
-        """``scancel --signal=name`` the step's tasks (once per burst: every rank of it asks at once)."""
+        """``scancel --signal=name`` the step's tasks, without waiting (slurmctld may take its
+        MessageTimeout over a dead host); once per burst, as every rank of the step asks at once."""
         now = time.monotonic()
         with self._lock:
             if now - self._last_signal.get(name, -1e9) < 0.5:
@@ -162,7 +164,9 @@ class SrunStep:
         step = self.step_id() if self.process.poll() is None else self._step_id
         if step is None:
             return False
-        return slurm("scancel", f"--signal={name}", step).returncode == 0
+        self._signals.append(subprocess.Popen(["scancel", f"--signal={name}", step], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+        return True
 
     def close(self) -> None:
         """Kill what is left of the step and reap srun."""
@@ -176,6 +180,12 @@ class SrunStep:
                 self.process.kill()
                 self.process.wait(timeout=3)
         self._reader.join(timeout=2)
+        for call in self._signals:  # one still talking to a dead host's slurmd is of no use now
+            try:
+                call.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                call.kill()
+                call.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
 

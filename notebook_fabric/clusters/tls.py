@@ -23,6 +23,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -199,26 +200,43 @@ class TLSDoor:
 
 
 class LoopbackTunnel:
-    """Inside a rank: a loopback listener whose every connection is carried over TLS to ``remote``
-    (the notebook's :class:`TLSDoor`), introduced as ``rank``."""
+    """On a rank's host: a loopback listener whose every connection is carried over TLS to ``remote``
+    (the notebook's :class:`TLSDoor`), introduced as ``rank``.
+
+    It lives in the process *above* the rank (see :mod:`notebook_fabric.launching.rank.srun_entry`), so
+    what a rank sends just before it exits is still carried after it is gone: :meth:`finish` waits
+    for that. Make it before forking the rank, :meth:`serve` after (threads do not survive a fork)."""
 
     def __init__(self, remote: Address, certificate: PoolCertificate, rank: int) -> None:
         self._context = certificate.context(server=False)
         self._remote = tuple(remote)
         self._rank = rank
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(8)
-        self.address: Address = self._socket.getsockname()[:2]
+        self._pumps: "list[threading.Thread]" = []
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.address: Address = self.socket.getsockname()[:2]
+
+    def serve(self) -> "LoopbackTunnel":
         threading.Thread(target=self._accept_loop, name="notebook-fabric TLS tunnel", daemon=True).start()
+        return self
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Stop accepting; wait until every carried connection delivered its last bytes and closed."""
+        self.socket.close()
+        deadline = time.monotonic() + timeout
+        for pump_thread in list(self._pumps):
+            pump_thread.join(max(0.0, deadline - time.monotonic()))
 
     def _accept_loop(self) -> None:
         while True:
             try:
-                local, _ = self._socket.accept()
+                local, _ = self.socket.accept()
             except OSError:
                 return
-            threading.Thread(target=self._carry, args=(local,), name="notebook-fabric TLS pump", daemon=True).start()
+            thread = threading.Thread(target=self._carry, args=(local,), name="notebook-fabric TLS pump", daemon=True)
+            self._pumps.append(thread)
+            thread.start()
 
     def _carry(self, local: socket.socket) -> None:
         try:
