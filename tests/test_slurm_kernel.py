@@ -1,0 +1,52 @@
+"""Through a real Jupyter kernel on the two-host Slurm test bed: launch() over both hosts, and a
+``%%fabric --cluster slurm`` pool that keeps state across cells, survives an interrupt mid-cell,
+and leaves no job and no process after ``%fabric stop``."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from support import slurm_bed
+from support.kernels import Kernel, magics_kernel
+
+pytestmark = pytest.mark.skipif(slurm_bed.why_no_bed() is not None, reason=slurm_bed.why_no_bed() or "")
+
+
+@pytest.fixture
+def kernel() -> Iterator[Kernel]:
+    slurm_bed.bring_up()
+    with magics_kernel() as k:
+        yield k
+    slurm_bed.assert_no_jobs()
+    slurm_bed.assert_nodes_empty()
+
+
+def test_launch_in_a_kernel_returns_results_from_both_hosts(kernel: Kernel) -> None:
+    kernel.ok("import socket\nfrom notebook_fabric import launch\n"
+              "def host(fabric):\n    return fabric.global_rank, socket.gethostname()")
+    reply = kernel.ok("launch(host, devices=2, num_nodes=2, cluster='slurm', accelerator='cpu', return_all=True)",
+                      timeout=240)
+    assert "[(0, 'nfnode1'), (1, 'nfnode1'), (2, 'nfnode2'), (3, 'nfnode2')]" in reply.result, reply.all_text
+    assert not kernel.ranks()  # srun and everything below it are gone
+
+
+def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: Kernel) -> None:
+    reply = kernel.ok("%%fabric --devices 1 --num-nodes 2 --cluster slurm --accelerator cpu --no-dashboard\n"
+                      "import socket\nhost = socket.gethostname()\nsteps = [fabric.global_rank]\nhost", timeout=240)
+    assert "nfnode1" in reply.all_text and "nfnode2" in reply.all_text, reply.all_text
+    assert slurm_bed.jobs(), "the pool holds its allocation between cells"
+    reply = kernel.ok("%%fabric --no-dashboard\nsteps.append(len(steps))\n(host, steps)", timeout=120)
+    assert "('nfnode1', [0, 1])" in reply.all_text and "('nfnode2', [1, 1])" in reply.all_text, reply.all_text
+    msg = kernel.send("%%fabric --no-dashboard\nimport time\nprint('looping', flush=True)\n"
+                      "for _ in range(600):\n    time.sleep(0.1)")
+    kernel.wait_for_output(msg, "looping", timeout=60)
+    kernel.interrupt()
+    reply = kernel.collect(msg, timeout=60)
+    assert reply.ename == "KeyboardInterrupt", reply.all_text
+    reply = kernel.ok("%%fabric --no-dashboard\nlen(steps)", timeout=60)  # the pool survived, state intact
+    assert "[ranks 0-1] 2" in reply.all_text, reply.all_text
+    kernel.ok("%fabric stop", timeout=60)
+    slurm_bed.assert_no_jobs()
+    slurm_bed.assert_nodes_empty()
+    assert not kernel.ranks()
