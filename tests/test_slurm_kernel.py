@@ -31,6 +31,18 @@ def test_launch_in_a_kernel_returns_results_from_both_hosts(kernel: Kernel) -> N
     assert not kernel.ranks()  # srun and everything below it are gone
 
 
+def test_the_dashboard_shows_each_rank_s_host() -> None:
+    slurm_bed.bring_up()
+    with magics_kernel(dashboard=True) as kernel:
+        kernel.ok("from notebook_fabric import launch\ndef rank(fabric):\n    return fabric.global_rank")
+        reply = kernel.ok("launch(rank, devices=1, num_nodes=2, cluster='slurm', accelerator='cpu')", timeout=240)
+        html = reply.text
+        assert ">host</th>" in html, html[:2000]
+        assert ">nfnode1</td>" in html and ">nfnode2</td>" in html, html[:4000]
+    slurm_bed.assert_no_jobs()
+    slurm_bed.assert_nodes_empty()
+
+
 def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: Kernel) -> None:
     reply = kernel.ok("%%fabric --devices 1 --num-nodes 2 --cluster slurm --accelerator cpu --no-dashboard\n"
                       "import socket\nhost = socket.gethostname()\nsteps = [fabric.global_rank]\nhost", timeout=240)

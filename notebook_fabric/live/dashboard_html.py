@@ -85,9 +85,11 @@ HEADER = ("rank", "state", "memory", "progress", "last collective", "last output
 
 def table_html(model: DashboardModel, now: Optional[float] = None, final: bool = False) -> str:
     """The per-rank table; failed and dead ranks in red."""
-    head = "".join(f'<th style="{_CELL}">{name}</th>' for name in HEADER)
     body = []
     with model.lock():
+        on_hosts = any(model.views[rank].host for rank in model.ranks)  # ranks on a cluster: which host each is on
+        names = HEADER[:1] + ("host",) + HEADER[1:] if on_hosts else HEADER
+        head = "".join(f'<th style="{_CELL}">{name}</th>' for name in names)
         for rank in model.ranks:
             view = model.views[rank]
             bad = model.is_bad(rank)
@@ -98,8 +100,10 @@ def table_html(model: DashboardModel, now: Optional[float] = None, final: bool =
                 progress_html(view.current_progress), html.escape(view.last_collective),
                 f'<code style="white-space:pre">{html.escape(_clip(view.last_line, 72))}</code>',
             ]
+            if on_hosts:
+                cells.insert(1, html.escape(view.host))
             body.append(f'<tr class="nbf-rank" data-rank="{rank}" style="{style}">'
-                        + "".join(f'<td style="{_CELL}{style if i < 2 else ""}">{c}</td>' for i, c in enumerate(cells))
+                        + "".join(f'<td style="{_CELL}{style if i < 2 + on_hosts else ""}">{c}</td>' for i, c in enumerate(cells))
                         + "</tr>")
     return (f'<table class="nbf-table" style="border-collapse:collapse;font-size:12px;font-family:monospace">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")

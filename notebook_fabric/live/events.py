@@ -22,9 +22,10 @@ class RankEvent:
 
 @dataclass(frozen=True)
 class RankStarted(RankEvent):
-    """The rank connected to the notebook; its process id."""
+    """The rank connected to the notebook; its process id (and its host, where that is another one)."""
 
     pid: int
+    host: str = ""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def main() -> None:
     interface = interface_toward(env["MASTER_ADDR"]).name
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         env.setdefault(name, os.environ.get(name, interface))
+    os.environ["NOTEBOOK_FABRIC_HOST"] = env["NOTEBOOK_FABRIC_HOST"]  # the rank says where it runs (dashboard, errors)
     bootstrap = dataclasses.replace(template, rank=rank, world_size=slurm.world_size(), parent_pid=os.getpid(),
                                     start_method="spawn", env=env, close_ports=())
     if parcel.certificate is None:  # loopback: no tunnel, this process is the rank
