@@ -77,3 +77,10 @@ def test_without_slurm_tools_the_error_says_so(run_script, tmp_path) -> None:
     record = run_script(SCRIPT, "bad", json.dumps({}), env={"PATH": "/nonexistent"}, timeout=120).check("bad")[0]
     assert record["type"] == "SlurmError"
     assert "needs Slurm's commands on PATH" in record["message"] and "salloc" in record["message"]
+
+
+def test_ranks_that_cannot_reach_the_notebook_name_the_interface_tried(bed, run_script) -> None:
+    record = run_script(SCRIPT, "unreachable", timeout=240).check("unreachable")[0]
+    assert record["type"] == "RankDiedError", record
+    assert "could not connect to the notebook at 127.0.0.1" in record["message"], record["message"]
+    assert "(interface lo)" in record["message"] and "Slurm(interface=...)" in record["message"]

@@ -82,7 +82,8 @@ class SlurmHosts:
                              f" {self.devices} each ({expected})")
         parcel = SrunParcel(bootstraps[0], None if self._certificate is None else self._certificate.certificate,
                             None if self._certificate is None else self._certificate.key)
-        self._step = SrunStep(self.allocation, self.devices, pickle.dumps(parcel), self._notify)
+        reach = f"the notebook at {bootstraps[0].address[0]}:{bootstraps[0].address[1]} (interface {self.interface.name})"
+        self._step = SrunStep(self.allocation, self.devices, pickle.dumps(parcel), self._notify, reach)
         return [SlurmRank(self._step, rank) for rank in range(expected)]
 
     def host_of(self, rank: int) -> str:

@@ -22,6 +22,7 @@ from ..launching.processes import describe_exit
 from .slurm_allocation import Allocation, slurm
 
 LOST_GRACE = 1.5
+UNREACHABLE = 72  # a rank's exit code when it cannot connect to the notebook (launching.rank.output.Outbox)
 LOST = -int(signal.SIGKILL)
 _TASK_END = re.compile(r"srun: error: (\S+): tasks? ([\d,\- ]+): (.+)$")
 _SIGNAL_WORDS = {"Killed": signal.SIGKILL, "Terminated": signal.SIGTERM, "Segmentation fault": signal.SIGSEGV,
@@ -51,13 +52,14 @@ class SrunStep:
     """``srun`` of ``len(hosts) * per_node`` ranks in ``allocation``, block-distributed (rank r on host r // per_node)."""
 
     def __init__(self, allocation: Allocation, per_node: int, parcel: bytes,
-                 notify: Callable[[str], None] = lambda text: None) -> None:
+                 notify: Callable[[str], None] = lambda text: None, reach: str = "the notebook") -> None:
         self.allocation = allocation
         self.hosts = list(allocation.hosts)
         self.per_node = per_node
         self.size = len(self.hosts) * per_node
         self.name = f"notebook-fabric-{uuid.uuid4().hex[:8]}"
         self._notify = notify
+        self._reach = reach  # where ranks dial back to, for the message when they cannot
         self._exits: Dict[int, int] = {}
         self._reported: Dict[int, str] = {}
         self._lost: Dict[int, float] = {}
@@ -137,6 +139,9 @@ class SrunStep:
         if lost:
             return (f"was lost on host {host}: its connection to the notebook closed and Slurm reported no exit"
                     " (the host went down or its network failed)")
+        if exitcode == UNREACHABLE:
+            return (f"could not connect to {self._reach} from host {host} (exit code {UNREACHABLE}): the host cannot reach"
+                    " that address; pass the interface the nodes reach with Slurm(interface=...)")
         return f"{describe_exit(exitcode)} on host {host}"
 
     # -- signals --------------------------------------------------------------------------------

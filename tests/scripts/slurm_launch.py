@@ -84,6 +84,11 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - the record says what came
             emit(check=mode, rank=0, type=type(error).__name__, message=str(error),
                  seconds=time.monotonic() - killed_at[0], ranks=getattr(error, "ranks", None))
+    elif mode == "unreachable":
+        try:
+            launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
+        except Exception as error:  # noqa: BLE001
+            emit(check="unreachable", rank=0, type=type(error).__name__, message=str(error))
     elif mode == "bad":
         spec = json.loads(sys.argv[2])
         num_nodes = spec.pop("num_nodes", 2)
