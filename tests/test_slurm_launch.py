@@ -84,3 +84,4 @@ def test_ranks_that_cannot_reach_the_notebook_name_the_interface_tried(bed, run_
     assert record["type"] == "RankDiedError", record
     assert "could not connect to the notebook at 127.0.0.1" in record["message"], record["message"]
     assert "(interface lo)" in record["message"] and "Slurm(interface=...)" in record["message"]
+
