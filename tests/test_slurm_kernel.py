@@ -62,3 +62,27 @@ def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: 
     slurm_bed.assert_no_jobs()
     slurm_bed.assert_nodes_empty()
     assert not kernel.ranks()
+
+
+@pytest.mark.parametrize("how", ["sigkill", "restart"])
+def test_a_kernel_that_dies_or_restarts_leaves_no_job_and_no_rank(how: str) -> None:
+    import os
+    import signal
+
+    slurm_bed.bring_up()
+    kernel = Kernel()
+    try:
+        kernel.ok("%load_ext notebook_fabric")
+        reply = kernel.ok("%%fabric --devices 1 --num-nodes 2 --cluster slurm --accelerator cpu --no-dashboard\n"
+                          "fabric.global_rank", timeout=240)
+        assert "[rank 0] 0" in reply.all_text or "0" in reply.all_text, reply.all_text
+        assert slurm_bed.jobs()
+        assert [p for node in slurm_bed.NODES for p in slurm_bed.node_processes(node)]
+        if how == "sigkill":
+            os.kill(kernel.pid, signal.SIGKILL)
+        else:
+            kernel.km.restart_kernel(now=True)
+        slurm_bed.assert_no_jobs(timeout=15)
+        slurm_bed.assert_nodes_empty(timeout=15)
+    finally:
+        kernel.shutdown(now=True)
