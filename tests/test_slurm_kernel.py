@@ -53,6 +53,9 @@ def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: 
     msg = kernel.send("%%fabric --no-dashboard\nimport time\nprint('looping', flush=True)\n"
                       "for _ in range(600):\n    time.sleep(0.1)")
     kernel.wait_for_output(msg, "looping", timeout=60)
+    where = kernel.run_in_subshell("%fabric where", timeout=30)  # asked of both hosts' ranks mid-cell
+    # both ranks answered (from both hosts), with the same stack: shown once for ranks 0-1
+    assert where.status == "ok" and "ranks 0-1:" in where.stdout and "time.sleep(0.1)" in where.stdout, where.all_text
     kernel.interrupt()
     reply = kernel.collect(msg, timeout=60)
     assert reply.ename == "KeyboardInterrupt", reply.all_text

@@ -42,6 +42,8 @@ def main() -> None:
     interface = interface_toward(env["MASTER_ADDR"]).name
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         env.setdefault(name, os.environ.get(name, interface))
+    if template.log_dir:  # a host that does not share the notebook's file system keeps the rank's logs locally
+        os.makedirs(os.path.join(template.log_dir, f"rank{rank}"), exist_ok=True)
     os.environ["NOTEBOOK_FABRIC_HOST"] = env["NOTEBOOK_FABRIC_HOST"]  # the rank says where it runs (dashboard, errors)
     bootstrap = dataclasses.replace(template, rank=rank, world_size=slurm.world_size(), parent_pid=os.getpid(),
                                     start_method="spawn", env=env, close_ports=())
