@@ -89,3 +89,23 @@ def test_a_kernel_that_dies_or_restarts_leaves_no_job_and_no_rank(how: str) -> N
         slurm_bed.assert_nodes_empty(timeout=15)
     finally:
         kernel.shutdown(now=True)
+
+
+def test_breakpoint_in_a_rank_on_another_host_is_answered_from_the_notebook() -> None:
+    slurm_bed.bring_up()
+    with magics_kernel(allow_stdin=True) as kernel:
+        kernel.ok("%%fabric --devices 1 --num-nodes 2 --cluster slurm --accelerator cpu --no-dashboard\nimport socket",
+                  timeout=240)
+        msg = kernel.send("%%fabric --no-dashboard\nx = 10 * (fabric.global_rank + 1)\n"
+                          "if fabric.global_rank == 1:\n    breakpoint()\n    x += 1\n(socket.gethostname(), x)")
+        assert kernel.prompt() == "(Pdb rank 1) "
+        kernel.answer("p socket.gethostname(), x")
+        assert kernel.prompt() == "(Pdb rank 1) "
+        kernel.wait_for_output(msg, "('nfnode2', 20)")
+        kernel.answer("c")
+        reply = kernel.collect(msg, timeout=60)
+        assert reply.status == "ok", reply.all_text
+        assert "('nfnode1', 10)" in reply.all_text and "('nfnode2', 21)" in reply.all_text, reply.all_text
+        kernel.ok("%fabric stop", timeout=60)
+    slurm_bed.assert_no_jobs()
+    slurm_bed.assert_nodes_empty()
