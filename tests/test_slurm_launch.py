@@ -35,6 +35,14 @@ def test_results_come_from_both_hosts(bed, run_script, per_host: int) -> None:
     assert {v["ifname"] for v in values} == {"nf0"} and {v["world"] for v in values} == {world}
 
 
+def test_inside_an_allocation_the_ranks_are_a_step_of_it(bed, run_script) -> None:
+    result = run_script(SCRIPT, "in-allocation", timeout=240)
+    record = result.check("results")[0]
+    assert record["job"], "the script ran as salloc's command, inside the job"
+    assert [v["host"] for v in record["values"]] == ["nfnode1", "nfnode1", "nfnode2", "nfnode2"], result.describe()
+    assert "Granted job allocation" in result.stderr and result.stderr.count("Granted job allocation") == 1  # no second job
+
+
 def test_an_exception_names_rank_and_host_with_its_traceback(bed, run_script) -> None:
     record = run_script(SCRIPT, "exception", timeout=240).check("exception")[0]
     assert record["type"] == "ValueError" and record["rank_attr"] == 1

@@ -67,7 +67,7 @@ def main() -> None:
     if mode == "results":
         per_host = int(sys.argv[2])
         values = launch(where, devices=per_host, num_nodes=2, cluster="slurm", return_all=True, **common)
-        emit(check="results", rank=0, values=values)
+        emit(check="results", rank=0, values=values, job=os.environ.get("SLURM_JOB_ID"))
     elif mode == "exception":
         try:
             launch(fails_on_rank_1, devices=1, num_nodes=2, cluster="slurm", **common)
@@ -84,6 +84,11 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - the record says what came
             emit(check=mode, rank=0, type=type(error).__name__, message=str(error),
                  seconds=time.monotonic() - killed_at[0], ranks=getattr(error, "ranks", None))
+    elif mode == "in-allocation":  # this script again, as salloc's command: the kernel-in-a-job case
+        out = subprocess.run(["salloc", "-N2", "--ntasks-per-node=2", "--job-name=outer", sys.executable, __file__,
+                              "results", "2"], capture_output=True, text=True, timeout=200)
+        sys.stdout.write(out.stdout)
+        sys.stderr.write(out.stderr)
     elif mode == "unreachable":
         try:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
