@@ -75,6 +75,8 @@ class RankPool:
     to ``<log_dir>/rank<N>/stdout.log`` / ``stderr.log``; ``None`` (default) uses a temporary folder,
     removed at :meth:`stop` unless a start or a task failed; ``False``: no log files. A kept folder's
     path is printed when the pool stops (see :mod:`.rank_logs`).
+    ``hosts``: where the ranks run (:class:`~notebook_fabric.clusters.base.RankHosts`; default this
+    machine, :class:`~notebook_fabric.clusters.base.LocalHosts`); the pool closes it when it stops.
     ``idle_sink`` also gets the heartbeats that arrive between tasks (from the pool's reader thread,
     so it must be thread-safe); during a task they go to the task's sink with the other events.
     """
