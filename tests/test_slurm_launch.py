@@ -81,6 +81,11 @@ def test_bad_requests_are_refused_clearly_and_nothing_stays_queued(bed, run_scri
     assert slurm_bed.jobs() == [] or record["seconds"] >= 0  # the fixture asserts squeue empty within 15 s
 
 
+def test_an_interrupt_while_the_allocation_is_pending_cancels_it(bed, run_script) -> None:
+    record = run_script(SCRIPT, "interrupt-pending", timeout=120).check("interrupt-pending")[0]
+    assert record["jobs"].strip() == "", record  # nothing pending or running once launch() has raised
+
+
 def test_without_slurm_tools_the_error_says_so(run_script, tmp_path) -> None:
     record = run_script(SCRIPT, "bad", json.dumps({}), env={"PATH": "/nonexistent"}, timeout=120).check("bad")[0]
     assert record["type"] == "SlurmError"

@@ -118,6 +118,27 @@ def request_allocation(spec: Slurm, num_nodes: int, tasks_per_node: int,
                               env=env, start_new_session=True, text=True)
     lines: List[str] = []
     threading.Thread(target=_collect, args=(holder, lines), name="notebook-fabric salloc", daemon=True).start()
+    try:
+        job_id = _wait_granted(holder, lines, command, spec, num_nodes, notify)
+    except BaseException:  # refused, timed out, or the kernel interrupted: nothing may stay queued
+        queued = _QUEUED.search("\n".join(lines))
+        if queued:
+            slurm("scancel", queued.group(1))
+        _end(holder)
+        raise
+    hosts_text = slurm("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+    try:
+        hosts = parse_node_list(hosts_text)
+    except ValueError:
+        slurm("scancel", job_id)
+        _end(holder)
+        raise SlurmError(f"Slurm granted job {job_id} but squeue names no hosts for it ({hosts_text!r})") from None
+    return Allocation(job_id=job_id, hosts=hosts, owned=True, holder=holder)
+
+
+def _wait_granted(holder: subprocess.Popen, lines: List[str], command: List[str], spec: Slurm, num_nodes: int,
+                  notify: Callable[[str], None]) -> str:
+    """The job id once salloc says the allocation is granted; ``SlurmError`` if it refuses or stays pending."""
     deadline = time.monotonic() + spec.start_timeout
     job_id = None
     noted_pending = False
@@ -131,29 +152,17 @@ def request_allocation(spec: Slurm, num_nodes: int, tasks_per_node: int,
         if holder.poll() is not None:
             time.sleep(0.1)  # its last lines
             said = "\n".join(line for line in lines if line.strip()) or f"salloc exited with code {holder.returncode}"
-            if job_id:
-                slurm("scancel", job_id)
             raise SlurmError(f"Slurm refused the allocation of {num_nodes} node(s) ({' '.join(command[1:-4])}):\n{said}")
         if job_id and not noted_pending and "queued and waiting" in text:
             noted_pending = True
             notify(f"Slurm job {job_id} is pending ({_pending_reason(job_id)}); waiting up to {spec.start_timeout:g} s")
         if time.monotonic() > deadline:
             reason = _pending_reason(job_id) if job_id else "no job id yet"
-            if job_id:
-                slurm("scancel", job_id)
-            _end(holder)
             raise SlurmError(f"Slurm job {job_id} was still pending after start_timeout={spec.start_timeout:g} s "
                              f"(Slurm's reason: {reason}); it was cancelled. Ask for fewer nodes or another partition, "
                              "or allow longer with Slurm(start_timeout=...)")
         time.sleep(0.05)
-    hosts_text = slurm("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
-    try:
-        hosts = parse_node_list(hosts_text)
-    except ValueError:
-        slurm("scancel", job_id)
-        _end(holder)
-        raise SlurmError(f"Slurm granted job {job_id} but squeue names no hosts for it ({hosts_text!r})") from None
-    return Allocation(job_id=job_id, hosts=hosts, owned=True, holder=holder)
+    return job_id
 
 
 def _pending_reason(job_id: str) -> str:

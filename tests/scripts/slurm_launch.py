@@ -89,6 +89,13 @@ def main() -> None:
                               "results", "2"], capture_output=True, text=True, timeout=200)
         sys.stdout.write(out.stdout)
         sys.stderr.write(out.stderr)
+    elif mode == "interrupt-pending":  # Ctrl-C while Slurm keeps the allocation pending
+        threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            launch(where, devices=1, num_nodes=2, cluster=Slurm(sbatch_args=["--begin=now+3600"]), **common)
+        except KeyboardInterrupt:
+            emit(check="interrupt-pending", rank=0, jobs=subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING"], capture_output=True,
+                                                                        text=True).stdout)
     elif mode == "unreachable":
         try:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
