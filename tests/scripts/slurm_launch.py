@@ -94,8 +94,8 @@ def main() -> None:
         try:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(sbatch_args=["--begin=now+3600"]), **common)
         except KeyboardInterrupt:
-            emit(check="interrupt-pending", rank=0, jobs=subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING"], capture_output=True,
-                                                                        text=True).stdout)
+            left = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING"], capture_output=True, text=True).stdout
+            emit(check="interrupt-pending", rank=0, jobs=left)
     elif mode == "unreachable":
         try:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
