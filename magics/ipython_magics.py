@@ -89,6 +89,11 @@ class FabricMagics(Magics):
     @argument("--precision", default=None, help="e.g. 32-true, bf16-mixed, 16-mixed")
     @argument("--start-method", dest="start_method", default=None, choices=list(POOL_START_METHODS),
               help="how ranks start (default: fork where safe, else spawn)")
+    @argument("--num-nodes", dest="num_nodes", type=int, default=None, metavar="N",
+              help="hosts, each running --devices ranks (needs --cluster; default 1)")
+    @argument("--cluster", default=None, choices=["local", "slurm"],
+              help="where the ranks run: this machine (local, default) or hosts that Slurm allocates")
+    @argument("--partition", default=None, help="the Slurm partition (with --cluster slurm)")
     @argument("--log-dir", dest="log_dir", default=None, metavar="DIR",
               help="also write every rank's complete stdout/stderr to DIR/rank<N>/stdout.log, stderr.log "
                    "(default: a temporary folder, kept if a cell fails)")
@@ -126,7 +131,8 @@ class FabricMagics(Magics):
         options = CellOptions(
             settings={"devices": args.devices, "accelerator": args.accelerator, "strategy": args.strategy,
                       "precision": args.precision, "start_method": args.start_method, "debug": args.debug,
-                      "log_dir": args.log_dir},
+                      "log_dir": args.log_dir, "num_nodes": args.num_nodes,
+                      "cluster": None if args.cluster == "local" else args.cluster, "partition": args.partition},
             ranks=args.ranks, timeout=args.timeout, stall=args.stall, show=args.show,
             outs=args.out, out_all=args.out_all, dashboard=args.dashboard,
         )

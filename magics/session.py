@@ -96,15 +96,21 @@ class FabricSession(PoolCommands, DebugCommands):
     def _start(self, settings: PoolSettings) -> RankPool:
         self._require_main_thread("starting ranks")
         started = time.monotonic()
+        hosts = None
         try:  # build the Fabric here first: bad settings fail at once, before any process starts
-            num_processes, declared = plan_ranks(settings.fabric_kwargs())
-        except (ValueError, TypeError) as error:
+            if settings.cluster is not None:  # hosts from a cluster (Slurm): checked and allocated here
+                from notebook_fabric.clusters.magic_pool import cluster_hosts
+
+                num_processes, declared, hosts = cluster_hosts(settings, lambda text: notify(text))
+            else:
+                num_processes, declared = plan_ranks(settings.fabric_kwargs())
+        except (ValueError, TypeError, RuntimeError) as error:
             raise with_render(error, [f"{type(error).__name__}: cannot start {settings.describe()}: {error}",
                                       "Nothing was started; fix the option and run the cell again."]) from None
         pool = RankPool(settings.fabric_kwargs(), num_processes=num_processes, make_fabric=build_rank_fabric,
                         start_method=settings.start_method or declared, sink=TextSink(),
                         heartbeat_interval=self.heartbeat_interval, log_dir=settings.log_dir,
-                        trace_collectives=True)
+                        trace_collectives=True, hosts=hosts)
         try:
             pool.start()
         except BaseException as error:

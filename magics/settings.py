@@ -22,6 +22,9 @@ class PoolSettings:
     start_method: Optional[str] = None
     debug: bool = False
     log_dir: Optional[str] = None  # the pool's per-rank log folder (None: a temporary one)
+    num_nodes: int = 1  # hosts, each with `devices` ranks (more than one needs a cluster)
+    cluster: Optional[str] = None  # None: this machine; "slurm": hosts that Slurm allocates
+    partition: Optional[str] = None  # the Slurm partition (cluster="slurm" only)
 
     def fabric_kwargs(self) -> Dict[str, Any]:
         """The ``Fabric(**kwargs)`` every rank builds."""
@@ -30,6 +33,8 @@ class PoolSettings:
             kwargs["precision"] = self.precision
         if self.debug:
             kwargs["debug"] = True
+        if self.num_nodes != 1:
+            kwargs["num_nodes"] = self.num_nodes
         return kwargs
 
     def merged(self, requested: Dict[str, Any]) -> "PoolSettings":
@@ -38,6 +43,12 @@ class PoolSettings:
         settings = replace(self, **given)
         if not isinstance(settings.devices, int) or settings.devices < 1:
             raise ValueError(f"--devices must be a positive integer (the number of ranks), got {settings.devices!r}")
+        if not isinstance(settings.num_nodes, int) or settings.num_nodes < 1:
+            raise ValueError(f"--num-nodes must be a positive integer (the number of hosts), got {settings.num_nodes!r}")
+        if settings.num_nodes > 1 and settings.cluster is None:
+            raise ValueError(f"--num-nodes {settings.num_nodes} needs hosts from a cluster: add --cluster slurm")
+        if settings.partition is not None and settings.cluster is None:
+            raise ValueError("--partition is a Slurm option: add --cluster slurm")
         return settings
 
     def changes_from(self, old: "PoolSettings") -> List[str]:
@@ -53,6 +64,10 @@ class PoolSettings:
             parts.append(f"precision={self.precision!r}")
         if self.debug:
             parts.append("debug=True")
+        if self.cluster is not None:
+            parts[0] = f"{self.devices * self.num_nodes} rank{'s' if self.devices * self.num_nodes != 1 else ''}"
+            parts.append(f"on {self.num_nodes} {self.cluster} host{'s' if self.num_nodes != 1 else ''}"
+                         f" ({self.devices} each)" + (f", partition {self.partition!r}" if self.partition else ""))
         return ", ".join(parts)
 
 

@@ -20,7 +20,8 @@ def unload_ipython_extension(ipython):  # noqa: ANN001
     _unload(ipython)
 
 
-__all__ = ["Fabric", "seed_everything", "launch", "__version__"]
+__all__ = ["Fabric", "seed_everything", "launch", "Slurm", "__version__"]
 
 # The function users call; the package that starts and supervises ranks is `notebook_fabric.launching`.
 from .launch_api import launch  # noqa: E402
+from .clusters import Slurm  # noqa: E402

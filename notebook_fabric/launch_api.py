@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from .clusters.launch import launch_on_cluster
+from .clusters.spec import resolve_cluster
 from .fabric import Fabric
 from .launching.options import LaunchOptions
 from .live.sinks import EventSink
@@ -16,7 +18,7 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
            precision: Any = "32-true", start_method: Optional[str] = None, timeout: Optional[float] = None,
            return_all: bool = False, stall: Optional[float] = 30.0, sink: Optional[EventSink] = None,
            log_dir: Any = None, dashboard: Optional[bool] = None, post_mortem: bool = False,
-           **fabric_kwargs: Any) -> Any:
+           cluster: Any = None, **fabric_kwargs: Any) -> Any:
     """Run ``fn(fabric, *args)`` on ``devices`` ranks of this machine; return rank 0's value.
 
     ``fn`` (and ``args``) may be defined in a notebook cell. Each rank gets
@@ -40,6 +42,9 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     ``breakpoint()``, ``pdb.set_trace()`` and ``input()`` in ``fn`` are asked here the same way.
     ``fabric.launch(fn, *args, ...)`` takes the same options (see :class:`~.launching.options.LaunchOptions`).
 
+    ``cluster``: ``"slurm"`` or :class:`~notebook_fabric.Slurm` puts ``devices`` ranks on each of
+    ``num_nodes`` hosts that Slurm allocates (see :mod:`notebook_fabric.clusters`).
+
     Outside the dashboard, rank output is printed live, tagged ``[rank N]``. An exception on any rank stops every
     rank and is re-raised here as its original type (with ``.rank``, ``.ranks`` and
     ``.remote_traceback``); a rank that dies raises :class:`RankDiedError`.
@@ -49,9 +54,14 @@ def launch(fn: Callable[..., Any], *args: Any, devices: Any = 2, accelerator: An
     options = LaunchOptions(start_method=start_method, timeout=timeout, return_all=return_all, stall=stall, sink=sink,
                             log_dir=log_dir, dashboard=dashboard, post_mortem=post_mortem,
                             title=f"launch({getattr(fn, '__qualname__', type(fn).__name__)})")
+    spec = resolve_cluster(cluster)
+    if spec is not None:
+        kwargs = dict(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
+        return launch_on_cluster(spec, kwargs, fn, args, options)
     fabric = Fabric(accelerator=accelerator, strategy=strategy, devices=devices, precision=precision, **fabric_kwargs)
     num_nodes = int(getattr(fabric.strategy, "num_nodes", 1) or 1)
     if num_nodes > 1:
-        raise ValueError(f"launch() starts ranks on this machine only, but num_nodes={num_nodes}; "
-                         "use `notebook-fabric run` on every node instead")
+        raise ValueError(f"launch() starts ranks on this machine unless told where else, but num_nodes={num_nodes}:"
+                         " pass cluster='slurm' (or cluster=Slurm(partition=...)) for ranks on Slurm's hosts, or use"
+                         " `notebook-fabric run` on every node")
     return fabric._launch(fn, args, {}, options, fresh_processes=True)

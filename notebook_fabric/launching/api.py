@@ -27,7 +27,7 @@ START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is gi
 def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: Sequence[Any] = (),
                  kwargs: Optional[Mapping[str, Any]] = None, *, make_fabric: Callable[[Mapping[str, Any]], Any],
                  num_processes: int, start_method: Optional[str] = None,
-                 options: LaunchOptions = LaunchOptions()) -> Any:
+                 options: LaunchOptions = LaunchOptions(), hosts: Any = None) -> Any:
     """Start ``num_processes`` ranks, each with ``make_fabric(fabric_kwargs)`` (its prepared Fabric), run
     ``fn(fabric, *args, **kwargs)`` on all of them, stop them; return rank 0's value (or the list
     by rank with ``options.return_all``). ``start_method``: the strategy's (``options.start_method``
@@ -49,7 +49,7 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
     try:
         return _run_function(fabric_kwargs, fn, tuple(args), dict(kwargs or {}), make_fabric=make_fabric,
                              num_processes=num_processes, start_method=options.start_method or start_method,
-                             options=options, sink=sink, trace_collectives=board is not None)
+                             options=options, sink=sink, trace_collectives=board is not None, hosts=hosts)
     finally:
         if board is not None:
             board.freeze()
@@ -57,13 +57,13 @@ def run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args:
 
 def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args: tuple, kwargs: dict, *,
                   make_fabric: Callable[[Mapping[str, Any]], Any], num_processes: int, start_method: Optional[str],
-                  options: LaunchOptions, sink: EventSink, trace_collectives: bool) -> Any:
+                  options: LaunchOptions, sink: EventSink, trace_collectives: bool, hosts: Any = None) -> Any:
     method = resolve_start_method(start_method, lambda text: sink.handle(Notice(rank=-1, time=time.time(), text=text)))
     if not inherits_memory(method):  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, make_fabric=make_fabric, start_method=method, sink=sink,
                     namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=options.log_dir,
-                    trace_collectives=trace_collectives)
+                    trace_collectives=trace_collectives, hosts=hosts)
     timeout = options.timeout
     try:
         pool.start(timeout=START_TIMEOUT if timeout is None else timeout)

@@ -7,6 +7,7 @@ ranks, and the rank's traceback chained as ``__cause__`` (a :class:`RemoteTraceb
 """
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -98,7 +99,8 @@ def rebuild_exception(failures: Dict[int, RemoteFailure], arrival: Sequence[int]
     groups = group_failures(failures, arrival)
     ranks, failure = groups[0]
     rank = ranks[0]
-    where = f"{format_ranks(ranks)}" + (" (identical failures shown once)" if len(ranks) > 1 else "")
+    on_host = f" on host {failure.host}" if failure.host else ""
+    where = f"{format_ranks(ranks)}{on_host}" + (" (identical failures shown once)" if len(ranks) > 1 else "")
     exc = _unpickle(failure)
     if exc is None:
         exc = RankFailedError(f"{failure.qualified_type} on {where}: {failure.message}", rank=rank, ranks=ranks,
@@ -112,7 +114,7 @@ def rebuild_exception(failures: Dict[int, RemoteFailure], arrival: Sequence[int]
     if len(groups) > 1:
         note += "; other ranks failed too:\n" + summarize_failures(groups[1:])
     _add_note(exc, note)
-    header = f"Traceback on {format_ranks([rank])}" + (f" ({format_ranks(ranks)} failed the same way)" if len(ranks) > 1 else "")
+    header = f"Traceback on {format_ranks([rank])}{on_host}" + (f" ({format_ranks(ranks)} failed the same way)" if len(ranks) > 1 else "")
     exc.__cause__ = RemoteTraceback(f"{header}:\n{fold_frames(failure.traceback).rstrip()}")
     return exc
 
@@ -134,7 +136,8 @@ def describe_exception(exc: BaseException, skip_frames_in: Sequence[str] = ()) -
     except Exception:  # a broken __str__ must not hide the failure
         message = f"<{type(exc).__name__} with an unprintable message>"
     return RemoteFailure(type_name=type(exc).__qualname__, module=type(exc).__module__ or "",
-                         message=message, traceback=text, pickled=pickle_for_parent(exc, verify=True))
+                         message=message, traceback=text, pickled=pickle_for_parent(exc, verify=True),
+                         host=os.environ.get("NOTEBOOK_FABRIC_HOST", ""))
 
 
 def pickle_for_parent(obj: object, verify: bool = False) -> Optional[bytes]:

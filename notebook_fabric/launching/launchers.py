@@ -68,6 +68,14 @@ class ScriptRerunLauncher(ThisProcessLauncher):
         from .rerun_script import start_script_ranks
 
         strategy = self._strategy
+        if fn is not None and strategy.num_nodes > 1 and _no_script_to_rerun():
+            raise RuntimeError(
+                f"Fabric(num_nodes={strategy.num_nodes}).launch(fn) here has no script to run on other hosts: for"
+                f" ranks on {strategy.num_nodes} hosts from a notebook, name the cluster that places them:"
+                f" notebook_fabric.launch(fn, devices={strategy.num_processes}, num_nodes={strategy.num_nodes},"
+                f" cluster='slurm'), or %%fabric --devices {strategy.num_processes} --num-nodes {strategy.num_nodes}"
+                " --cluster slurm"
+            )
         start_script_ranks(strategy.num_processes, strategy.num_nodes, strategy.node_rank, strategy.cluster_environment)
         return super().launch(fn, args, kwargs, options)
 
@@ -201,3 +209,10 @@ def run_on_xla_rank(prepare: Callable[[Any], None], fabric: Any, function: Calla
     (process group, debug checks), then run the user's function."""
     prepare(fabric)
     return function(fabric, *args, **kwargs)
+
+
+def _no_script_to_rerun() -> bool:
+    """A notebook or a REPL: ``__main__`` is no file another host could run."""
+    import sys
+
+    return getattr(sys.modules.get("__main__"), "__file__", None) is None

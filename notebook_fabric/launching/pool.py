@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..live.channel import EventListener
 from ..live.events import CollectiveState, Notice, RankEvent
@@ -41,8 +41,10 @@ from .rendezvous import RendezvousStore
 from ..strategies.start_methods import inherits_memory
 from .ranks import Ranks
 from .run_loop import RunLoop, wait_until_ready
-from .starters import start_rank
 from .supervisor import RankHandle, Supervisor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hosts import RankHosts
 
 Task = Callable[[Any, Dict[str, Any]], Any]
 
@@ -75,6 +77,8 @@ class RankPool:
     to ``<log_dir>/rank<N>/stdout.log`` / ``stderr.log``; ``None`` (default) uses a temporary folder,
     removed at :meth:`stop` unless a start or a task failed; ``False``: no log files. A kept folder's
     path is printed when the pool stops (see :mod:`.rank_logs`).
+    ``hosts``: where the ranks run (:class:`~.hosts.RankHosts`; default this
+    machine, :class:`~.hosts.LocalHosts`); the pool closes it when it stops.
     ``idle_sink`` also gets the heartbeats that arrive between tasks (from the pool's reader thread,
     so it must be thread-safe); during a task they go to the task's sink with the other events.
     """
@@ -84,7 +88,7 @@ class RankPool:
                  namespace: Optional[Mapping[str, Any]] = None, sink: Optional[EventSink] = None,
                  heartbeat_interval: float = 2.0, trace_collectives: bool = False,
                  log_dir: Union[str, "os.PathLike[str]", None, bool] = None,
-                 idle_sink: Optional[EventSink] = None) -> None:
+                 idle_sink: Optional[EventSink] = None, hosts: Optional["RankHosts"] = None) -> None:
         if not isinstance(num_processes, int) or num_processes < 1:
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
         if not callable(make_fabric):
@@ -104,6 +108,11 @@ class RankPool:
         self.heartbeat_interval = heartbeat_interval
         self.trace_collectives = trace_collectives
         self.idle_sink = idle_sink
+        if hosts is None:
+            from .hosts import LocalHosts
+
+            hosts = LocalHosts()
+        self.hosts: "RankHosts" = hosts  # where the ranks run (this machine, or hosts placed by Slurm)
         self._setup = RankSetup(fabric_kwargs=self.fabric_kwargs, make_fabric=make_fabric,
                                 namespace=dict(namespace or {}), sys_path=list(sys.path))
         self._handles: List[RankHandle] = []
@@ -163,18 +172,18 @@ class RankPool:
         _LIVE_POOLS.add(self)
         try:
             self._logs = RankLogs(self._log_setting, self.num_processes)
-            self._rendezvous = RendezvousStore()
-            self._listener = listener = EventListener(backlog=max(64, self.num_processes))
-            for rank in range(self.num_processes):
-                bootstrap = RankBootstrap(
-                    rank=rank, world_size=self.num_processes, address=listener.address, authkey=listener.authkey,
-                    parent_pid=os.getpid(), start_method=method,
-                    env=self._rendezvous.rank_environment(rank, self.num_processes),
-                    heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
-                    close_ports=(listener.address[1], self._rendezvous.port) if inherits_memory(method) else (),
-                    log_dir=self._logs.folder,
-                )
-                self._handles.append(RankHandle(rank, start_rank(method, bootstrap, self._setup)))
+            self._rendezvous = self.hosts.open_rendezvous()
+            self._listener = listener = self.hosts.open_channel(max(64, self.num_processes))
+            bootstraps = [RankBootstrap(
+                rank=rank, world_size=self.num_processes, address=listener.address, authkey=listener.authkey,
+                parent_pid=os.getpid(), start_method=method,
+                env=self.hosts.rank_environment(self._rendezvous, rank, self.num_processes),
+                heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
+                close_ports=(listener.address[1], self._rendezvous.port) if inherits_memory(method) else (),
+                log_dir=self._logs.folder,
+            ) for rank in range(self.num_processes)]
+            for rank, process in enumerate(self.hosts.start_ranks(method, bootstraps, self._setup)):
+                self._handles.append(RankHandle(rank, process))
             self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
             if self.idle_sink is not None:
                 self._supervisor.idle_heartbeats = self.idle_sink.handle
@@ -211,6 +220,7 @@ class RankPool:
                 handle.process.close()
             if self._rendezvous is not None:
                 self._rendezvous.close()
+            self.hosts.close()
             _LIVE_POOLS.discard(self)
             self._ranks.drain(self.sink)
             kept = self._logs.finish() if self._logs is not None else None

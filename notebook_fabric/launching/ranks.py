@@ -91,7 +91,7 @@ class Ranks:
 
     def interrupt(self, ranks: Iterable[int]) -> List[int]:
         """SIGINT (KeyboardInterrupt in the running task) to ``ranks``; returns who got it."""
-        return [r for r in ranks if self._handles[r].alive and signal_process(self._handles[r].pid, signal.SIGINT)]
+        return [r for r in ranks if self._handles[r].alive and _interrupt(self._handles[r])]
 
     def answer(self, rank: int, message: Any) -> bool:
         """Send ``message`` (a prompt's reply) to ``rank``; ``False`` if its connection is gone."""
@@ -142,3 +142,9 @@ class Ranks:
             if code is not None and not handle.exit_expected and handle.rank not in deaths:
                 deaths[handle.rank] = describe_exit(code)
         return deaths
+
+
+def _interrupt(handle: Any) -> bool:
+    """SIGINT to one rank: its starter's way where it has one (a rank on another host), else the OS signal."""
+    interrupt = getattr(handle.process, "interrupt", None)
+    return interrupt() if interrupt is not None else signal_process(handle.pid, signal.SIGINT)

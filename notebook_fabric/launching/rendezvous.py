@@ -22,10 +22,12 @@ LOOPBACK = "127.0.0.1"
 class RendezvousStore:
     """The rendezvous server of one pool; :meth:`close` releases the port."""
 
-    def __init__(self, timeout: timedelta = timedelta(minutes=5)) -> None:
+    def __init__(self, timeout: timedelta = timedelta(minutes=5), host: str = LOOPBACK) -> None:
+        """``host``: the one address to listen on (ranks on other hosts need the one they reach)."""
         listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.host = host
         try:
-            listening.bind((LOOPBACK, 0))
+            listening.bind((host, 0))
             listening.listen(256)
             self.port: int = listening.getsockname()[1]
         except BaseException:
@@ -33,7 +35,7 @@ class RendezvousStore:
             raise
         # The store owns (and closes) the descriptor from here on.
         self._store: Optional[TCPStore] = TCPStore(
-            LOOPBACK, self.port, is_master=True, wait_for_workers=False, timeout=timeout,
+            host, self.port, is_master=True, wait_for_workers=False, timeout=timeout,
             master_listen_fd=listening.detach(),
         )
 

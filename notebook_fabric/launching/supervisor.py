@@ -199,7 +199,13 @@ class Supervisor:
             handle.exitcode = exitcode
             handle.state = "exited"
             self.events.put(RankExited(rank=handle.rank, time=time.time(), exitcode=exitcode,
-                                       description=describe_exit(exitcode), expected=handle.exit_expected,
+                                       description=_describe_exit(handle.process, exitcode), expected=handle.exit_expected,
                                        last_words=handle.process.last_words() if exitcode != 0 else ""))
             with self.changed:
                 self.changed.notify_all()
+
+
+def _describe_exit(process: RankProcess, exitcode: int) -> str:
+    """How the rank ended, in words; a rank on another host says which host (its starter knows more)."""
+    describe = getattr(process, "describe_exit", None)
+    return describe(exitcode) if describe is not None else describe_exit(exitcode)

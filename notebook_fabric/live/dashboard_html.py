@@ -82,11 +82,14 @@ class Column:
     html: Callable[[DashboardModel, RankView, Optional[float], bool], str]
     flagged: bool = False
     in_text: bool = True
+    shown: Callable[[DashboardModel], bool] = lambda model: True  # e.g. the host column only on a cluster
 
 
 COLUMNS: Tuple[Column, ...] = (
     Column("rank", lambda model, view, now, final: str(view.rank),
            lambda model, view, now, final: str(view.rank), flagged=True),
+    Column("host", lambda model, view, now, final: view.host, lambda model, view, now, final: html.escape(view.host),
+           flagged=True, shown=lambda model: any(model.views[rank].host for rank in model.ranks)),
     Column("state", lambda model, view, now, final: model.state(view.rank, now),
            lambda model, view, now, final: html.escape(model.state(view.rank, now)), flagged=True),
     Column("memory", lambda model, view, now, final: memory_text(view, final),
@@ -102,6 +105,11 @@ COLUMNS: Tuple[Column, ...] = (
 HEADER = tuple(column.name for column in COLUMNS)
 
 
+def shown_columns(model: DashboardModel) -> List[Column]:
+    """The columns this model's table has (the host column only when ranks run on other hosts)."""
+    return [column for column in COLUMNS if column.shown(model)]
+
+
 def table_rows(model: DashboardModel, now: Optional[float] = None, final: bool = False,
                columns: Sequence[Column] = COLUMNS) -> List[Tuple[str, ...]]:
     """One tuple of ``columns``' texts per rank."""
@@ -111,15 +119,16 @@ def table_rows(model: DashboardModel, now: Optional[float] = None, final: bool =
 
 def table_html(model: DashboardModel, now: Optional[float] = None, final: bool = False) -> str:
     """The per-rank table; failed and dead ranks in red."""
-    head = "".join(f'<th style="{_CELL}">{column.name}</th>' for column in COLUMNS)
     body = []
     with model.lock():
+        columns = shown_columns(model)
+        head = "".join(f'<th style="{_CELL}">{column.name}</th>' for column in columns)
         for rank in model.ranks:
             view = model.views[rank]
             bad = model.is_bad(rank)
             style = f"color:{FAILED_COLOR};font-weight:600;" if bad else ""
             cells = "".join(f'<td style="{_CELL}{style if column.flagged else ""}">{column.html(model, view, now, final)}</td>'
-                            for column in COLUMNS)
+                            for column in columns)
             body.append(f'<tr class="nbf-rank" data-rank="{rank}" style="{style}">{cells}</tr>')
     return (f'<table class="nbf-table" style="border-collapse:collapse;font-size:12px;font-family:monospace">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
@@ -207,7 +216,7 @@ def summary_text(model: DashboardModel, title: str, shown: Sequence[int]) -> str
             if view.dropped_lines:
                 lines.append(f"[rank {rank}] ({view.dropped_lines} earlier lines not shown)")
             lines += [f"[rank {rank}] {line}" for line in view.output_lines()]
-        columns = [column for column in COLUMNS if column.in_text]
+        columns = [column for column in shown_columns(model) if column.in_text]
         rows = table_rows(model, final=True, columns=columns)
         header = [column.name for column in columns]
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(columns))]

@@ -42,6 +42,7 @@ class RankView:
     rank: int
     phase: str = "starting"  # starting | idle | running | done | failed | interrupted | stopped | dead
     pid: Optional[int] = None
+    host: str = ""  # set for ranks on other hosts (a cluster's)
     collective: Optional[CollectiveState] = None
     last_collective: str = ""
     failure: str = ""
@@ -147,6 +148,7 @@ class DashboardModel:
             self._add_metrics(event)
         elif isinstance(event, RankStarted):
             view.pid = event.pid
+            view.host = getattr(event, "host", "")
         elif isinstance(event, RankReady):
             view.phase = "idle"
         elif isinstance(event, TaskStarted):

@@ -22,9 +22,10 @@ class RankEvent:
 
 @dataclass(frozen=True)
 class RankStarted(RankEvent):
-    """The rank connected to the notebook; its process id."""
+    """The rank connected to the notebook; its process id (and its host, where that is another one)."""
 
     pid: int
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class RemoteFailure:
     message: str
     traceback: str
     pickled: Optional[bytes] = None
+    host: str = ""  # the rank's host, where it runs on another one (NOTEBOOK_FABRIC_HOST)
 
     @property
     def qualified_type(self) -> str:

@@ -95,7 +95,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
                                                                     text=text)),
                             log_paths=rank_log_paths(bootstrap.log_dir, rank)).start()
-    outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid()))
+    outbox.put(RankStarted(rank=rank, time=time.time(), pid=os.getpid(), host=os.environ.get("NOTEBOOK_FABRIC_HOST", "")))
     memory = MemorySampler(rank, outbox, state).start()  # the one thread reading this rank's RSS
     forget_kernel()  # a rank forked from a kernel is not the kernel
     report_progress(rank, outbox)

@@ -1,0 +1,116 @@
+"""launch() over the two-host Slurm test bed; prints NFTEST records. Usage: slurm_launch.py MODE [ARGS]."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from notebook_fabric import Slurm, launch
+
+TAG = "NFTEST "
+
+
+def emit(**record) -> None:
+    print(TAG + json.dumps(record), flush=True)
+
+
+def where(fabric):
+    total = fabric.all_reduce(torch.tensor([float(fabric.global_rank + 1)]), reduce_op="sum")
+    return {"rank": fabric.global_rank, "host": socket.gethostname(), "sum": float(total),
+            "ifname": os.environ.get("GLOO_SOCKET_IFNAME"), "world": fabric.world_size}
+
+
+def fails_on_rank_1(fabric):
+    if fabric.global_rank == 1:
+        raise ValueError(f"bad value on {socket.gethostname()}")
+    fabric.barrier()
+
+
+def waits_to_die(fabric, folder):
+    with open(os.path.join(folder, f"rank{fabric.global_rank}.pid"), "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def _pid_when_written(path: str) -> int:
+    while not os.path.exists(path) or not open(path).read().strip():
+        time.sleep(0.05)
+    return int(open(path).read())
+
+
+def kill_later(how: str, folder: str, killed_at: list) -> None:
+    """SIGKILL rank 1 (on nfnode2 with one rank per host), or take nfnode2 down whole (slurmd and all)."""
+    pid = _pid_when_written(os.path.join(folder, "rank1.pid"))
+    time.sleep(1.0)
+    killed_at.append(time.monotonic())
+    if how == "rank":
+        os.kill(pid, signal.SIGKILL)
+        return
+    pids = subprocess.run(["ip", "netns", "pids", "nfnode2"], capture_output=True, text=True).stdout.split()
+    for victim in pids:
+        try:
+            os.kill(int(victim), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    common = dict(accelerator="cpu", dashboard=False)
+    if mode == "results":
+        per_host = int(sys.argv[2])
+        values = launch(where, devices=per_host, num_nodes=2, cluster="slurm", return_all=True, **common)
+        emit(check="results", rank=0, values=values, job=os.environ.get("SLURM_JOB_ID"))
+    elif mode == "exception":
+        try:
+            launch(fails_on_rank_1, devices=1, num_nodes=2, cluster="slurm", **common)
+        except ValueError as error:
+            notes = getattr(error, "__notes__", [])
+            emit(check="exception", rank=0, type=type(error).__name__, message=str(error), rank_attr=error.rank,
+                 notes=notes, cause=str(error.__cause__))
+    elif mode in ("kill-rank", "kill-node"):
+        folder = sys.argv[2]
+        killed_at: list = []
+        threading.Thread(target=kill_later, args=(mode.split("-")[1], folder, killed_at), daemon=True).start()
+        try:
+            launch(waits_to_die, folder, devices=1, num_nodes=2, cluster="slurm", **common)
+        except Exception as error:  # noqa: BLE001 - the record says what came
+            emit(check=mode, rank=0, type=type(error).__name__, message=str(error),
+                 seconds=time.monotonic() - killed_at[0], ranks=getattr(error, "ranks", None))
+    elif mode == "in-allocation":  # this script again, as salloc's command: the kernel-in-a-job case
+        out = subprocess.run(["salloc", "-N2", "--ntasks-per-node=2", "--job-name=outer", sys.executable, __file__,
+                              "results", "2"], capture_output=True, text=True, timeout=200)
+        sys.stdout.write(out.stdout)
+        sys.stderr.write(out.stderr)
+    elif mode == "interrupt-pending":  # Ctrl-C while Slurm keeps the allocation pending
+        threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            launch(where, devices=1, num_nodes=2, cluster=Slurm(sbatch_args=["--begin=now+3600"]), **common)
+        except KeyboardInterrupt:
+            left = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING"], capture_output=True, text=True).stdout
+            emit(check="interrupt-pending", rank=0, jobs=left)
+    elif mode == "unreachable":
+        try:
+            launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
+        except Exception as error:  # noqa: BLE001
+            emit(check="unreachable", rank=0, type=type(error).__name__, message=str(error))
+    elif mode == "bad":
+        spec = json.loads(sys.argv[2])
+        num_nodes = spec.pop("num_nodes", 2)
+        started = time.monotonic()
+        try:
+            launch(where, devices=1, num_nodes=num_nodes, cluster=Slurm(**spec), **common)
+        except Exception as error:  # noqa: BLE001
+            emit(check="bad", rank=0, type=type(error).__name__, message=str(error),
+                 seconds=time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()

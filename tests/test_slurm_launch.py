@@ -1,0 +1,100 @@
+"""launch(fn, num_nodes=2, cluster="slurm") on the two-host Slurm test bed: results from both hosts,
+errors that name rank and host, deaths within seconds, clear refusals; never a job or a rank left."""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import pytest
+
+from conftest import SCRIPTS
+from support import slurm_bed
+
+pytestmark = pytest.mark.skipif(slurm_bed.why_no_bed() is not None, reason=slurm_bed.why_no_bed() or "")
+SCRIPT = SCRIPTS / "slurm_launch.py"
+
+
+@pytest.fixture
+def bed() -> Iterator[None]:
+    """The bed up and idle before the test; no job in squeue and no process on a node after it."""
+    slurm_bed.bring_up()
+    yield
+    slurm_bed.assert_no_jobs()
+    slurm_bed.assert_nodes_empty()
+
+
+@pytest.mark.parametrize("per_host", [1, 2])
+def test_results_come_from_both_hosts(bed, run_script, per_host: int) -> None:
+    result = run_script(SCRIPT, "results", per_host, timeout=240)
+    values = result.check("results")[0]["values"]
+    world = 2 * per_host
+    assert [v["rank"] for v in values] == list(range(world))
+    hosts = [v["host"] for v in values]
+    assert hosts == ["nfnode1"] * per_host + ["nfnode2"] * per_host, result.describe()
+    assert {v["sum"] for v in values} == {float(sum(range(1, world + 1)))}  # one all_reduce across both hosts
+    assert {v["ifname"] for v in values} == {"nf0"} and {v["world"] for v in values} == {world}
+
+
+def test_inside_an_allocation_the_ranks_are_a_step_of_it(bed, run_script) -> None:
+    result = run_script(SCRIPT, "in-allocation", timeout=240)
+    record = result.check("results")[0]
+    assert record["job"], "the script ran as salloc's command, inside the job"
+    assert [v["host"] for v in record["values"]] == ["nfnode1", "nfnode1", "nfnode2", "nfnode2"], result.describe()
+    assert "Granted job allocation" in result.stderr and result.stderr.count("Granted job allocation") == 1  # no second job
+
+
+def test_an_exception_names_rank_and_host_with_its_traceback(bed, run_script) -> None:
+    record = run_script(SCRIPT, "exception", timeout=240).check("exception")[0]
+    assert record["type"] == "ValueError" and record["rank_attr"] == 1
+    assert "bad value on nfnode2" in record["message"]
+    assert any("rank 1 on host nfnode2" in note for note in record["notes"]), record
+    assert "Traceback on rank 1 on host nfnode2" in record["cause"] and "fails_on_rank_1" in record["cause"]
+
+
+@pytest.mark.parametrize("how", ["kill-rank", "kill-node"])
+def test_a_killed_rank_or_a_lost_host_ends_in_rank_died_error(bed, run_script, tmp_path, how: str) -> None:
+    try:
+        record = run_script(SCRIPT, how, tmp_path, timeout=240).check(how)[0]
+    finally:
+        if how == "kill-node":
+            slurm_bed.bring_up()  # slurmd back on nfnode2; the job there can complete
+    assert record["type"] == "RankDiedError" and record["ranks"] == [1], record
+    assert "rank 1" in record["message"] and "on host nfnode2" in record["message"]
+    if how == "kill-rank":
+        assert "SIGKILL" in record["message"]
+    else:
+        assert "lost" in record["message"]
+    assert record["seconds"] < 10, record
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"partition": "nosuch"}, r"no partition 'nosuch'; its partitions are nf"),
+    ({"num_nodes": 3}, r"num_nodes=3, but Slurm's partition 'nf' has 2 node\(s\)"),
+    ({"sbatch_args": ["--begin=now+3600"], "start_timeout": 3}, r"still pending after start_timeout=3 s \(Slurm's reason: BeginTime\)"),
+])
+def test_bad_requests_are_refused_clearly_and_nothing_stays_queued(bed, run_script, spec, expected) -> None:
+    import re
+
+    record = run_script(SCRIPT, "bad", json.dumps(spec), timeout=120).check("bad")[0]
+    assert record["type"] == "SlurmError", record
+    assert re.search(expected, record["message"]), record["message"]
+    assert slurm_bed.jobs() == [] or record["seconds"] >= 0  # the fixture asserts squeue empty within 15 s
+
+
+def test_an_interrupt_while_the_allocation_is_pending_cancels_it(bed, run_script) -> None:
+    record = run_script(SCRIPT, "interrupt-pending", timeout=120).check("interrupt-pending")[0]
+    assert record["jobs"].strip() == "", record  # nothing pending or running once launch() has raised
+
+
+def test_without_slurm_tools_the_error_says_so(run_script, tmp_path) -> None:
+    record = run_script(SCRIPT, "bad", json.dumps({}), env={"PATH": "/nonexistent"}, timeout=120).check("bad")[0]
+    assert record["type"] == "SlurmError"
+    assert "needs Slurm's commands on PATH" in record["message"] and "salloc" in record["message"]
+
+
+def test_ranks_that_cannot_reach_the_notebook_name_the_interface_tried(bed, run_script) -> None:
+    record = run_script(SCRIPT, "unreachable", timeout=240).check("unreachable")[0]
+    assert record["type"] == "RankDiedError", record
+    assert "could not connect to the notebook at 127.0.0.1" in record["message"], record["message"]
+    assert "(interface lo)" in record["message"] and "Slurm(interface=...)" in record["message"]
+

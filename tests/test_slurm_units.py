@@ -1,0 +1,51 @@
+"""The Slurm pieces that need no cluster: ``cluster=`` and ``Slurm(...)`` checks, srun's end lines, and
+the message for several nodes from a notebook without a cluster."""
+from __future__ import annotations
+
+import pytest
+
+from notebook_fabric import Slurm
+from notebook_fabric.clusters.slurm_step import LOST, _exit_code_of, _task_numbers
+from notebook_fabric.clusters.spec import resolve_cluster
+
+
+def test_cluster_names_and_bad_values() -> None:
+    assert resolve_cluster(None) is None and resolve_cluster("local") is None
+    assert resolve_cluster("slurm") == Slurm()
+    spec = Slurm(partition="gpu", time="02:00:00", account="proj", gpus_per_node=4, sbatch_args=["--qos=debug"])
+    assert resolve_cluster(spec) is spec
+    assert spec.allocation_options() == ("--partition=gpu", "--time=02:00:00", "--account=proj", "--gpus-per-node=4",
+                                         "--qos=debug")
+    with pytest.raises(ValueError, match=r"cluster='k8s' is not known: use one of 'local', 'slurm'"):
+        resolve_cluster("k8s")
+    with pytest.raises(ValueError, match=r"start_timeout=\) must be a positive number"):
+        Slurm(start_timeout=0)
+    with pytest.raises(ValueError, match=r"partition=\) must be a non-empty string"):
+        Slurm(partition="")
+
+
+def test_srun_end_lines() -> None:
+    assert _task_numbers("1") == [1] and _task_numbers("0-2,5") == [0, 1, 2, 5]
+    assert _exit_code_of("Killed") == -9 and _exit_code_of("Exited with exit code 3") == 3
+    assert _exit_code_of("Segmentation fault (core dumped)") == -11 and _exit_code_of("something else") == LOST
+
+
+def test_launch_refuses_a_fork_start_method_on_a_cluster_before_asking_slurm() -> None:
+    from notebook_fabric import launch
+
+    with pytest.raises(ValueError, match=r"start_method='fork' does not apply there"):
+        launch(lambda fabric: 0, devices=1, num_nodes=2, cluster="slurm", start_method="fork", accelerator="cpu")
+
+
+def test_fabric_launch_over_several_nodes_in_a_notebook_says_to_name_the_cluster(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = ("from notebook_fabric import Fabric\n"
+            "try:\n"
+            "    Fabric(accelerator='cpu', strategy='ddp', devices=2, num_nodes=2).launch(lambda fabric: 0)\n"
+            "except RuntimeError as error:\n"
+            "    print('ERROR', error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "ERROR Fabric(num_nodes=2).launch(fn) here has no script" in out.stdout, out.stdout + out.stderr
+    assert "cluster='slurm'" in out.stdout and "--num-nodes 2 --cluster slurm" in out.stdout
