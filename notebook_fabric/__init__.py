@@ -24,3 +24,7 @@ __all__ = ["Fabric", "seed_everything", "launch", "__version__"]
 
 # The function users call; the package that starts and supervises ranks is `notebook_fabric.launching`.
 from .launching import launch  # noqa: E402
+from .launching import rendezvous_rounds as _rendezvous_rounds  # noqa: E402
+
+# A rank of a launcher that hosts the store: every init_process_group, also the user's own, gets fresh keys.
+_rendezvous_rounds.install()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Generator, Iterable, Optional, Union
@@ -72,7 +73,10 @@ class Fabric:
         self._debug = bool(debug)
         self._launched = False
         self._prepared_outside = False  # prepared without launch(), the ranks having been created outside
-        self._setup_modules: list[nn.Module] = []  # what each setup() handed the strategy
+        # How many modules setup() handed the strategy, and the last one, weakly: a strong reference would
+        # keep a DDP module (and its process group's sockets) alive after the user dropped it.
+        self._models_setup = 0
+        self._last_setup_module: Optional[weakref.ref] = None
 
     # ----- what this rank is ---------------------------------------------------------------------
     @property
@@ -155,7 +159,7 @@ class Fabric:
             self._strategy.module_to_device(module)
         forward_module, optimizers_out = self._strategy.setup_module_and_optimizers(module, list(optimizers))
         wrapped = _FabricModule(forward_module, self._strategy, original_module=original)
-        self._setup_modules.append(forward_module)
+        self._note_setup_module(forward_module)
         fabric_optimizers = [_FabricOptimizer(opt, self._strategy, self._callbacks) for opt in optimizers_out]
         self.call("on_after_setup", fabric=self, module=wrapped)
         if not fabric_optimizers:
@@ -171,8 +175,12 @@ class Fabric:
         if move_to_device:
             self._strategy.module_to_device(module)
         forward_module = self._strategy.setup_module(module)
-        self._setup_modules.append(forward_module)
+        self._note_setup_module(forward_module)
         return _FabricModule(forward_module, self._strategy, original_module=original)
+
+    def _note_setup_module(self, module: nn.Module) -> None:
+        self._models_setup += 1
+        self._last_setup_module = weakref.ref(module)
 
     def setup_optimizers(self, *optimizers: Optimizer) -> Any:
         self._check_not_wrapped(None, optimizers)
@@ -209,8 +217,8 @@ class Fabric:
         more than one was set up.
         """
         module = model._forward_module if isinstance(model, _FabricModule) else model
-        if module is None and len(self._setup_modules) == 1:
-            module = self._setup_modules[0]
+        if module is None and self._models_setup == 1 and self._last_setup_module is not None:
+            module = self._last_setup_module()
         self._strategy.backward(tensor, module, *args, **kwargs)
 
     def clip_gradients(
