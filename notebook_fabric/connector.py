@@ -47,6 +47,7 @@ class Connector:
         self.num_nodes = _validate_num_nodes(given["num_nodes"])
         self.environment = environment if environment is not None else detect_environment()
         devices = given["devices"]
+        self._devices_given = devices != "auto"
         if devices == "auto" and self.environment.creates_processes_externally:
             # under torchrun / srun / mpirun the scheduler already decided how many ranks share this node
             local_world_size = getattr(self.environment, "local_world_size", None)
@@ -111,7 +112,11 @@ class Connector:
         return instance
 
     def _auto_strategy_name(self) -> str:
-        if len(self.parallel_devices) == 1 and self.num_nodes == 1 and not self.environment.creates_processes_externally:
+        if len(self.parallel_devices) == 1 and self.num_nodes == 1 and (
+            self._devices_given or not self.environment.creates_processes_externally
+        ):
+            # devices=1 asked for in so many words is one device, also inside a launched rank (as in Lightning:
+            # a rank may build a Fabric of its own, e.g. to consolidate a checkpoint)
             return "single_device"
         if self.environment.creates_processes_externally and self.environment.world_size() <= 1 and len(self.parallel_devices) == 1:
             return "single_device"

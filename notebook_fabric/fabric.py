@@ -154,6 +154,7 @@ class Fabric:
         self._check_launched()
         self._check_not_wrapped(module, optimizers)
         original = module
+        self._attach_to(original)
         module = self._precision.convert_module(module)
         if move_to_device:
             self._strategy.module_to_device(module)
@@ -171,6 +172,7 @@ class Fabric:
         self._check_launched()
         self._check_not_wrapped(module, ())
         original = module
+        self._attach_to(original)
         module = self._precision.convert_module(module)
         if move_to_device:
             self._strategy.module_to_device(module)
@@ -181,6 +183,12 @@ class Fabric:
     def _note_setup_module(self, module: nn.Module) -> None:
         self._models_setup += 1
         self._last_setup_module = weakref.ref(module)
+
+    def _attach_to(self, module: nn.Module) -> None:
+        """A module with a ``_fabric`` attribute (a LightningModule) gets this Fabric, so that its
+        ``self.log`` / ``self.logger`` go through it, as under Lightning."""
+        if hasattr(module, "_fabric"):
+            module._fabric = self
 
     def setup_optimizers(self, *optimizers: Optimizer) -> Any:
         self._check_not_wrapped(None, optimizers)
@@ -395,11 +403,15 @@ class Fabric:
 
     # ----- callbacks and loggers -----------------------------------------------------------------
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Run ``hook_name(*args, **kwargs)`` on every callback that defines it."""
+        """Run ``hook_name(*args, **kwargs)`` on every callback that defines it.
+
+        Each hook gets only the keyword arguments its signature takes (all of them when it has
+        ``**kwargs``, or when its signature cannot be read), as in Lightning.
+        """
         for callback in self._callbacks:
             method = getattr(callback, hook_name, None)
             if callable(method):
-                method(*args, **kwargs)
+                method(*args, **_kwargs_accepted_by(method, kwargs))
 
     def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
         """Send one scalar to every logger (rank 0 only)."""
@@ -474,6 +486,20 @@ def _takes_an_argument(function: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
         return True
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def _kwargs_accepted_by(function: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``kwargs`` that ``function`` takes by name."""
+    if not kwargs:
+        return kwargs
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return kwargs
+    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {name: value for name, value in kwargs.items() if name in names}
 
 
 def _as_list(value: Any) -> list[Any]:

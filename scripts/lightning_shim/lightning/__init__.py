@@ -3,7 +3,7 @@
 ``import lightning.fabric.X.Y`` (or ``lightning_fabric.X.Y``) gives notebook_fabric's module of the
 same role: the same module object, so a test that monkeypatches it patches notebook_fabric. A
 Lightning module with no counterpart here is an empty module. A name a module lacks is a
-:class:`Missing` placeholder (falsy; calling it, or instantiating a subclass, raises), so a test file
+:class:`Missing` placeholder (a falsy class; what calling it returns raises when used), so a test file
 imports and only the tests that use a private Lightning API fail, each with a message naming it.
 Never installed, never imported by notebook_fabric itself.
 """
@@ -51,17 +51,48 @@ class _MissingMeta(type):
     def __bool__(cls) -> bool:
         return False
 
+    def __iter__(cls) -> Any:
+        return iter(())
+
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{cls._lightning_name} has no counterpart in notebook_fabric (Lightning's private API)")
+        # called at collection time (a parametrize list, a skipif): an object that fails when used
+        instance = object.__new__(cls)
+        return instance
 
 
 class Missing(metaclass=_MissingMeta):
     _lightning_name = "?"
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotImplementedError(f"{self._lightning_name} has no counterpart in notebook_fabric (Lightning's private API)")
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __iter__(self) -> Any:  # a parametrize list from a missing function: no cases
+        return iter(())
+
+    def __repr__(self) -> str:
+        return f"<missing {self._lightning_name}>"
+
+
+_MADE: dict = {}
+
 
 def missing(name: str) -> type:
-    """A placeholder class for Lightning's ``name``."""
-    return _MissingMeta(name.rsplit(".", 1)[-1], (Missing,), {"_lightning_name": name})
+    """A placeholder class for Lightning's ``name``; a warning or exception class for such names (the
+    tests name them in ``filterwarnings`` and ``pytest.raises``), made once per name."""
+    short = name.rsplit(".", 1)[-1]
+    if name not in _MADE:
+        if short.endswith("Warning"):
+            _MADE[name] = type(short, (UserWarning,), {"_lightning_name": name})
+        elif short.endswith(("Exception", "Error")):
+            _MADE[name] = type(short, (Exception,), {"_lightning_name": name})
+        else:
+            _MADE[name] = _MissingMeta(short, (Missing,), {"_lightning_name": name})
+    return _MADE[name]
 
 
 def _lenient_getattr(lightning_name: str):

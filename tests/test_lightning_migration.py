@@ -1,0 +1,76 @@
+"""Behaviours a loop written for Lightning Fabric 2.6 relies on (found by running Lightning's own
+tests against this project: scripts/lightning_suite.py), on one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from notebook_fabric import Fabric
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+
+def test_call_passes_each_hook_only_the_keywords_it_takes() -> None:
+    class TakesEpoch:
+        def on_train_epoch_end(self, epoch: int) -> None:
+            self.got = {"epoch": epoch}
+
+    class TakesAll:
+        def on_train_epoch_end(self, epoch: int, **rest: object) -> None:
+            self.got = {"epoch": epoch, **rest}
+
+    class TakesNothing:
+        def on_train_epoch_end(self) -> None:
+            self.got = {}
+
+    class KeywordOnly:
+        def on_train_epoch_end(self, *, loss: float) -> None:
+            self.got = {"loss": loss}
+
+    callbacks = [TakesEpoch(), TakesAll(), TakesNothing(), KeywordOnly()]
+    Fabric(accelerator="cpu", devices=1, callbacks=callbacks).call("on_train_epoch_end", epoch=5, loss=0.1, acc=0.9)
+    assert [c.got for c in callbacks] == [{"epoch": 5}, {"epoch": 5, "loss": 0.1, "acc": 0.9}, {}, {"loss": 0.1}]
+
+
+def test_call_still_raises_for_a_missing_required_argument() -> None:
+    class NeedsStep:
+        def on_step(self, step: int) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="step"):
+        Fabric(accelerator="cpu", devices=1, callbacks=[NeedsStep()]).call("on_step", epoch=1)
+
+
+def test_a_module_with_a_fabric_attribute_gets_the_fabric() -> None:
+    """A LightningModule driven by Fabric reaches it through ``self._fabric`` (``self.log``, ``self.logger``)."""
+
+    class LightningLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._fabric = None
+            self.layer = nn.Linear(2, 2)
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    first, second = LightningLike(), LightningLike()
+    fabric.setup(first)
+    fabric.setup_module(second)
+    assert first._fabric is fabric and second._fabric is fabric
+    plain = nn.Linear(2, 2)
+    fabric.setup(plain)
+    assert not hasattr(plain, "_fabric")
+
+
+def test_fabric_does_not_keep_set_up_modules_alive() -> None:
+    """Only a count and a weak reference (Lightning keeps a count): a dropped DDP module releases its sockets."""
+    import gc
+    import weakref
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup(nn.Linear(2, 2))
+    inner = weakref.ref(wrapped._forward_module)
+    loss = wrapped(torch.ones(1, 2)).sum()
+    fabric.backward(loss)  # backward(model=None) finds the one set-up module
+    del wrapped, loss
+    gc.collect()
+    assert inner() is None
