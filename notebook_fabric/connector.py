@@ -5,6 +5,7 @@ lists the valid choices.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Union
 
 from .accelerators import ACCELERATOR_CHOICES, Accelerator, CUDAAccelerator, resolve_accelerator
@@ -97,6 +98,13 @@ class Connector:
             name = strategy.lower()
             if name == "auto":
                 name = self._auto_strategy_name()
+            if name == "dp" and not isinstance(self.accelerator, CUDAAccelerator):
+                # as in Lightning: DataParallel is for GPUs, the same data parallelism on CPUs is DDP
+                warnings.warn(
+                    f"strategy='dp' is not supported on {type(self.accelerator).__name__}, hence setting strategy='ddp'.",
+                    UserWarning, stacklevel=4,
+                )
+                name = "ddp"
             if name not in STRATEGY_REGISTRY:
                 raise ValueError(
                     f"strategy={strategy!r} is not known. Choose one of"

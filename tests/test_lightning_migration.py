@@ -74,3 +74,29 @@ def test_fabric_does_not_keep_set_up_modules_alive() -> None:
     del wrapped, loss
     gc.collect()
     assert inner() is None
+
+
+class _Unsized(torch.utils.data.Sampler):
+    def __iter__(self):
+        return iter(range(4))
+
+
+class _Infinite(torch.utils.data.Sampler):
+    def __iter__(self):
+        return iter(range(4))
+
+    def __len__(self):
+        return float("inf")
+
+
+@pytest.mark.parametrize("sampler, what", [(_Unsized(), "no __len__"), (_Infinite(), "an infinite __len__")])
+def test_a_sampler_that_cannot_be_split_is_refused_when_the_loader_is_sharded(sampler: object, what: str) -> None:
+    """Lightning refuses it in setup_dataloaders; before, the first batch failed inside the iteration."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from notebook_fabric.utilities.data import shard_dataloader
+
+    loader = DataLoader(TensorDataset(torch.arange(4.0)), sampler=sampler)
+    with pytest.raises(TypeError, match=f"sampler in your DataLoader \\({type(sampler).__name__}\\) with {what}.*"
+                                        "use_distributed_sampler=False"):
+        shard_dataloader(loader, num_replicas=2, rank=0)
