@@ -29,6 +29,7 @@ from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
 from .utilities.seed import seed_everything as _seed_everything
+from . import wrappers
 from .wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
 
 class Fabric:
@@ -227,7 +228,11 @@ class Fabric:
         module = model._forward_module if isinstance(model, _FabricModule) else model
         if module is None and self._models_setup == 1 and self._last_setup_module is not None:
             module = self._last_setup_module()
-        self._strategy.backward(tensor, module, *args, **kwargs)
+        wrappers._in_fabric_backward = True
+        try:
+            self._strategy.backward(tensor, module, *args, **kwargs)
+        finally:
+            wrappers._in_fabric_backward = False
 
     def clip_gradients(
         self,
@@ -410,8 +415,13 @@ class Fabric:
         """
         for callback in self._callbacks:
             method = getattr(callback, hook_name, None)
-            if callable(method):
-                method(*args, **_kwargs_accepted_by(method, kwargs))
+            if method is None:
+                continue
+            if not callable(method):
+                warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.",
+                              UserWarning, stacklevel=2)
+                continue
+            method(*args, **_kwargs_accepted_by(method, kwargs))
 
     def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
         """Send one scalar to every logger (rank 0 only)."""
@@ -421,7 +431,7 @@ class Fabric:
         """Send scalars to every logger (rank 0 only)."""
         if not self._loggers or not self.is_global_zero:
             return
-        metrics = apply_to_collection(metrics, Tensor, lambda t: t.item() if t.numel() == 1 else t)
+        metrics = apply_to_collection(metrics, Tensor, _tensor_to_scalar)
         for logger in self._loggers:
             logger.log_metrics(metrics=metrics, step=step)
 
@@ -486,6 +496,16 @@ def _takes_an_argument(function: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
         return True
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def _tensor_to_scalar(tensor: Tensor) -> Any:
+    """The number in a one-element tensor; ``ValueError`` for any other (loggers take scalars)."""
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"fabric.log / log_dict got a tensor of shape {tuple(tensor.shape)}: it cannot be converted to a scalar."
+            " Log one number per name (e.g. tensor.mean()), or call the logger's own API for tensors."
+        )
+    return tensor.item()
 
 
 def _kwargs_accepted_by(function: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:

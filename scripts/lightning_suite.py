@@ -121,6 +121,31 @@ def summarize(junit: Path, report: Path | None) -> None:
         report.write_text(json.dumps({"counts": counts, "failing": failing}, indent=1, sort_keys=True))
 
 
+#: (pattern in the test id or its first error line, class, reason): the first match classifies a failing test
+CLASSIFICATION = [
+    ("has no counterpart in notebook_fabric", "private API",
+     "uses a Lightning-internal name (a `_private` function, class or module) that has no counterpart here"),
+    ("PL_GLOBAL_SEED", "deliberate", "the seed variable is NOTEBOOK_FABRIC_GLOBAL_SEED (see `seed_everything`)"),
+    ("PL_SEED_WORKERS", "deliberate", "the workers variable is NOTEBOOK_FABRIC_SEED_WORKERS"),
+    ("lightning_logs", "deliberate", "the default logger name is notebook_fabric_logs"),
+    ("Regex pattern did not match", "wording", "the same error is raised, in this project's words"),
+    ("mock", "private API", "patches or asserts on Lightning's internals with a mock"),
+    ("Mock", "private API", "patches or asserts on Lightning's internals with a mock"),
+    ("object has no attribute '_", "private API", "reads a private attribute of Lightning's objects"),
+]
+
+
+def classify(report: Path) -> str:
+    """A markdown table of the failing tests in ``report`` (written by ``tests --report``)."""
+    failing = json.loads(report.read_text())["failing"]
+    rows = []
+    for name, message in sorted(failing.items()):
+        found = next(((kind, why) for pattern, kind, why in CLASSIFICATION if pattern in name or pattern in message),
+                     ("unclassified", message.replace("|", "\\|")[:160]))
+        rows.append(f"| `{name}` | {found[0]} | {found[1]} |")
+    return "\n".join(["| Lightning test | class | reason |", "|---|---|---|", *rows])
+
+
 def run_parity(lightning: Path, deps: Path, devices: int, tolerance: float) -> int:
     """``test_parity_ddp`` as Lightning's CI runs it (``parity_fabric/run_standalone_tasks.sh``): from
     ``tests/parity_fabric``, ``python -m test_parity_ddp --accelerator=cpu --devices=2 --tolerance=T``."""
@@ -176,12 +201,17 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.02, help="parity: the timing tolerance (CI: 0.01-0.02)")
     parser.add_argument("--marked", action="store_true", help="example: apply the mark_forward_method edit")
     parser.add_argument("--report", type=Path, help="write the counts and failing tests as JSON")
-    parser.add_argument("what", choices=["tests", "parity", "example"])
+    parser.add_argument("what", choices=["tests", "parity", "example", "classify"])
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="pytest arguments, or the example and its arguments")
     options = parser.parse_args(argv)
     lightning = options.lightning.expanduser().resolve()
     if not (lightning / "tests" / "tests_fabric").is_dir():
         parser.error(f"{lightning} is not a checkout of pytorch-lightning (no tests/tests_fabric)")
+    if options.what == "classify":
+        if options.report is None:
+            parser.error("classify reads --report FILE (written by: tests --report FILE)")
+        print(classify(options.report))
+        return 0
     ensure_dependencies(options.deps)
     rest = [arg for arg in options.rest if arg != "--"]
     if options.what == "tests":

@@ -100,3 +100,44 @@ def test_a_sampler_that_cannot_be_split_is_refused_when_the_loader_is_sharded(sa
     with pytest.raises(TypeError, match=f"sampler in your DataLoader \\({type(sampler).__name__}\\) with {what}.*"
                                         "use_distributed_sampler=False"):
         shard_dataloader(loader, num_replicas=2, rank=0)
+
+
+def test_call_skips_an_attribute_that_is_not_callable_with_a_warning() -> None:
+    class Flagged:
+        on_train_end = True
+
+    with pytest.warns(UserWarning, match="Skipping the callback `Flagged.on_train_end` because it is not callable"):
+        Fabric(accelerator="cpu", devices=1, callbacks=[Flagged()]).call("on_train_end")
+
+
+def test_log_refuses_a_tensor_that_is_not_a_scalar(tmp_path) -> None:
+    from notebook_fabric.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path)
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=logger)
+    fabric.log("one", torch.tensor([2.0]))  # one element: a scalar
+    assert logger.metrics[-1]["one"] == 2.0
+    with pytest.raises(ValueError, match=r"shape \(2,\): it cannot be converted to a scalar"):
+        fabric.log("two", torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="it cannot be converted to a scalar"):
+        fabric.log_dict({"nested": {"two": torch.zeros(2, 2)}})
+
+
+def test_a_plain_backward_is_refused_where_fabric_backward_does_more() -> None:
+    """As in Lightning: under 16-mixed (loss scaling) ``loss.backward()`` would give unscaled gradients that the
+    scaler's step then divides by the scale; it raises, naming fabric.backward(loss). Full precision allows it."""
+    from notebook_fabric.precision import MixedPrecision
+
+    scaled = Fabric(accelerator="cpu", devices=1, plugins=MixedPrecision("16-mixed", device_type="cpu"))
+    first, second = scaled.setup(nn.Linear(2, 2)), scaled.setup(nn.Linear(2, 2))
+    batch = torch.rand(2, 2)
+    with pytest.raises(RuntimeError, match=r"requires you to call `fabric.backward\(loss\)`"):
+        second(first(batch)).sum().backward()
+    scaled.backward(second(first(batch)).sum(), model=second)  # through Fabric: fine
+    assert first.weight.grad is not None  # scaled by 2**16 (float16 may overflow: the scaler skips such steps)
+    with torch.no_grad():
+        assert second(batch).requires_grad is False  # no hooks where no gradient flows
+
+    plain = Fabric(accelerator="cpu", devices=1).setup(nn.Linear(2, 2))
+    plain(batch).sum().backward()
+    assert plain.weight.grad is not None

@@ -95,10 +95,16 @@ def missing(name: str) -> type:
     return _MADE[name]
 
 
-def _lenient_getattr(lightning_name: str):
+def _lenient_getattr(lightning_name: str, module_name: str, is_package: bool):
     def __getattr__(name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if is_package:  # `from package import submodule` asks the package first: never shadow a real submodule
+            try:
+                return importlib.import_module(f"{module_name}.{name}")
+            except ModuleNotFoundError as error:
+                if error.name != f"{module_name}.{name}":
+                    raise
         return missing(f"{lightning_name}.{name}")
 
     return __getattr__
@@ -137,7 +143,7 @@ class _FabricFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             if hasattr(module, ours) and lightning_class not in module.__dict__:
                 setattr(module, lightning_class, getattr(module, ours))
         if "__getattr__" not in module.__dict__:
-            module.__getattr__ = _lenient_getattr(lightning_name)
+            module.__getattr__ = _lenient_getattr(lightning_name, module.__name__, bool(getattr(module, "__path__", None)))
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
