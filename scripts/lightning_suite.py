@@ -92,7 +92,7 @@ def run_tests(lightning: Path, deps: Path, pytest_args: List[str], report: Path 
         tests = copy_tests(lightning, Path(folder))
         junit = Path(folder) / "junit.xml"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tests),
-                   f"--junitxml={junit}", "-o", "junit_family=xunit1", "--timeout=300",
+                   f"--junitxml={junit}", "-o", "junit_family=xunit1", "--timeout=300", "-p", "lightning_suite_plugin",
                    *(pytest_args or ["tests_fabric", "parity_fabric"])]
         code = subprocess.run(command, cwd=tests, env=environment(deps, tests)).returncode
         if junit.exists():
@@ -123,15 +123,57 @@ def summarize(junit: Path, report: Path | None) -> None:
 
 #: (pattern in the test id or its first error line, class, reason): the first match classifies a failing test
 CLASSIFICATION = [
+    ("tests_fabric/test_cli.py", "deliberate",
+     "Lightning's `fabric run` CLI (`lightning.fabric.cli`); this project's is `notebook-fabric run`, torchrun-based,"
+     " with its own flags and refusals"),
+    ("test_consolidate_checkpoint.py", "private API", "Lightning's checkpoint-consolidation CLI module"),
+    ("graveyard/", "private API", "Lightning's graveyard of removed TPU names (an ImportError pointing to XLA names)"),
     ("has no counterpart in notebook_fabric", "private API",
      "uses a Lightning-internal name (a `_private` function, class or module) that has no counterpart here"),
+    ("<missing lightning", "private API", "asserts on a Lightning-internal function that has no counterpart here"),
+    ("is not subscriptable", "private API", "calls a Lightning-internal helper that has no counterpart here"),
+    ("does not support the context manager protocol", "private API",
+     "uses a Lightning-internal context manager that has no counterpart here"),
+    ("join() argument must be str", "private API", "reads `_ExperimentWriter.NAME_METRICS_FILE`, an internal constant"),
+    ("sched_getaffinity", "private API", "patches the `os` module Lightning's device helpers import"),
     ("PL_GLOBAL_SEED", "deliberate", "the seed variable is NOTEBOOK_FABRIC_GLOBAL_SEED (see `seed_everything`)"),
     ("PL_SEED_WORKERS", "deliberate", "the workers variable is NOTEBOOK_FABRIC_SEED_WORKERS"),
+    ("test_seed.py::test_correct_seed_with_environment_variable", "deliberate", "reads PL_GLOBAL_SEED"),
+    ("test_seed.py::test_seed_everything_accepts_valid_seed_from_env", "deliberate", "reads PL_GLOBAL_SEED"),
+    ("test_seed.py::test_invalid_seed", "deliberate", "sets PL_GLOBAL_SEED"),
+    ("leaking environment variable", "deliberate",
+     "the test's guard allows Lightning's own variables (PL_GLOBAL_SEED, ...); this project exports"
+     " NOTEBOOK_FABRIC_GLOBAL_SEED / _SEED_WORKERS (and DeepSpeed its DS_* ones) instead"),
     ("lightning_logs", "deliberate", "the default logger name is notebook_fabric_logs"),
+    ("SLURMEnvironment needs", "deliberate",
+     "SLURMEnvironment reads and checks the SLURM variables when it is built (a clear error before any rank"
+     " starts); Lightning's reads them on use, so its tests build one outside a job"),
+    ("is outside the job", "deliberate", "the scheduler's variables are checked against each other when read"),
+    ("MPIEnvironment needs", "deliberate", "MPIEnvironment reads the launcher's variables when built (no mpi4py)"),
+    ("TorchElasticEnvironment needs", "deliberate", "TorchElasticEnvironment reads torchrun's variables when built"),
+    ("test_mpi.py", "deliberate", "MPIEnvironment reads OMPI_*/PMI_* variables instead of importing mpi4py"),
+    ("test_lsf.py", "deliberate", "LSF is not one of this project's environments (an unknown environment is a plugin)"),
+    ("test_kubeflow.py", "deliberate", "Kubeflow jobs are torchrun jobs here (TorchElasticEnvironment)"),
+    ("test_csv.py::test_log_hyperparams", "deliberate", "CSVLogger.log_hyperparams writes hparams.yaml (a superset)"),
+    ("test_csv.py::test_manual_versioning_file_exists", "deliberate",
+     "the existing metrics.csv is announced when the logger is built and replaced by the first write"),
+    ("test_tensorboard.py::test_tensorboard_expand_home", "deliberate", "root_dir is expanded (`~`) on both loggers"),
+    ("test_tensorboard.py::test_tensorboard_finalize", "private API", "patches tensorboardX's SummaryWriter"),
+    ("test_accelerators/", "deliberate", "accelerator classes: parse_devices(devices), then get_parallel_devices(indices)"),
+    ("accelerators/test_cpu.py::test_get_parallel_devices", "deliberate",
+     "accelerator classes: parse_devices(devices), then get_parallel_devices(indices)"),
+    ("accelerators/test_xla.py::test_get_parallel_devices", "deliberate",
+     "accelerator classes: parse_devices(devices), then get_parallel_devices(indices)"),
+    ("test_device_parser.py", "private API", "Lightning's device parser (`_parse_gpu_ids`), MisconfigurationException"),
+    ("MisconfigurationException", "wording", "this project raises ValueError/TypeError, not MisconfigurationException"),
     ("Regex pattern did not match", "wording", "the same error is raised, in this project's words"),
+    ("expected call not found", "private API", "asserts how Lightning calls its internals (a mock)"),
+    ("to have been called", "private API", "asserts how Lightning calls its internals (a mock)"),
+    ("to be called once", "private API", "asserts how Lightning calls its internals (a mock)"),
     ("mock", "private API", "patches or asserts on Lightning's internals with a mock"),
     ("Mock", "private API", "patches or asserts on Lightning's internals with a mock"),
     ("object has no attribute '_", "private API", "reads a private attribute of Lightning's objects"),
+    ("torch_xla", "deliberate", "torch_xla is not installed here; Lightning's tests mock it"),
 ]
 
 

@@ -141,3 +141,15 @@ def test_a_plain_backward_is_refused_where_fabric_backward_does_more() -> None:
     plain = Fabric(accelerator="cpu", devices=1).setup(nn.Linear(2, 2))
     plain(batch).sum().backward()
     assert plain.weight.grad is not None
+
+
+def test_mixed_precision_takes_lightnings_device_keyword() -> None:
+    from notebook_fabric.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", device="cpu")
+    assert plugin.device_type == "cpu" and plugin.scaler is not None
+    assert MixedPrecision(precision="bf16-mixed", device="cpu").scaler is None
+    with pytest.raises(ValueError, match="pass one"):
+        MixedPrecision("16-mixed", "cpu", device="cuda")
+    with pytest.raises(TypeError, match="needs the device type"):
+        MixedPrecision("16-mixed")

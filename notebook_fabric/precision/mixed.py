@@ -16,13 +16,21 @@ from .base import Precision, cast_floating
 
 
 class MixedPrecision(Precision):
-    """``"16-mixed"`` or ``"bf16-mixed"`` on ``device_type`` ("cuda", "cpu", ...).
+    """``"16-mixed"`` or ``"bf16-mixed"`` on ``device_type`` ("cuda", "cpu", ...; Lightning's keyword
+    ``device=`` is accepted too).
 
     Under 16-mixed a ``torch.amp.GradScaler`` scales the loss, unscales before clipping, and skips
     steps whose gradients overflowed.
     """
 
-    def __init__(self, precision: str, device_type: str, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def __init__(self, precision: str, device_type: Optional[str] = None, scaler: Optional["torch.amp.GradScaler"] = None,
+                 *, device: Optional[str] = None) -> None:
+        if device is not None:  # Lightning's name of the argument: MixedPrecision("16-mixed", device="cuda")
+            if device_type is not None and device_type != device:
+                raise ValueError(f"MixedPrecision got device_type={device_type!r} and device={device!r}: pass one")
+            device_type = device
+        if device_type is None:
+            raise TypeError("MixedPrecision needs the device type it autocasts on: MixedPrecision('16-mixed', 'cuda')")
         if precision not in ("16-mixed", "bf16-mixed"):
             raise ValueError(f"MixedPrecision takes '16-mixed' or 'bf16-mixed', got {precision!r}")
         self.precision = precision
