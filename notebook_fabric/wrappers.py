@@ -182,7 +182,8 @@ class _FabricModule(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _WRAPPER_ATTRIBUTES or "_original_module" not in self._modules:
             super().__setattr__(name, value)
-        elif hasattr(self._original_module, name) and not hasattr(type(self), name):
+        elif not hasattr(type(self), name) and name not in self.__dict__:
+            # your module's attribute, or a new one (as in Lightning: the model's own code reads it as self.<name>)
             setattr(self._original_module, name, value)
         else:
             super().__setattr__(name, value)

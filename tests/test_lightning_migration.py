@@ -153,3 +153,21 @@ def test_mixed_precision_takes_lightnings_device_keyword() -> None:
         MixedPrecision("16-mixed", "cpu", device="cuda")
     with pytest.raises(TypeError, match="needs the device type"):
         MixedPrecision("16-mixed")
+
+
+def test_a_new_attribute_set_on_the_wrapper_lands_on_the_users_module() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) * self.factor
+
+    original = Scaled()
+    model = Fabric(accelerator="cpu", devices=1).setup(original)
+    model.factor = 3.0  # read by the model's own forward
+    assert original.factor == 3.0 and model.factor == 3.0
+    assert torch.allclose(model(torch.ones(1, 2)), original.layer(torch.ones(1, 2)) * 3.0)
+    model.extra = nn.Linear(1, 1)  # a submodule too: part of the user's module (and its state dict)
+    assert "extra.weight" in original.state_dict()
