@@ -193,6 +193,9 @@ CLASSIFICATION = [
      "the same refusal (TypeError naming the argument), in this project's words"),
     ("test_fabric.py::test_setup_optimizers_not_supported", "private API",
      "replaces the strategy with a mock (the real DeepSpeed strategy refuses setup_optimizers)"),
+    ("test_wrappers.py::test_fabric_module_setattr", "deliberate",
+     "the attribute behaviour is Lightning's; the test also asserts that the wrapper class defines no __repr__"
+     " (here it prints FabricModule(<your module>))"),
     ("test_wrappers.py::test_step_method_redirection", "private API", "mocks the forward module"),
     ("test_imports.py::test_import_fabric_with_torch_dist_unavailable", "deliberate",
      "this project needs torch.distributed (every launcher uses it)"),

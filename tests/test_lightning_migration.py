@@ -171,3 +171,11 @@ def test_a_new_attribute_set_on_the_wrapper_lands_on_the_users_module() -> None:
     assert torch.allclose(model(torch.ones(1, 2)), original.layer(torch.ones(1, 2)) * 3.0)
     model.extra = nn.Linear(1, 1)  # a submodule too: part of the user's module (and its state dict)
     assert "extra.weight" in original.state_dict()
+
+
+def test_mixed_precision_refuses_a_scaler_for_bf16_and_names_its_device() -> None:
+    from notebook_fabric.precision import MixedPrecision
+
+    with pytest.raises(ValueError, match="`precision='bf16-mixed'` does not use a scaler"):
+        MixedPrecision("bf16-mixed", "cpu", scaler=torch.amp.GradScaler(device="cpu"))
+    assert MixedPrecision("bf16-mixed", device="cpu").device == "cpu"

@@ -36,10 +36,17 @@ class MixedPrecision(Precision):
         self.precision = precision
         self.device_type = device_type
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+        if scaler is not None and precision == "bf16-mixed":
+            raise ValueError("`precision='bf16-mixed'` does not use a scaler (bfloat16 has float32's range): drop `scaler=`")
         if scaler is None and precision == "16-mixed":
             scaler = torch.amp.GradScaler(device=device_type)
         self.scaler = scaler
         self._unscaled: set[int] = set()
+
+    @property
+    def device(self) -> str:
+        """Lightning's name of :attr:`device_type`."""
+        return self.device_type
 
     def forward_context(self) -> ContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype)
