@@ -165,8 +165,8 @@ CLASSIFICATION = [
      "drives the strategy without launching (the device mesh exists once the ranks started) or mocks"
      " torch.distributed.checkpoint"),
     ("test_registry.py::test_available_strategies_in_registry", "deliberate",
-     "the registry has Lightning's names plus ddp_forkserver, single_device, model_parallel, fsdp_spawn-style"
-     " extras (see Strategies)"),
+     "the registry has all of Lightning's names plus ddp_forkserver, single_device, model_parallel, xla_debug"
+     " (see Strategies)"),
     ("test_registry.py::test_strategy_registry_with_new_strategy", "deliberate",
      "the registry takes Strategy subclasses only"),
     ("strategies/test_strategy.py", "private API",
@@ -241,7 +241,6 @@ CLASSIFICATION = [
      "the existing metrics.csv is announced when the logger is built and replaced by the first write"),
     ("test_tensorboard.py::test_tensorboard_expand_home", "deliberate", "root_dir is expanded (`~`) on both loggers"),
     ("test_tensorboard.py::test_tensorboard_finalize", "private API", "patches tensorboardX's SummaryWriter"),
-    ("test_accelerators/", "deliberate", "accelerator classes: parse_devices(devices), then get_parallel_devices(indices)"),
     ("accelerators/test_cpu.py::test_get_parallel_devices", "deliberate",
      "accelerator classes: parse_devices(devices), then get_parallel_devices(indices)"),
     ("accelerators/test_xla.py::test_get_parallel_devices", "deliberate",
