@@ -1,6 +1,7 @@
 """A script launched with ``Fabric(strategy="ddp").launch()`` re-creates the default group after a
 Fabric DDP run (Lightning's ``tests/parity_fabric/test_parity_ddp.py`` does): the new group works,
-and a rendezvous that cannot complete is reported and ends in a clear error."""
+and a rendezvous that cannot complete is reported and ends in a clear error; also under
+``notebook-fabric run`` (torchrun)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -29,3 +30,12 @@ def test_a_rendezvous_that_cannot_complete_is_reported_then_fails(run_script: Ca
     assert "stall: rank 0 waits in rendezvous round 2 for rank 1 (rank 1 has joined 1 round)" in result.stderr
     assert "RendezvousStalledError: init_process_group did not complete" in result.stderr, result.describe()
     assert "Every rank must create the process group the same number of times" in result.stderr
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_the_same_under_notebook_fabric_run(attempt: int, run_script: Callable[..., ScriptResult]) -> None:
+    """torchrun's ranks share the agent's store for the whole job, the same way (the hang showed there too)."""
+    result = run_script("-m", "notebook_fabric", "run", "--accelerator", "cpu", "--devices", "2", SCRIPT, timeout=120)
+    assert result.returncode == 0, result.describe()
+    for round_number in range(2):
+        assert sorted(result.check(f"all_reduce_{round_number}")) == [0, 1]

@@ -6,8 +6,9 @@ creates a new one would join the same store under the same keys: torch numbers g
 after ``destroy_process_group()``, and gloo's address keys of the previous group are still there, so
 the first rank to arrive reads its peer's *old* address and connects into a dead group (a hang).
 
-In a rank whose environment carries :data:`HOSTED_STORE_VARIABLE`, :func:`install` replaces torch's
-``env://`` rendezvous with one that counts, per rank and in the store, how many groups this rank
+In a rank whose environment carries :data:`HOSTED_STORE_VARIABLE` (our launchers, and
+``notebook-fabric run`` for its torchrun ranks, which share the agent's store the same way), :func:`install`
+replaces torch's ``env://`` rendezvous with one that counts, per rank and in the store, how many groups this rank
 has joined, and hands torch the store under the prefix of that round
 (``notebook_fabric/round/<n>/``). Ranks that re-create their group the same number of times meet
 in a fresh namespace each time. Before returning, every rank waits until all ``world_size`` ranks
@@ -31,7 +32,7 @@ HOSTED_STORE_VARIABLE = "NOTEBOOK_FABRIC_HOSTED_STORE"
 #: seconds a rank waits for the others in one rendezvous before it reports the wait
 STALL_AFTER_SECONDS = float(os.environ.get("NOTEBOOK_FABRIC_RENDEZVOUS_STALL_AFTER", "30"))
 _POLL_SECONDS = 0.02
-_PREFIX = "notebook_fabric/round"
+_PREFIX = "notebook_fabric/round"  # under torchrun, per restart: see _prefix()
 
 
 class RendezvousStalledError(RuntimeError):
@@ -48,25 +49,38 @@ def install() -> bool:
         return False
     import importlib
 
+    global _TORCH_ENV_HANDLER
     rendezvous_module = importlib.import_module("torch.distributed.rendezvous")
     handlers = rendezvous_module._rendezvous_handlers  # noqa: SLF001 - see the docstring
     if handlers.get("env") is not _round_rendezvous_handler:
+        _TORCH_ENV_HANDLER = handlers.get("env")
         handlers["env"] = _round_rendezvous_handler
     return True
 
 
+_TORCH_ENV_HANDLER: Any = None
+
+
 def _round_rendezvous_handler(url: str, timeout: timedelta = timedelta(minutes=30), **_: Any
                               ) -> Iterator[Tuple[Store, int, int]]:
-    """torch's ``env://`` handler (the same variables and query), with one namespace per round."""
+    """torch's ``env://`` handler (the same variables and query), with one namespace per round.
+
+    Only where the ranks are clients of a store that outlives the groups (``TORCHELASTIC_USE_AGENT_STORE``,
+    as our launchers and torchrun set it); otherwise rank 0 hosts a fresh store per group: torch's handler.
+    """
     from urllib.parse import parse_qs, urlparse
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and _TORCH_ENV_HANDLER is not None:
+        yield from _TORCH_ENV_HANDLER(url, timeout=timeout, **_)
+        return
 
     query = {key: values[-1] for key, values in parse_qs(urlparse(url).query).items()}
     rank = int(query.get("rank", _required("RANK")))
     world_size = int(query.get("world_size", _required("WORLD_SIZE")))
     address, port = _required("MASTER_ADDR"), int(_required("MASTER_PORT"))
     client = TCPStore(address, port, world_size=world_size, is_master=False, timeout=timeout)
-    round_number = client.add(f"{_PREFIX}/joined/{rank}", 1)
-    namespace = f"{_PREFIX}/{round_number}/"
+    round_number = client.add(f"{_prefix()}/joined/{rank}", 1)
+    namespace = f"{_prefix()}/{round_number}/"
     client.add(f"{namespace}arrived", 1)
     wait_for_round(client, namespace, round_number, rank, world_size, timeout)
     yield PrefixStore(namespace, client), rank, world_size
@@ -105,7 +119,12 @@ def describe_round(store: Store, round_number: int, rank: int, world_size: int) 
 
 
 def _rounds_joined(store: Store, world_size: int) -> List[int]:
-    return [store.add(f"{_PREFIX}/joined/{other}", 0) for other in range(world_size)]
+    return [store.add(f"{_prefix()}/joined/{other}", 0) for other in range(world_size)]
+
+
+def _prefix() -> str:
+    """The keys of this attempt (torchrun restarts every rank together and counts the restarts)."""
+    return f"{_PREFIX}/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _required(name: str) -> str:
