@@ -25,3 +25,7 @@ __all__ = ["Fabric", "seed_everything", "launch", "Slurm", "__version__"]
 # The function users call; the package that starts and supervises ranks is `notebook_fabric.launching`.
 from .launch_api import launch  # noqa: E402
 from .clusters import Slurm  # noqa: E402
+from .strategies import rendezvous_rounds as _rendezvous_rounds  # noqa: E402
+
+# A rank of a launcher that hosts the store: every init_process_group, also the user's own, gets fresh keys.
+_rendezvous_rounds.install()

@@ -211,6 +211,11 @@ def run_command(args: argparse.Namespace) -> int:
         }
     )
     share_cpu_threads(processes)
+    # torchrun's ranks are clients of the agent's store for the whole job: a group re-created after
+    # destroy_process_group() must meet under fresh keys (strategies/rendezvous_rounds.py)
+    from .strategies.rendezvous_rounds import HOSTED_STORE_VARIABLE
+
+    os.environ[HOSTED_STORE_VARIABLE] = "1"
     return launch_torchrun(torchrun_arguments(args, processes), node_rank=args.node_rank)
 
 

@@ -5,6 +5,7 @@ lists the valid choices.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Union
 
 from .accelerators import ACCELERATOR_CHOICES, Accelerator, CUDAAccelerator, resolve_accelerator
@@ -47,6 +48,7 @@ class Connector:
         self.num_nodes = _validate_num_nodes(given["num_nodes"])
         self.environment = environment if environment is not None else detect_environment()
         devices = given["devices"]
+        self._devices_given = devices != "auto"
         if devices == "auto" and self.environment.creates_processes_externally:
             # under torchrun / srun / mpirun the scheduler already decided how many ranks share this node
             local_world_size = getattr(self.environment, "local_world_size", None)
@@ -96,6 +98,13 @@ class Connector:
             name = strategy.lower()
             if name == "auto":
                 name = self._auto_strategy_name()
+            if name == "dp" and not isinstance(self.accelerator, CUDAAccelerator):
+                # as in Lightning: DataParallel is for GPUs, the same data parallelism on CPUs is DDP
+                warnings.warn(
+                    f"strategy='dp' is not supported on {type(self.accelerator).__name__}, hence setting strategy='ddp'.",
+                    UserWarning, stacklevel=4,
+                )
+                name = "ddp"
             if name not in STRATEGY_REGISTRY:
                 raise ValueError(
                     f"strategy={strategy!r} is not known. Choose one of"
@@ -111,7 +120,11 @@ class Connector:
         return instance
 
     def _auto_strategy_name(self) -> str:
-        if len(self.parallel_devices) == 1 and self.num_nodes == 1 and not self.environment.creates_processes_externally:
+        if len(self.parallel_devices) == 1 and self.num_nodes == 1 and (
+            self._devices_given or not self.environment.creates_processes_externally
+        ):
+            # devices=1 asked for in so many words is one device, also inside a launched rank (as in Lightning:
+            # a rank may build a Fabric of its own, e.g. to consolidate a checkpoint)
             return "single_device"
         if self.environment.creates_processes_externally and self.environment.world_size() <= 1 and len(self.parallel_devices) == 1:
             return "single_device"

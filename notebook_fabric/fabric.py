@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Generator, Iterable, Mapping, Optional, Union
@@ -29,6 +30,7 @@ from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
 from .utilities.seed import seed_everything as _seed_everything
+from . import wrappers
 from .wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
 
 class Fabric:
@@ -73,7 +75,10 @@ class Fabric:
         self._debug = bool(debug)
         self._launched = False
         self._prepared_outside = False  # prepared without launch(), the ranks having been created outside
-        self._setup_modules: list[nn.Module] = []  # what each setup() handed the strategy
+        # How many modules setup() handed the strategy, and the last one, weakly: a strong reference would
+        # keep a DDP module (and its process group's sockets) alive after the user dropped it.
+        self._models_setup = 0
+        self._last_setup_module: Optional[weakref.ref] = None
 
     # ----- what this rank is ---------------------------------------------------------------------
     @property
@@ -168,12 +173,13 @@ class Fabric:
         self._check_launched()
         self._check_not_wrapped(module, optimizers)
         original = module
+        self._attach_to(original)
         module = self._precision.convert_module(module)
         if move_to_device:
             self._strategy.module_to_device(module)
         forward_module, optimizers_out = self._strategy.setup_module_and_optimizers(module, list(optimizers))
         wrapped = _FabricModule(forward_module, self._strategy, original_module=original)
-        self._setup_modules.append(forward_module)
+        self._note_setup_module(forward_module)
         fabric_optimizers = [_FabricOptimizer(opt, self._strategy, self._callbacks) for opt in optimizers_out]
         self.call("on_after_setup", fabric=self, module=wrapped)
         if not fabric_optimizers:
@@ -185,12 +191,23 @@ class Fabric:
         self._check_launched()
         self._check_not_wrapped(module, ())
         original = module
+        self._attach_to(original)
         module = self._precision.convert_module(module)
         if move_to_device:
             self._strategy.module_to_device(module)
         forward_module = self._strategy.setup_module(module)
-        self._setup_modules.append(forward_module)
+        self._note_setup_module(forward_module)
         return _FabricModule(forward_module, self._strategy, original_module=original)
+
+    def _note_setup_module(self, module: nn.Module) -> None:
+        self._models_setup += 1
+        self._last_setup_module = weakref.ref(module)
+
+    def _attach_to(self, module: nn.Module) -> None:
+        """A module with a ``_fabric`` attribute (a LightningModule) gets this Fabric, so that its
+        ``self.log`` / ``self.logger`` go through it, as under Lightning."""
+        if hasattr(module, "_fabric"):
+            module._fabric = self
 
     def setup_optimizers(self, *optimizers: Optimizer) -> Any:
         self._check_not_wrapped(None, optimizers)
@@ -227,9 +244,13 @@ class Fabric:
         more than one was set up.
         """
         module = model._forward_module if isinstance(model, _FabricModule) else model
-        if module is None and len(self._setup_modules) == 1:
-            module = self._setup_modules[0]
-        self._strategy.backward(tensor, module, *args, **kwargs)
+        if module is None and self._models_setup == 1 and self._last_setup_module is not None:
+            module = self._last_setup_module()
+        wrappers._in_fabric_backward = True
+        try:
+            self._strategy.backward(tensor, module, *args, **kwargs)
+        finally:
+            wrappers._in_fabric_backward = False
 
     def clip_gradients(
         self,
@@ -405,11 +426,20 @@ class Fabric:
 
     # ----- callbacks and loggers -----------------------------------------------------------------
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Run ``hook_name(*args, **kwargs)`` on every callback that defines it."""
+        """Run ``hook_name(*args, **kwargs)`` on every callback that defines it.
+
+        Each hook gets only the keyword arguments its signature takes (all of them when it has
+        ``**kwargs``, or when its signature cannot be read), as in Lightning.
+        """
         for callback in self._callbacks:
             method = getattr(callback, hook_name, None)
-            if callable(method):
-                method(*args, **kwargs)
+            if method is None:
+                continue
+            if not callable(method):
+                warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.",
+                              UserWarning, stacklevel=2)
+                continue
+            method(*args, **_kwargs_accepted_by(method, kwargs))
 
     def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
         """Send one scalar to every logger (rank 0 only)."""
@@ -419,7 +449,7 @@ class Fabric:
         """Send scalars to every logger (rank 0 only)."""
         if not self._loggers or not self.is_global_zero:
             return
-        metrics = apply_to_collection(metrics, Tensor, lambda t: t.item() if t.numel() == 1 else t)
+        metrics = apply_to_collection(metrics, Tensor, _tensor_to_scalar)
         for logger in self._loggers:
             logger.log_metrics(metrics=metrics, step=step)
 
@@ -503,6 +533,30 @@ def _takes_an_argument(function: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
         return True
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def _tensor_to_scalar(tensor: Tensor) -> Any:
+    """The number in a one-element tensor; ``ValueError`` for any other (loggers take scalars)."""
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"fabric.log / log_dict got a tensor of shape {tuple(tensor.shape)}: it cannot be converted to a scalar."
+            " Log one number per name (e.g. tensor.mean()), or call the logger's own API for tensors."
+        )
+    return tensor.item()
+
+
+def _kwargs_accepted_by(function: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``kwargs`` that ``function`` takes by name."""
+    if not kwargs:
+        return kwargs
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return kwargs
+    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {name: value for name, value in kwargs.items() if name in names}
 
 
 def _as_list(value: Any) -> list[Any]:

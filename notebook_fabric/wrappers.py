@@ -13,10 +13,12 @@ from .precision import Precision
 from .utilities.apply import apply_to_collection
 
 _WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_precision", "_plain", "_routes",
-                       "_forward_methods", "_forward_depth")
+                       "_forward_methods", "_forward_depth", "_needs_fabric_backward")
 #: methods that always run through the strategy's wrapped forward (as a LightningModule's steps do in Lightning)
 STEP_METHODS = frozenset({"training_step", "validation_step", "test_step", "predict_step"})
 _MISSING = object()
+#: True while ``fabric.backward()`` runs (a plain ``loss.backward()`` would skip its loss scaling or engine)
+_in_fabric_backward = False
 _DELEGATED_OPTIMIZER_ATTRIBUTES = ("step", "state_dict", "zero_grad", "param_groups", "state", "defaults")
 
 
@@ -40,6 +42,11 @@ class _FabricModule(nn.Module):
         self._routes = forward_module is not self._original_module or getattr(strategy, "hooks_module", False)
         self._forward_methods: set[str] = set(STEP_METHODS)
         self._forward_depth = [0]  # > 0 while the wrapped forward runs (a list: no nn.Module.__setattr__ per call)
+        # fabric.backward() does work a plain loss.backward() would skip: loss scaling (16-mixed), an engine's
+        # backward (DeepSpeed). Then the outputs refuse a backward that does not come through Fabric.
+        self._needs_fabric_backward = getattr(self._precision, "scaler", None) is not None or (
+            _overrides(strategy, "backward")
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -70,12 +77,16 @@ class _FabricModule(nn.Module):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._plain:
-            return self._forward_module(*args, **kwargs)
-        precision = self._precision
-        args, kwargs = precision.convert_input((args, kwargs))
-        with precision.forward_context():
             output = self._forward_module(*args, **kwargs)
-        return precision.convert_output(output)
+        else:
+            precision = self._precision
+            args, kwargs = precision.convert_input((args, kwargs))
+            with precision.forward_context():
+                output = self._forward_module(*args, **kwargs)
+            output = precision.convert_output(output)
+        if self._needs_fabric_backward and torch.is_grad_enabled():
+            apply_to_collection(output, Tensor, _refuse_plain_backward)
+        return output
 
     def mark_forward_method(self, method: Union[MethodType, str]) -> None:
         """Run ``model.<method>(...)`` through the strategy's wrapped forward, as ``model(...)`` runs.
@@ -171,7 +182,8 @@ class _FabricModule(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _WRAPPER_ATTRIBUTES or "_original_module" not in self._modules:
             super().__setattr__(name, value)
-        elif hasattr(self._original_module, name) and not hasattr(type(self), name):
+        elif not hasattr(type(self), name) and name not in self.__dict__:
+            # your module's attribute, or a new one (as in Lightning: the model's own code reads it as self.<name>)
             setattr(self._original_module, name, value)
         else:
             super().__setattr__(name, value)
@@ -292,3 +304,25 @@ class _FabricDataLoader:
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.to(device, non_blocking=True)
+
+
+def _overrides(strategy: Any, name: str) -> bool:
+    """Whether ``strategy``'s class replaces the base Strategy's method ``name``."""
+    from .strategies.base import Strategy
+
+    return isinstance(strategy, Strategy) and getattr(type(strategy), name, None) is not getattr(Strategy, name)
+
+
+def _refuse_plain_backward(tensor: Tensor) -> Tensor:
+    if tensor.requires_grad:
+        tensor.register_hook(_check_in_fabric_backward)
+    return tensor
+
+
+def _check_in_fabric_backward(gradient: Tensor) -> None:
+    if not _in_fabric_backward:
+        raise RuntimeError(
+            "The current strategy and precision selection requires you to call `fabric.backward(loss)` instead of"
+            " `loss.backward()`: it scales the loss (16-mixed) or runs the strategy's own backward (DeepSpeed), which"
+            " a plain backward skips."
+        )

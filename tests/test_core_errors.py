@@ -81,12 +81,21 @@ def test_single_device_strategy_on_two_devices() -> None:
         Fabric(accelerator="cpu", devices=2, strategy="single_device")
 
 
-def test_dp_needs_cuda() -> None:
+def test_dp_on_cpu_falls_back_to_ddp_with_a_warning() -> None:
+    """As in Lightning: DataParallel is for GPUs; on CPUs strategy='dp' becomes DDP, and says so."""
+    from notebook_fabric.strategies import DDPStrategy
+
+    with pytest.warns(UserWarning, match="strategy='dp' is not supported on CPUAccelerator, hence setting strategy='ddp'"):
+        fabric = Fabric(accelerator="cpu", strategy="dp", devices=2)
+    assert isinstance(fabric.strategy, DDPStrategy) and fabric.world_size == 2
+    assert fabric.strategy.start_method == "popen"  # what strategy="ddp" would start
+
+
+def test_a_dp_instance_still_needs_cuda() -> None:
+    from notebook_fabric.strategies import DataParallelStrategy
+
     with pytest.raises(ValueError, match="strategy='dp' needs CUDA GPUs.*on CPU use strategy='ddp'"):
-        Fabric(accelerator="cpu", strategy="dp")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="strategy='dp' needs CUDA GPUs"):
-            Fabric(strategy="dp", devices=1)
+        Fabric(accelerator="cpu", strategy=DataParallelStrategy())
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook"])

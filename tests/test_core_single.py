@@ -230,8 +230,32 @@ def test_seed_everything_is_reproducible(fabric: Fabric) -> None:
     seed_everything(43)
     other = draw()
     assert all(a != b for a, b in zip(other, first))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is not in bounds"):
         seed_everything(-1)
+
+
+@pytest.mark.parametrize("seed", [10e9, -10e9, 2**32])
+def test_seed_everything_refuses_seeds_numpy_cannot_take(seed: float) -> None:
+    with pytest.raises(ValueError, match=r"is not in bounds: numpy accepts an integer from 0 to 4294967295"):
+        seed_everything(seed)
+
+
+def test_seed_everything_again_without_a_seed_keeps_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in Lightning: the first call warns and exports 0; a later call without a seed reads it back silently."""
+    import warnings
+
+    from notebook_fabric.utilities.seed import SEED_ENV
+
+    monkeypatch.delenv(SEED_ENV, raising=False)
+    with pytest.warns(UserWarning, match="No seed found, seed set to 0"):
+        assert seed_everything() == 0
+    seed_everything(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert seed_everything() == 7
+    monkeypatch.setenv(SEED_ENV, "invalid")
+    with pytest.raises(ValueError, match="Invalid seed specified via NOTEBOOK_FABRIC_GLOBAL_SEED: 'invalid'"):
+        seed_everything()
 
 
 def test_init_module_and_init_tensor() -> None:

@@ -1,8 +1,8 @@
 """``Fabric(...)`` arguments against the rank variables a launcher left in the environment.
 
 With torchrun's variables for rank 1 of 2 in the environment, a Fabric is either the job the
-environment describes, or the single device the arguments ask for with ``strategy="single_device"``,
-or a ``ValueError`` naming both sides of the conflict: never a parallel strategy whose world size
+environment describes, or the single device the arguments ask for (``devices=1``, as in Lightning,
+or ``strategy="single_device"``), or a ``ValueError`` naming both sides of the conflict: never a parallel strategy whose world size
 comes from the arguments and whose rank comes from the environment.
 """
 from __future__ import annotations
@@ -48,9 +48,19 @@ def assert_consistent(fabric: Fabric) -> None:
         assert fabric.world_size == strategy.cluster_environment.world_size()
 
 
-def test_devices_1_against_a_world_of_2_names_the_conflict(rank_1_of_2: type) -> None:
+def test_devices_1_in_a_launched_rank_is_one_device_as_in_lightning(rank_1_of_2: type) -> None:
+    """A rank may build a Fabric of its own (Lightning's model-parallel full-state-dict tests do):
+    ``devices=1`` with the default strategy is a single device, rank 0 of 1, as in Lightning."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    assert isinstance(fabric.strategy, SingleDeviceStrategy)
+    assert (fabric.global_rank, fabric.world_size) == (0, 1)
+    fabric.launch()
+    assert fabric.all_reduce(fabric.to_device(__import__("torch").ones(1)), reduce_op="sum").item() == 1.0
+
+
+def test_devices_1_with_an_explicit_ddp_still_names_the_conflict(rank_1_of_2: type) -> None:
     with pytest.raises(ValueError) as raised:
-        Fabric(accelerator="cpu", devices=1)
+        Fabric(accelerator="cpu", devices=1, strategy="ddp")
     message = str(raised.value)
     assert "devices=1" in message and "WORLD_SIZE=2" in message and "rank 1" in message
     assert "strategy='single_device'" in message  # the way to honour devices=1 on purpose

@@ -383,7 +383,7 @@ def test_logger_experiment_writes_once_from_rank_zero(ranks) -> None:
     events = list((folder / "tb").rglob("events.out.tfevents.*"))
     assert len(events) == 1, events
     rows = (folder / "csv" / "run" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert rows == ["step,rank", "0,0"]
+    assert rows == ["rank,step", "0,0"]  # columns sorted by name, as in Lightning
 
 
 def test_logger_root_dir_expands_home_and_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -105,7 +105,7 @@ def test_csv_writes_metrics_and_reads_back(tmp_path):
     logger.finalize("success")
 
     header, rows = read_csv(tmp_path / "exp" / "version_0" / "metrics.csv")
-    assert header == ["step", "loss", "acc"]
+    assert header == ["acc", "loss", "step"]
     assert [int(r["step"]) for r in rows] == [0, 10, 20]
     assert [float(r["loss"]) for r in rows] == [1.0, 0.5, 1.0 / 3]
     assert [float(r["acc"]) for r in rows] == [0.0, 0.25, 0.5]
@@ -138,12 +138,12 @@ def test_csv_new_keys_widen_header(tmp_path):
     logger = CSVLogger(tmp_path, flush_logs_every_n_steps=1)
     logger.log_metrics({"loss": 1.0}, step=0)
     logger.log_metrics({"loss": 0.5}, step=1)
-    assert read_csv(logger.metrics_file_path)[0] == ["step", "loss"]
+    assert read_csv(logger.metrics_file_path)[0] == ["loss", "step"]
 
     logger.log_metrics({"val_acc": 0.9}, step=2)  # new column -> file rewritten
     logger.log_metrics({"loss": 0.25, "lr": 0.1}, step=3)
     header, rows = read_csv(logger.metrics_file_path)
-    assert header == ["step", "loss", "val_acc", "lr"]
+    assert header == ["loss", "lr", "step", "val_acc"]
     assert rows == [
         {"step": "0", "loss": "1.0", "val_acc": "", "lr": ""},
         {"step": "1", "loss": "0.5", "val_acc": "", "lr": ""},
@@ -204,16 +204,53 @@ def test_csv_flushes_every_n_steps(tmp_path):
     assert len(read_csv(path)[1]) == 4
 
 
-def test_csv_resumes_existing_version(tmp_path):
+def test_csv_existing_version_warns_and_starts_anew(tmp_path):
+    """As in Lightning: a version folder that already holds metrics.csv is announced, and replaced by
+    the first write (until then the old file stays)."""
     first = CSVLogger(tmp_path, version=0)
     first.log_metrics({"loss": 1.0}, step=0)
     first.finalize("success")
-    second = CSVLogger(tmp_path, version=0)
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        second = CSVLogger(tmp_path, version=0)
+    assert read_csv(second.metrics_file_path)[1] == [{"loss": "1.0", "step": "0"}]
     second.log_metrics({"acc": 0.5}, step=1)
     second.finalize("success")
     header, rows = read_csv(second.metrics_file_path)
-    assert header == ["step", "loss", "acc"]
-    assert rows == [{"step": "0", "loss": "1.0", "acc": ""}, {"step": "1", "loss": "", "acc": "0.5"}]
+    assert header == ["acc", "step"]
+    assert rows == [{"acc": "0.5", "step": "1"}]
+
+
+def test_csv_columns_sorted_by_name_and_buffer_visible(tmp_path):
+    """Lightning's column order (every name and ``step``, sorted), also when a later save widens the header;
+    ``experiment.metrics`` holds the rows not yet written."""
+    logger = CSVLogger(tmp_path, flush_logs_every_n_steps=10)
+    for metrics in ({"c": 0.1}, {"c": 0.2}, {"b": 0.3}, {"a": 0.4}):
+        logger.log_metrics(metrics)
+    assert [row["step"] for row in logger.experiment.metrics] == [0, 1, 2, 3]
+    logger.save()
+    assert logger.experiment.metrics == []
+    logger.log_metrics({"d": 0.5})
+    logger.save()
+    header, rows = read_csv(logger.metrics_file_path)
+    assert header == ["a", "b", "c", "d", "step"]
+    assert [row["step"] for row in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[3] == {"a": "0.4", "b": "", "c": "", "d": "", "step": "3"}
+
+
+def test_csv_flushing_goes_through_save(tmp_path):
+    """Every ``flush_logs_every_n_steps`` rows the logger calls its own ``save()`` (a subclass overriding it sees them)."""
+    saved = []
+
+    class Recording(CSVLogger):
+        def save(self) -> None:
+            saved.append(len(self.metrics))
+            super().save()
+
+    logger = Recording(tmp_path, flush_logs_every_n_steps=2)
+    for step in range(5):
+        logger.log_metrics({"x": float(step)}, step=step)
+    assert saved == [2, 2]
+    assert len(read_csv(logger.metrics_file_path)[1]) == 4
 
 
 def test_csv_hyperparams(tmp_path):
@@ -240,7 +277,7 @@ def test_csv_pickle_roundtrip(tmp_path):
     clone.log_metrics({"b": 2.0}, step=1)
     clone.save()
     header, rows = read_csv(logger.metrics_file_path)
-    assert header == ["step", "a", "b"]
+    assert header == ["a", "b", "step"]
     assert [r["step"] for r in rows] == ["0", "1"]
 
 
@@ -357,16 +394,26 @@ def test_tensorboard_versions_sub_dir_and_experiment(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 def test_tensorboard_log_graph(tmp_path):
+    """As in Lightning: no example input is a warning (nothing logged), and the module ``fabric.setup()``
+    returned is traced as the user's module."""
+    from notebook_fabric import Fabric
+
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     logger = TensorBoardLogger(tmp_path)
-    with pytest.raises(ValueError, match="example_input_array"):
+    with pytest.warns(UserWarning, match="example_input_array"):
         logger.log_graph(model)
+    with pytest.warns(UserWarning, match="a list, which TensorBoard cannot trace"):
+        logger.log_graph(model, [torch.zeros(2, 4)])
+    assert logger._experiment is None  # nothing was written
+    wrapped = Fabric(accelerator="cpu", devices=1).setup(model)
     model.example_input_array = torch.zeros(2, 4)
-    logger.log_graph(model)
+    logger.log_graph(wrapped)  # the example input is found through the wrapper
     logger.finalize("success")
     acc = event_accumulator(logger.log_dir)
     assert acc.Tags()["graph"] is True
-    assert any("Linear" in node.name or "Linear" in node.op for node in acc.Graph().node)
+    nodes = [node.name for node in acc.Graph().node]
+    assert any("Linear" in name for name in nodes)
+    assert not any("_FabricModule" in name or "_forward_module" in name for name in nodes), nodes
 
 
 def test_tensorboard_errors_and_pickle(tmp_path):

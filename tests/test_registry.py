@@ -165,3 +165,18 @@ def test_custom_strategy_appears_in_the_error_for_unknown_names(global_registry_
     assert Fabric(accelerator="cpu", devices=1, strategy="quiet_test").strategy.volume == 5
     with pytest.raises(ValueError, match="quiet_test"):
         Fabric(accelerator="cpu", strategy="no_such_strategy")
+
+
+def test_every_lightning_name_is_registered() -> None:
+    """Lightning 2.6's registry names, its legacy ``single_tpu`` among them, all exist here (this project
+    adds a few of its own: docs/lightning-differences.md)."""
+    from notebook_fabric.strategies import SingleDeviceXLAStrategy
+
+    lightning_names = {
+        "ddp", "ddp_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_1_offload",
+        "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+        "deepspeed_stage_3_offload_nvme", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_tpu", "single_xla", "xla",
+        "xla_fsdp", "dp", "fsdp", "fsdp_cpu_offload",
+    }  # fmt: skip
+    assert lightning_names <= set(STRATEGY_REGISTRY.available_strategies())
+    assert STRATEGY_REGISTRY.get("single_tpu") is STRATEGY_REGISTRY.get("single_xla") is SingleDeviceXLAStrategy

@@ -4,7 +4,10 @@ The store listens on a loopback socket this process bound to port 0 and hands to
 ``TCPStore(master_listen_fd=...)``, so no other process can take the port between choosing and
 binding it, and nothing off this machine can reach it. Ranks get ``MASTER_PORT`` plus
 ``TORCHELASTIC_USE_AGENT_STORE=True``, which makes ``init_process_group("env://")`` connect
-every rank (rank 0 included) as a client (``torch.distributed.rendezvous._create_c10d_store``).
+every rank (rank 0 included) as a client (``torch.distributed.rendezvous._create_c10d_store``), and
+``NOTEBOOK_FABRIC_HOSTED_STORE=1``, which gives each group a rank creates its own namespace in the
+store (``strategies/rendezvous_rounds.py``: a group re-created after ``destroy_process_group()`` must not read
+the previous group's keys).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Dict, Optional
 
 import psutil
 from torch.distributed import TCPStore
+
+from ..strategies.rendezvous_rounds import HOSTED_STORE_VARIABLE
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,6 +56,7 @@ class RendezvousStore:
             "NODE_RANK": "0",
             "GROUP_RANK": "0",
             "TORCHELASTIC_USE_AGENT_STORE": "True",
+            HOSTED_STORE_VARIABLE: "1",
         }
         if "GLOO_SOCKET_IFNAME" not in os.environ and _has_loopback_interface("lo"):
             # Ranks of one machine talk over loopback: no hostname lookup, nothing exposed.

@@ -55,8 +55,12 @@ def start_script_ranks(num_processes: int, num_nodes: int, node_rank: int, envir
     if node_rank == 0 and num_nodes == 1 and "MASTER_PORT" not in os.environ:
         from .rendezvous import LOOPBACK
 
+        from ..strategies import rendezvous_rounds
+
         address, port = LOOPBACK, _host_store()
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+        os.environ[rendezvous_rounds.HOSTED_STORE_VARIABLE] = "1"  # each group its own keys (and the children's)
+        rendezvous_rounds.install()
     else:
         port = environment.main_port
     world_size = num_nodes * num_processes

@@ -16,11 +16,12 @@ import atexit
 import csv
 import io
 import os
+import warnings
 import weakref
 from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from notebook_fabric.utilities.rank_zero import rank_zero_experiment, rank_zero_only
+from notebook_fabric.utilities.rank_zero import global_rank, rank_zero_experiment, rank_zero_only
 from notebook_fabric.loggers.base import (
     MetricValue,
     PathLike,
@@ -39,18 +40,19 @@ _STEP = "step"
 class CSVLogger(_DirectoryLogger):
     """Log metrics to ``root_dir/name/version_N/metrics.csv`` and hyperparameters next to it.
 
-    Rows are buffered in memory and appended every ``flush_logs_every_n_steps``
-    :meth:`log_metrics` calls, and on :meth:`save` / :meth:`finalize` (and at interpreter
-    exit). The columns are ``step`` followed by every metric name seen so far; when new
-    names appear, the file is rewritten with the wider header through a temporary file
-    and ``os.replace``, so a crash never leaves a half-rewritten CSV. Cells of metrics a
-    row did not log are empty.
+    Rows are buffered in memory (:attr:`metrics`) and written by :meth:`save` every
+    ``flush_logs_every_n_steps`` :meth:`log_metrics` calls, on :meth:`finalize` (and at
+    interpreter exit). The columns are every metric name seen so far and ``step``, sorted by
+    name (as in Lightning); when new names appear, the file is rewritten with the wider header
+    through a temporary file and ``os.replace``, so a crash never leaves a half-rewritten CSV.
+    Cells of metrics a row did not log are empty.
 
     Args:
         root_dir: Directory holding all experiments.
         name: Experiment folder name (``""``/``None`` to write versions directly in ``root_dir``).
         version: ``None`` picks the next free ``version_N``; an int selects ``version_<int>``;
-            a str is used as the folder name. An existing ``metrics.csv`` there is appended to.
+            a str is used as the folder name. An existing ``metrics.csv`` there is replaced by the
+            first write, with a warning when the logger is built (as in Lightning).
         prefix: Prepended to every metric name as ``"<prefix>/<name>"``.
         flush_logs_every_n_steps: How many ``log_metrics`` calls to buffer before writing.
 
@@ -80,6 +82,12 @@ class CSVLogger(_DirectoryLogger):
         self._pending: List[Dict[str, Any]] = []
         self._disk_header: Optional[List[str]] = None  # None: file not inspected yet
         self._hparams: Dict[str, Any] = {}
+        self._replace_existing = global_rank() == 0 and os.path.isfile(self.metrics_file_path)
+        if self._replace_existing:
+            warnings.warn(
+                f"Experiment logs directory {self.log_dir} exists and is not empty. Its metrics.csv will be replaced"
+                " when the new metrics are saved; pass another `version=` to keep it.", UserWarning, stacklevel=2,
+            )
         self._register_exit_flush()
 
     # ------------------------------------------------------------------ properties
@@ -94,6 +102,11 @@ class CSVLogger(_DirectoryLogger):
         """The object that writes: this logger itself on rank 0 (``log_metrics``, ``log_hyperparams``,
         ``save``), a stand-in whose methods do nothing on the other ranks."""
         return self
+
+    @property
+    def metrics(self) -> List[Dict[str, Any]]:
+        """The rows logged since the last write (Lightning's ``logger.experiment.metrics``)."""
+        return self._pending
 
     @property
     def hparams(self) -> Dict[str, Any]:
@@ -114,13 +127,12 @@ class CSVLogger(_DirectoryLogger):
             raise ValueError(f"{_STEP!r} is reserved for the step column; pass it as `step=` instead.")
         row[_STEP] = self._resolve_step(step)
         known = self._known
-        for key in row:
-            if key not in known:
-                known.add(key)
-                self._columns.append(key)
+        if not known.issuperset(row):
+            known.update(row)
+            self._columns = sorted(known)
         self._pending.append(row)
         if len(self._pending) >= self._flush_every:
-            self._flush()
+            self.save()
 
     @rank_zero_only
     def log_hyperparams(self, params: Union[Mapping[str, Any], Namespace]) -> None:
@@ -144,14 +156,14 @@ class CSVLogger(_DirectoryLogger):
             return
         path = self.metrics_file_path
         os.makedirs(self.log_dir, exist_ok=True)
-        exists = os.path.isfile(path)
+        exists = os.path.isfile(path) and not self._replace_existing
+        self._replace_existing = False
         if not exists:
             self._disk_header = []
-        elif self._disk_header is None:  # resuming an existing file: keep its columns first
+        elif self._disk_header is None:  # a copy of this logger in another process wrote it: read its columns
             self._disk_header = _read_header(path)
-            on_disk = set(self._disk_header)
-            self._columns = self._disk_header + [c for c in self._columns if c not in on_disk]
-            self._known = set(self._columns)
+            self._known.update(self._disk_header)
+            self._columns = sorted(self._known)
 
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self._columns, restval="", lineterminator="\n")

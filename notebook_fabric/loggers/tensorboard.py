@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
@@ -172,15 +173,26 @@ class TensorBoardLogger(_DirectoryLogger):
     def log_graph(self, model: torch.nn.Module, input_array: Any = None) -> None:
         """Trace ``model`` on ``input_array`` (default: ``model.example_input_array``) and log its graph.
 
-        Raises:
-            ValueError: no input was given and the model has no ``example_input_array``.
+        A module returned by ``fabric.setup()`` is traced as the module you wrote. Without an example
+        input (or with one TensorBoard cannot trace: not a tensor or a tuple of positional arguments)
+        nothing is logged and a warning says why, as in Lightning.
         """
         if input_array is None:
             input_array = getattr(model, "example_input_array", None)
+        model = _unwrap_fabric_module(model)
         if input_array is None:
-            raise ValueError(
-                "log_graph needs an example input: pass `input_array=` or set `model.example_input_array`."
+            warnings.warn(
+                "Could not log the computational graph to TensorBoard: pass `input_array=` to log_graph, or set"
+                " `model.example_input_array`.", UserWarning, stacklevel=3,
             )
+            return
+        if not isinstance(input_array, (torch.Tensor, tuple)):
+            warnings.warn(
+                f"Could not log the computational graph to TensorBoard: the example input is a"
+                f" {type(input_array).__name__}, which TensorBoard cannot trace. Give a tensor, or a tuple of the"
+                " positional arguments of the model's forward().", UserWarning, stacklevel=3,
+            )
+            return
         self.experiment.add_graph(model, input_array)
 
     @rank_zero_only
@@ -221,3 +233,10 @@ def _flat_hparams(params: Mapping[str, Any], prefix: str = "") -> Dict[str, Unio
         value = sanitize_params(value)
         out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return out
+
+
+def _unwrap_fabric_module(model: Any) -> Any:
+    """The user's module behind what ``fabric.setup()`` returned (``model`` itself otherwise)."""
+    from notebook_fabric.wrappers import _FabricModule
+
+    return model._original_module if isinstance(model, _FabricModule) else model

@@ -16,22 +16,37 @@ from .base import Precision, cast_floating
 
 
 class MixedPrecision(Precision):
-    """``"16-mixed"`` or ``"bf16-mixed"`` on ``device_type`` ("cuda", "cpu", ...).
+    """``"16-mixed"`` or ``"bf16-mixed"`` on ``device_type`` ("cuda", "cpu", ...; Lightning's keyword
+    ``device=`` is accepted too).
 
     Under 16-mixed a ``torch.amp.GradScaler`` scales the loss, unscales before clipping, and skips
     steps whose gradients overflowed.
     """
 
-    def __init__(self, precision: str, device_type: str, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def __init__(self, precision: str, device_type: Optional[str] = None, scaler: Optional["torch.amp.GradScaler"] = None,
+                 *, device: Optional[str] = None) -> None:
+        if device is not None:  # Lightning's name of the argument: MixedPrecision("16-mixed", device="cuda")
+            if device_type is not None and device_type != device:
+                raise ValueError(f"MixedPrecision got device_type={device_type!r} and device={device!r}: pass one")
+            device_type = device
+        if device_type is None:
+            raise TypeError("MixedPrecision needs the device type it autocasts on: MixedPrecision('16-mixed', 'cuda')")
         if precision not in ("16-mixed", "bf16-mixed"):
             raise ValueError(f"MixedPrecision takes '16-mixed' or 'bf16-mixed', got {precision!r}")
         self.precision = precision
         self.device_type = device_type
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+        if scaler is not None and precision == "bf16-mixed":
+            raise ValueError("`precision='bf16-mixed'` does not use a scaler (bfloat16 has float32's range): drop `scaler=`")
         if scaler is None and precision == "16-mixed":
             scaler = torch.amp.GradScaler(device=device_type)
         self.scaler = scaler
         self._unscaled: set[int] = set()
+
+    @property
+    def device(self) -> str:
+        """Lightning's name of :attr:`device_type`."""
+        return self.device_type
 
     def forward_context(self) -> ContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype)

@@ -40,6 +40,8 @@ _register_fsdp(STRATEGY_REGISTRY)
 _register_model_parallel(STRATEGY_REGISTRY)
 _register_deepspeed(STRATEGY_REGISTRY)
 _register_xla(STRATEGY_REGISTRY)
+# Lightning's legacy name of single_xla (its SingleTPUStrategy), kept so that old scripts still start
+STRATEGY_REGISTRY.register("single_tpu", SingleDeviceXLAStrategy, "legacy name of 'single_xla'")
 
 __all__ = [
     "Strategy",

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from . import rendezvous_rounds
 from .start_methods import PROCESS_GROUP_START_METHODS, StartMethod, check_start_method
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -49,6 +50,7 @@ class ProcessGroupMixin:
         environment = self.cluster_environment
         os.environ["MASTER_ADDR"] = environment.main_address
         os.environ["MASTER_PORT"] = str(environment.main_port)
+        rendezvous_rounds.install()  # a forked rank got the launcher's variables after importing this package
         kwargs: dict[str, Any] = {}
         if self.root_device.type == "cuda":
             kwargs["device_id"] = self.root_device

@@ -29,6 +29,7 @@ class SamplerShard(Sampler):
     def __init__(self, sampler: Sized, num_replicas: int, rank: int, seed: int = 0, drop_last: bool = False) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank={rank} must be in [0, {num_replicas})")
+        _check_finite_length(sampler)
         self.sampler = sampler
         self.num_replicas = num_replicas
         self.rank = rank
@@ -69,3 +70,17 @@ class SamplerShard(Sampler):
 
     def __repr__(self) -> str:
         return f"SamplerShard({self.sampler!r}, num_replicas={self.num_replicas}, rank={self.rank})"
+
+
+def _check_finite_length(sampler: Any) -> None:
+    """``TypeError`` naming the fixes when ``sampler`` cannot be split: it has no (finite) ``__len__``."""
+    method = getattr(sampler, "__len__", None)
+    length = method() if callable(method) else None  # not len(): it refuses an infinite float
+    if length is None or length == float("inf"):
+        what = "no __len__" if length is None else "an infinite __len__"
+        raise TypeError(
+            f"You seem to have configured a sampler in your DataLoader ({type(sampler).__name__}) with {what}:"
+            " it cannot be split across the ranks (each rank's share is a slice of its order). Give the sampler a"
+            " finite __len__, remove it from the DataLoader, or pass use_distributed_sampler=False to"
+            " setup_dataloaders and split the data yourself."
+        )

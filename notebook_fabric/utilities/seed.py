@@ -31,14 +31,15 @@ def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: 
     if seed is None:
         exported = os.environ.get(SEED_ENV)
         if exported is None and verbose:
-            warnings.warn("seed_everything() got no seed and none was exported: the seed is 0", stacklevel=2)
+            warnings.warn(f"No seed found, seed set to 0 (seed_everything() got no seed and {SEED_ENV} is not set)",
+                          stacklevel=2)
         try:
             seed = int(exported) if exported is not None else 0
         except ValueError:
-            raise ValueError(f"{SEED_ENV}={exported!r} is not an integer seed") from None
+            raise ValueError(f"Invalid seed specified via {SEED_ENV}: {exported!r} (not an integer)") from None
     seed = int(seed)
     if not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed={seed} is out of range: use an integer between 0 and {_MAX_SEED}")
+        raise ValueError(f"seed={seed} is not in bounds: numpy accepts an integer from 0 to {_MAX_SEED}")
     os.environ[SEED_ENV] = str(seed)
     os.environ[WORKERS_ENV] = "1" if workers else "0"
     random.seed(seed)
