@@ -130,6 +130,5 @@ def _needs_new_ranks(strategy: Any) -> bool:
 
 def _run_on_xla_rank(fabric: "Fabric", function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """Inside one XLA rank (a process torch_xla started): prepare the rank, then run the user's function."""
-    fabric._launched = True
-    fabric.strategy.setup_environment()
+    fabric._prepare_this_rank()  # the strategy's environment, and debug=True's checks, as on any rank
     return function(fabric, *args, **kwargs)

@@ -6,6 +6,8 @@ first checks that it is installed.
 
 XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
 ``start_method = "xla"`` and :mod:`notebook_fabric.launching.xla_ranks` runs a function on every rank.
+On a TPU that is one process per chip; on torch_xla's CPU device, threads of one process. What the
+CPU device needs beyond a TPU lives in :mod:`.xla_devices` (``self._ranks``), nowhere else.
 Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
 ``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
 dataloader set up by Fabric).
@@ -33,6 +35,7 @@ from ..precision import Precision
 from ..utilities.apply import tensors_to_cpu
 from .parallel import ParallelStrategy
 from .single_device import SingleDeviceStrategy
+from .xla_devices import ProcessRanks, ranks_for
 
 INSTALL_HINT = (
     "pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version: install it into an environment"
@@ -140,7 +143,8 @@ class XLAEnvironment(ClusterEnvironment):
 
 
 class XLAStrategy(ParallelStrategy):
-    """Data parallel over XLA devices (TPU cores): one process per device, started by ``xmp.spawn``.
+    """Data parallel over XLA devices, started by ``xmp.spawn``: one process per TPU chip, or one
+    thread per device of torch_xla's CPU device (``PJRT_DEVICE=CPU``).
 
     ``sync_module_states`` broadcasts rank 0's parameters at setup; ``debug`` turns on torch_xla's
     debug output (``PT_XLA_DEBUG_LEVEL=2``).
@@ -175,6 +179,23 @@ class XLAStrategy(ParallelStrategy):
         self.debug = debug
         self._launched = False
         self._reduced: set[int] = set()  # optimizers whose gradients were already all-reduced this step
+        self._device_ranks: Optional[ProcessRanks] = None
+
+    @property
+    def _ranks(self) -> ProcessRanks:
+        """How the ranks run on this device kind (threads on XLA:CPU: see :mod:`.xla_devices`)."""
+        if self._device_ranks is None:
+            self._device_ranks = ranks_for()
+        return self._device_ranks
+
+    def launch_environment(self) -> dict[str, str]:
+        """Variables the launcher sets before torch_xla starts this strategy's ranks."""
+        return self._ranks.launch_environment(self.num_processes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_device_ranks"] = None  # a process-wide object: each rank looks its own up
+        return state
 
     # ----- the job's shape (the runtime's numbers once the ranks run) -----------------------------
     def adapt_precision(self, precision: Precision) -> Precision:
@@ -216,16 +237,15 @@ class XLAStrategy(ParallelStrategy):
         return self._launched and self.world_size > 1
 
     def setup_environment(self) -> None:
-        if self.num_processes == 1:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not run on a single device under the PJRT runtime:"
-                " use all devices, or strategy='single_xla'"
-            )
         if self.debug:
             os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
         self._launched = True
         if self.accelerator is not None:
             self.accelerator.setup_device(self.root_device)
+        from ..collectives.debug import provide_check_channel
+
+        rank, world_size = self.global_rank, self.world_size
+        provide_check_channel(lambda: self._ranks.check_channel(rank, world_size))  # used by debug=True only
 
     def teardown(self) -> None:
         self._launched = False
@@ -233,9 +253,18 @@ class XLAStrategy(ParallelStrategy):
 
     # ----- models and optimizers -----------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
-        if self.sync_module_states and self.distributed:
-            _xm().broadcast_master_param(module)
+        self._broadcast_initial_states(module)
         return module
+
+    def _broadcast_initial_states(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (with ``sync_module_states``, and always where
+        the ranks share one random generator and so did not build the same model)."""
+        if (self.sync_module_states or self._ranks.broadcast_initial_states) and self.distributed:
+            tensors = [*module.parameters(), *module.buffers()]
+            _traced("broadcast", lambda: {"group_size": self.world_size, "shapes": [tuple(t.shape) for t in tensors],
+                                          "dtypes": [str(t.dtype) for t in tensors], "src": 0},
+                    lambda: _xm().collective_broadcast(tensors, root_ordinal=0, pin_layout=self._ranks.pin_layout))  # fmt: skip
+            self._ranks.sync()
 
     def module_to_device(self, module: nn.Module) -> None:
         module.to(self.root_device)
@@ -243,19 +272,26 @@ class XLAStrategy(ParallelStrategy):
     def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
         return nullcontext()  # gradients are reduced in optimizer_step, never during backward
 
+    def backward(self, tensor: Tensor, module: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
+        super().backward(tensor, module, *args, **kwargs)
+        self._ranks.settle()
+
     def reduce_gradients(self, optimizer: Optimizer) -> None:
         """All-reduce (average) the gradients of ``optimizer``'s parameters, once per step."""
         optimizer = checkpoint_state.unwrap_optimizer(optimizer)
         if id(optimizer) in self._reduced or not self.distributed:
             return
         _traced("reduce_gradients", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": []},
-                lambda: _xm().reduce_gradients(optimizer))  # fmt: skip
+                lambda: _xm().reduce_gradients(optimizer, pin_layout=self._ranks.pin_layout))  # fmt: skip
+        self._ranks.settle()
         self._reduced.add(id(optimizer))
 
     def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
         self.reduce_gradients(optimizer)
         self._reduced.discard(id(checkpoint_state.unwrap_optimizer(optimizer)))
-        return self.precision.optimizer_step(optimizer, **kwargs)
+        result = self.precision.optimizer_step(optimizer, **kwargs)
+        self._ranks.settle()
+        return result
 
     def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
                             norm_type: Union[float, int, str] = 2.0, error_if_nonfinite: bool = True) -> Tensor:  # fmt: skip
@@ -268,7 +304,7 @@ class XLAStrategy(ParallelStrategy):
 
     def mark_step(self) -> None:
         """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
-        mark_step()
+        self._ranks.sync()
 
     # ----- collectives ---------------------------------------------------------------------------
     def reduce(self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Tensor:
@@ -278,7 +314,8 @@ class XLAStrategy(ParallelStrategy):
         _no_groups(group)
         tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
         result = _traced("all_reduce", _tensor_meta(tensor, self.world_size, reduce_op=reduce_type),
-                         lambda: _xm().all_reduce(reduce_type, tensor))  # fmt: skip
+                         lambda: _xm().all_reduce(reduce_type, tensor, pin_layout=self._ranks.pin_layout))  # fmt: skip
+        self._ranks.settle()
         return result / self.world_size if divide else result
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
@@ -292,8 +329,10 @@ class XLAStrategy(ParallelStrategy):
 
             gather = functools.partial(xf.all_gather, stacked, dim=0)
         else:
-            gather = functools.partial(_xm().all_gather, stacked.detach(), dim=0)
-        return _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
+            gather = functools.partial(_xm().all_gather, stacked.detach(), dim=0, pin_layout=self._ranks.pin_layout)
+        result = _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
+        self._ranks.settle()
+        return result
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not self.distributed:
@@ -302,7 +341,8 @@ class XLAStrategy(ParallelStrategy):
         if isinstance(obj, Tensor):
             tensor = (obj if obj.device.type == "xla" else obj.to(self.root_device)).clone()
             _traced("broadcast", _tensor_meta(tensor, self.world_size, src=src),
-                    lambda: xm.collective_broadcast([tensor], root_ordinal=src))  # fmt: skip
+                    lambda: xm.collective_broadcast([tensor], root_ordinal=src, pin_layout=self._ranks.pin_layout))  # fmt: skip
+            self._ranks.settle()
             return tensor
         # any picklable object: its length first, then its bytes (every rank must build the same graph)
         payload = pickle.dumps(obj) if self.global_rank == src else b""
@@ -317,7 +357,15 @@ class XLAStrategy(ParallelStrategy):
         if self.distributed:
             tag = name or "barrier"
             _traced("barrier", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": [], "name": tag},
-                    lambda: _xm().rendezvous(tag))  # fmt: skip
+                    lambda: self._barrier())  # fmt: skip
+
+    def _barrier(self) -> None:
+        """Every rank's pending work dispatched, then a one-element all-reduce that every rank must join
+        (torch_xla's ``rendezvous`` syncs the graph in each rank at once, which XLA:CPU cannot take)."""
+        self._ranks.sync()
+        token = _xm().all_reduce("sum", torch.ones(1).to(self.root_device), pin_layout=self._ranks.pin_layout)
+        self._ranks.sync()
+        token.cpu()
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if not self.distributed:
@@ -331,7 +379,7 @@ class XLAStrategy(ParallelStrategy):
         """Rank 0 writes ``state`` (moved to the CPU) atomically; every rank waits for it."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
-        mark_step()  # materialise what the state depends on, on every rank alike
+        self._ranks.sync()  # materialise what the state depends on, on every rank alike
         if self.is_global_zero:
             payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
             if self.checkpoint_io is not None:

@@ -1,0 +1,250 @@
+"""How XLA ranks run on each kind of device: the one place that knows XLA:CPU is not a TPU.
+
+On a TPU torch_xla's launcher starts one process per chip, collectives join the lazy graph and run
+at the next sync, and :class:`ProcessRanks` adds nothing to that.
+
+On torch_xla's CPU device (``PJRT_DEVICE=CPU``, used where there is no TPU, e.g. in CI) the same
+launcher runs the ranks as threads of ONE process, one per virtual device (``CPU_NUM_DEVICES=N``).
+XLA's in-process collectives then need what :class:`ThreadRanks` does, and only there:
+
+1. Every thread dispatches the same compiled graph, in the same order. Two threads compiling one
+   graph at the same time get two executables whose collectives wait for each other's peers (XLA
+   aborts the process after 10 s). So graphs are synced in turns, ordinal 0 first: it compiles,
+   the others find the graph in the compile cache (:meth:`ThreadRanks.sync`).
+2. A graph holding a collective must never run by an implicit sync (``.item()``, ``print``), which
+   each thread would compile on its own; so on CPU every collective, backward and optimizer step is
+   followed by a sync in turns (:meth:`ThreadRanks.settle`), and values read afterwards are ready.
+3. The execution pool has at least N threads (``XLA_THREAD_POOL_SIZE``): each participant of a
+   collective blocks one of them until all have arrived.
+4. Collectives are not layout-pinned (``pin_layout=False``; FSDP's
+   ``pin_layout_in_collective_ops=False``): pinned layouts deadlock XLA's CPU collectives.
+5. The threads share one CPU random generator: build random models and data under
+   :attr:`ThreadRanks.lock` (rank 0's parameters are broadcast at setup anyway).
+6. Debug mode's checks travel through a board in memory (:class:`ThreadBoard`), each thread has its
+   own tracer chain, and a rank that ends leaves the board, so a peer's check says so at once.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from typing import Any, Dict, List, Optional
+
+from ..collectives.check_mesh import MeshPeerGone
+
+#: execution threads XLA:CPU gets at least (each rank's collective holds one until all arrive)
+MIN_THREAD_POOL_SIZE = 8
+
+
+def xla_device_type() -> str:
+    """The device kind torch_xla runs on here: ``"TPU"``, ``"CPU"``, ... (torch_xla picks CPU without a TPU)."""
+    chosen = os.environ.get("PJRT_DEVICE")
+    if chosen:
+        return chosen.upper()
+    import torch_xla.runtime as xr
+
+    return str(xr.device_type() or "CPU").upper()
+
+
+def ranks_for(device_type: Optional[str] = None) -> "ProcessRanks":
+    """How the ranks on ``device_type`` (default: this runtime's) run."""
+    return _THREADS if (device_type or xla_device_type()) == "CPU" else _PROCESSES
+
+
+class ProcessRanks:
+    """One process per device (TPU): collectives stay in the lazy graph; nothing extra."""
+
+    threads = False
+    pin_layout = True
+    broadcast_initial_states = False  # each process seeds its own generator: same seed, same model
+
+    def launch_environment(self, devices: int) -> Dict[str, str]:
+        """Variables the launcher sets before torch_xla starts the ranks."""
+        return {}
+
+    def enter_rank(self, rank: int, world_size: int) -> None:
+        """Called first in every rank."""
+
+    def leave_rank(self, rank: int) -> None:
+        """Called last in every rank (after its function returned): wait until every rank is done,
+        so nobody exits while a peer may still need it."""
+        import torch_xla.core.xla_model as xm
+
+        xm.rendezvous("notebook_fabric.end")
+
+    def sync(self) -> None:
+        """Cut the lazy graph here and run it."""
+        import torch_xla
+
+        torch_xla.sync()
+
+    def settle(self) -> None:
+        """After a collective, backward or optimizer step: nothing (the graph runs at the next sync)."""
+
+    def check_channel(self, rank: int, world_size: int) -> Any:
+        """Debug mode's channel to the peers: torch_xla's own rendezvous, which carries bytes."""
+        return _RendezvousChannel()
+
+
+class ThreadRanks(ProcessRanks):
+    """Ranks as threads of one process on XLA:CPU (see the module docstring for each point)."""
+
+    threads = True
+    pin_layout = False
+    broadcast_initial_states = True  # point 5
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # point 5; also guards this object's own state
+        self._turns: Optional[_Turns] = None
+        self._board: Optional[ThreadBoard] = None
+
+    def launch_environment(self, devices: int) -> Dict[str, str]:
+        pool = max(int(os.environ.get("XLA_THREAD_POOL_SIZE", "0") or 0), devices, MIN_THREAD_POOL_SIZE)
+        return {"CPU_NUM_DEVICES": str(devices), "XLA_THREAD_POOL_SIZE": str(pool)}
+
+    def enter_rank(self, rank: int, world_size: int) -> None:
+        from ..collectives.trace import tracers_per_thread
+
+        tracers_per_thread()
+        with self.lock:
+            if self._turns is None or self._turns.world_size != world_size:
+                self._turns = _Turns(world_size)
+                self._board = ThreadBoard(world_size)
+
+    def leave_rank(self, rank: int) -> None:
+        # threads need no end barrier (the process outlives them all); a peer still waiting for
+        # this rank's turn or check learns at once that it ended
+        if self._turns is not None:
+            self._turns.leave(rank)
+        if self._board is not None:
+            self._board.leave(rank)
+
+    def sync(self) -> None:
+        import torch_xla
+        import torch_xla.runtime as xr
+
+        turns = self._turns
+        if turns is None or turns.world_size == 1:
+            torch_xla.sync()
+            return
+        rank = int(xr.global_ordinal())
+        turns.wait_for(rank)
+        try:
+            torch_xla.sync()  # compiles (ordinal 0) or hits the cache (the others), then dispatches
+        finally:
+            turns.done(rank)
+
+    def settle(self) -> None:
+        self.sync()
+
+    def check_channel(self, rank: int, world_size: int) -> Any:
+        if self._board is None:
+            raise RuntimeError("ThreadRanks.enter_rank() was not called in this rank")
+        return _BoardSeat(self._board, rank)
+
+
+class _Turns:
+    """Round-robin turns for the graph syncs of N rank threads: rank r syncs after rank r-1."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._turn = 0
+        self._left: set = set()
+        self._changed = threading.Condition()
+
+    def wait_for(self, rank: int) -> None:
+        with self._changed:
+            while self._turn != rank:
+                if self._turn in self._left:
+                    raise RuntimeError(
+                        f"rank {rank} reached a graph sync that rank {self._turn} never made: rank {self._turn} has"
+                        " ended. On XLA every rank must make the same collectives, backward passes, optimizer steps"
+                        " and mark_step() calls, in the same order."
+                    )
+                self._changed.wait(0.5)
+
+    def done(self, rank: int) -> None:
+        with self._changed:
+            self._turn = (rank + 1) % self.world_size
+            self._changed.notify_all()
+
+    def leave(self, rank: int) -> None:
+        with self._changed:
+            self._left.add(rank)
+            self._changed.notify_all()
+
+
+class ThreadBoard:
+    """An all-gather in memory between N rank threads: each :meth:`exchange` returns every rank's item.
+
+    A rank that :meth:`leave` s makes every exchange still waiting for it, and every later one,
+    raise :class:`MeshPeerGone` naming it.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._changed = threading.Condition()
+        self._round = 0
+        self._items: Dict[int, Any] = {}
+        self._results: Dict[int, List[Any]] = {}
+        self._left: set = set()
+
+    def exchange(self, rank: int, item: Any) -> List[Any]:
+        with self._changed:
+            while rank in self._items:  # this rank is a round ahead: wait for the current one to close
+                self._changed.wait()
+            round_ = self._round
+            self._items[rank] = item
+            if len(self._items) == self.world_size:
+                self._results[round_] = [self._items[r] for r in range(self.world_size)]
+                self._items = {}
+                self._round += 1
+                self._changed.notify_all()
+            while round_ not in self._results:
+                gone = sorted(self._left - set(self._items))
+                if gone:
+                    raise MeshPeerGone(f"rank {gone[0]} ended before reaching the collective")
+                self._changed.wait()
+            result = self._results[round_]
+            self._collect(round_)
+            return result
+
+    def _collect(self, round_: int) -> None:
+        """Forget rounds every rank has read (the round before the current one is read by all)."""
+        for old in [r for r in self._results if r < round_ - 1]:
+            del self._results[old]
+
+    def leave(self, rank: int) -> None:
+        with self._changed:
+            self._left.add(rank)
+            self._changed.notify_all()
+
+
+class _BoardSeat:
+    """One rank's side of a :class:`ThreadBoard`, with :class:`~..collectives.check_mesh.CheckMesh`'s methods."""
+
+    def __init__(self, board: ThreadBoard, rank: int) -> None:
+        self.board = board
+        self.rank = rank
+
+    def exchange(self, frame: bytes) -> List[bytes]:
+        return self.board.exchange(self.rank, frame)
+
+    def exchange_objects(self, obj: Any) -> List[Any]:
+        return self.board.exchange(self.rank, obj)
+
+
+class _RendezvousChannel:
+    """Debug mode's channel between rank processes (TPU): torch_xla's rendezvous carries the bytes."""
+
+    def exchange(self, frame: bytes) -> List[bytes]:
+        import torch_xla.core.xla_model as xm
+
+        return list(xm.rendezvous("notebook_fabric.check", frame))
+
+    def exchange_objects(self, obj: Any) -> List[Any]:
+        return [pickle.loads(item) for item in self.exchange(pickle.dumps(obj))]
+
+
+_PROCESSES = ProcessRanks()
+_THREADS = ThreadRanks()
