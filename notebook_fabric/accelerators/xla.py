@@ -41,10 +41,7 @@ class XLAAccelerator(Accelerator):
 
     @staticmethod
     def get_parallel_devices(indices: list[int]) -> list[torch.device]:
-        import torch_xla.core.xla_model as xm
-
-        if len(indices) == 1:
-            return [xm.xla_device()]
+        # named, not asked of torch_xla: asking would start its runtime here, where xmp.spawn then refuses
         return [torch.device("xla", i) for i in indices]
 
     @staticmethod

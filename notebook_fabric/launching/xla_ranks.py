@@ -47,9 +47,10 @@ def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (
                 rank, described = failure
                 raise rebuild_exception({rank: described}, [rank]) from None
             raise RankDiedError(
-                "The XLA ranks' process ended without an exception (a signal, os._exit, or XLA itself: on XLA's CPU"
-                " device XLA aborts the process when the ranks' graphs differ at a collective; run with debug=True"
-                " to compare the ranks' collectives)", rank=-1, exitcode=None) from None
+                "The XLA ranks' process ended without an exception: a signal, os._exit, or XLA itself. On XLA's CPU"
+                " device XLA aborts when the ranks' graphs differ at a collective: a value that differs by rank must"
+                " reach the graph as tensor data (torch.tensor([rank]).to(fabric.device)), not as a Python number;"
+                " run with debug=True to compare the ranks' collectives.", rank=-1, exitcode=None) from None
         return torch.load(result_file, weights_only=False) if os.path.exists(result_file) else None
 
 

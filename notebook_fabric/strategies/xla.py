@@ -88,6 +88,27 @@ def mark_step() -> None:
         _xm().mark_step()
 
 
+def move_to_xla(module: nn.Module, device: torch.device) -> dict[int, Tensor]:
+    """``module.to(device)``, returning ``{id(parameter before): parameter after}``.
+
+    Moving from the CPU to an XLA device replaces each parameter with a new one (the two tensor
+    types cannot share a shallow copy), so an optimizer built before the move holds the CPU ones."""
+    before = list(module.parameters())
+    module.to(device)
+    return {id(old): new for old, new in zip(before, module.parameters()) if old is not new}
+
+
+def relink_optimizer(optimizer: Optimizer, moved: dict[int, Tensor]) -> Optimizer:
+    """Point ``optimizer``'s parameter groups (and state) at the parameters :func:`move_to_xla` made."""
+    if moved:
+        for group in optimizer.param_groups:
+            group["params"] = [moved.get(id(p), p) for p in group["params"]]
+        for old_id, new in moved.items():
+            for key in [k for k in optimizer.state if id(k) == old_id]:
+                optimizer.state[new] = optimizer.state.pop(key)
+    return optimizer
+
+
 def _traced(op: str, meta: Callable[[], dict], call: Callable[[], Any]) -> Any:
     return run_traced(op, call, meta)
 
@@ -263,11 +284,14 @@ class XLAStrategy(ParallelStrategy):
             tensors = [*module.parameters(), *module.buffers()]
             _traced("broadcast", lambda: {"group_size": self.world_size, "shapes": [tuple(t.shape) for t in tensors],
                                           "dtypes": [str(t.dtype) for t in tensors], "src": 0},
-                    lambda: _xm().collective_broadcast(tensors, root_ordinal=0, pin_layout=self._ranks.pin_layout))  # fmt: skip
+                    lambda: self._ranks.broadcast_(tensors, 0))  # fmt: skip
             self._ranks.sync()
 
     def module_to_device(self, module: nn.Module) -> None:
-        module.to(self.root_device)
+        self._moved = move_to_xla(module, self.root_device)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return relink_optimizer(optimizer, getattr(self, "_moved", {}))
 
     def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
         return nullcontext()  # gradients are reduced in optimizer_step, never during backward
@@ -282,7 +306,7 @@ class XLAStrategy(ParallelStrategy):
         if id(optimizer) in self._reduced or not self.distributed:
             return
         _traced("reduce_gradients", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": []},
-                lambda: _xm().reduce_gradients(optimizer, pin_layout=self._ranks.pin_layout))  # fmt: skip
+                lambda: self._ranks.reduce_gradients(optimizer, self.world_size))  # fmt: skip
         self._ranks.settle()
         self._reduced.add(id(optimizer))
 
@@ -312,9 +336,9 @@ class XLAStrategy(ParallelStrategy):
         if not self.distributed:
             return tensor
         _no_groups(group)
-        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        tensor = self._ranks.collective_input(tensor, self.root_device)
         result = _traced("all_reduce", _tensor_meta(tensor, self.world_size, reduce_op=reduce_type),
-                         lambda: _xm().all_reduce(reduce_type, tensor, pin_layout=self._ranks.pin_layout))  # fmt: skip
+                         lambda: self._ranks.issue(_xm().all_reduce, reduce_type, tensor, pin_layout=self._ranks.pin_layout))  # fmt: skip
         self._ranks.settle()
         return result / self.world_size if divide else result
 
@@ -322,14 +346,15 @@ class XLAStrategy(ParallelStrategy):
         if not self.distributed:
             return tensor  # one process: no dimension added (Lightning's contract)
         _no_groups(group)
-        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        tensor = self._ranks.collective_input(tensor, self.root_device)
         stacked = tensor.unsqueeze(0)
         if sync_grads:
             import torch_xla.core.functions as xf
 
-            gather = functools.partial(xf.all_gather, stacked, dim=0)
+            gather = functools.partial(self._ranks.issue, xf.all_gather, stacked, dim=0)
         else:
-            gather = functools.partial(_xm().all_gather, stacked.detach(), dim=0, pin_layout=self._ranks.pin_layout)
+            gather = functools.partial(self._ranks.issue, _xm().all_gather, stacked.detach(), dim=0,
+                                       pin_layout=self._ranks.pin_layout)
         result = _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
         self._ranks.settle()
         return result
@@ -339,9 +364,9 @@ class XLAStrategy(ParallelStrategy):
             return obj
         xm = _xm()
         if isinstance(obj, Tensor):
-            tensor = (obj if obj.device.type == "xla" else obj.to(self.root_device)).clone()
+            tensor = self._ranks.collective_input(obj, self.root_device).clone()
             _traced("broadcast", _tensor_meta(tensor, self.world_size, src=src),
-                    lambda: xm.collective_broadcast([tensor], root_ordinal=src, pin_layout=self._ranks.pin_layout))  # fmt: skip
+                    lambda: self._ranks.broadcast_([tensor], src))  # fmt: skip
             self._ranks.settle()
             return tensor
         # any picklable object: its length first, then its bytes (every rank must build the same graph)
@@ -363,14 +388,14 @@ class XLAStrategy(ParallelStrategy):
         """Every rank's pending work dispatched, then a one-element all-reduce that every rank must join
         (torch_xla's ``rendezvous`` syncs the graph in each rank at once, which XLA:CPU cannot take)."""
         self._ranks.sync()
-        token = _xm().all_reduce("sum", torch.ones(1).to(self.root_device), pin_layout=self._ranks.pin_layout)
+        token = self._ranks.issue(_xm().all_reduce, "sum", torch.ones(1).to(self.root_device), pin_layout=self._ranks.pin_layout)
         self._ranks.sync()
         token.cpu()
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if not self.distributed:
             return decision
-        total = self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum")
+        total = self.reduce(torch.tensor([int(decision)], dtype=torch.int32), reduce_op="sum")  # data, not a constant
         return bool(total == self.world_size) if all else bool(total > 0)
 
     # ----- checkpoints ---------------------------------------------------------------------------
@@ -431,6 +456,12 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
     def mark_step(self) -> None:
         """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
         mark_step()
+
+    def module_to_device(self, module: nn.Module) -> None:
+        self._moved = move_to_xla(module, self.root_device)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return relink_optimizer(optimizer, getattr(self, "_moved", {}))
 
     def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
                         filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:  # fmt: skip

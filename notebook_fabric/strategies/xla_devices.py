@@ -10,7 +10,13 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
 1. Every thread dispatches the same compiled graph, in the same order. Two threads compiling one
    graph at the same time get two executables whose collectives wait for each other's peers (XLA
    aborts the process after 10 s). So graphs are synced in turns, ordinal 0 first: it compiles,
-   the others find the graph in the compile cache (:meth:`ThreadRanks.sync`).
+   the others find the graph in the compile cache (:meth:`ThreadRanks.sync`). Values must not change
+   the graph either: XLA lowers a Python number in the computation (``x * rank``) and a 0-dim tensor
+   holding 0 or 1 as constants, so such graphs differ by rank (``XLA_NO_SPECIAL_SCALARS`` does not
+   change that here). A 0-dim collective input is therefore passed as a reshaped 1-element tensor
+   (:meth:`ThreadRanks.collective_input`); a value that differs by rank must reach the graph as
+   tensor data (``torch.tensor([rank]).to(device)``), which is what the launcher's error says when
+   XLA aborts on differing graphs.
 2. A graph holding a collective must never run by an implicit sync (``.item()``, ``print``), which
    each thread would compile on its own; so on CPU every collective, backward and optimizer step is
    followed by a sync in turns (:meth:`ThreadRanks.settle`), and values read afterwards are ready.
@@ -20,6 +26,17 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
    ``pin_layout_in_collective_ops=False``): pinned layouts deadlock XLA's CPU collectives.
 5. The threads share one CPU random generator: build random models and data under
    :attr:`ThreadRanks.lock` (rank 0's parameters are broadcast at setup anyway).
+7. torch_xla keeps each device's collective token in one table for the process: a sync resetting
+   one thread's token while another thread issues a collective crashed the process (a segfault in
+   ``reduce_gradients``). Issuing a collective and syncing hold one lock (:meth:`ThreadRanks.issue`),
+   taken only after a thread's turn came, so nobody waits for a turn while holding it.
+8. Once every rank dispatched a graph, each waits for the devices to finish it before recording
+   more (:meth:`ThreadRanks.sync`): recording while a peer's graph runs is one more concurrency
+   the CPU device need not survive, and a CPU test needs no overlap.
+9. ``xm.all_reduce`` on a list of tensors (the in-place form that ``xm.reduce_gradients`` and
+   ``xm.collective_broadcast`` use) crashed the process (a segfault in ``_xla_all_reduce_inplace``)
+   in most data-parallel steps; one functional all-reduce per tensor ran 4 of 4 and every test
+   since. So the gradients and broadcasts go one tensor at a time here.
 6. Debug mode's checks travel through a board in memory (:class:`ThreadBoard`), each thread has its
    own tracer chain, and a rank that ends leaves the board, so a peer's check says so at once.
 """
@@ -28,7 +45,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..collectives.check_mesh import MeshPeerGone
 
@@ -81,6 +98,26 @@ class ProcessRanks:
     def settle(self) -> None:
         """After a collective, backward or optimizer step: nothing (the graph runs at the next sync)."""
 
+    def issue(self, collective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Put a torch_xla collective into this rank's graph."""
+        return collective(*args, **kwargs)
+
+    def reduce_gradients(self, optimizer: Any, world_size: int) -> None:
+        """Average the gradients of ``optimizer``'s parameters over the ranks (torch_xla's own way)."""
+        import torch_xla.core.xla_model as xm
+
+        self.issue(xm.reduce_gradients, optimizer, pin_layout=self.pin_layout)
+
+    def broadcast_(self, tensors: List[Any], src: int) -> None:
+        """Rank ``src``'s values into ``tensors`` on every rank, in place."""
+        import torch_xla.core.xla_model as xm
+
+        self.issue(xm.collective_broadcast, tensors, root_ordinal=src, pin_layout=self.pin_layout)
+
+    def collective_input(self, tensor: Any, device: Any) -> Any:
+        """``tensor`` on the rank's XLA device, as a collective takes it."""
+        return tensor if tensor.device.type == "xla" else tensor.to(device)
+
     def check_channel(self, rank: int, world_size: int) -> Any:
         """Debug mode's channel to the peers: torch_xla's own rendezvous, which carries bytes."""
         return _RendezvousChannel()
@@ -95,6 +132,7 @@ class ThreadRanks(ProcessRanks):
 
     def __init__(self) -> None:
         self.lock = threading.RLock()  # point 5; also guards this object's own state
+        self._xla_lock = threading.Lock()  # point 7: held to issue a collective or sync, never to wait
         self._turns: Optional[_Turns] = None
         self._board: Optional[ThreadBoard] = None
 
@@ -125,17 +163,61 @@ class ThreadRanks(ProcessRanks):
 
         turns = self._turns
         if turns is None or turns.world_size == 1:
-            torch_xla.sync()
+            with self._xla_lock:
+                torch_xla.sync()
             return
         rank = int(xr.global_ordinal())
         turns.wait_for(rank)
         try:
-            torch_xla.sync()  # compiles (ordinal 0) or hits the cache (the others), then dispatches
+            with self._xla_lock:
+                torch_xla.sync()  # compiles (ordinal 0) or hits the cache (the others), then dispatches
         finally:
             turns.done(rank)
+        # point 8: once every rank dispatched this graph, let it run to the end before recording more
+        turns.wait_for_round(rank)
+        import torch_xla.core.xla_model as xm
+
+        xm.wait_device_ops()
 
     def settle(self) -> None:
         self.sync()
+
+    def issue(self, collective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._xla_lock:  # point 7
+            return collective(*args, **kwargs)
+
+    def reduce_gradients(self, optimizer: Any, world_size: int) -> None:
+        # point 9: one functional all-reduce per gradient, never the in-place list form
+        import torch
+        import torch_xla.core.xla_model as xm
+
+        with self._xla_lock, torch.no_grad():
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    if parameter.grad is not None:
+                        grad = parameter.grad
+                        grad.copy_(xm.all_reduce("sum", grad, scale=1.0 / world_size, pin_layout=False))
+
+    def broadcast_(self, tensors: List[Any], src: int) -> None:
+        # point 9: rank src keeps its values, the others contribute zeros, to one functional all-reduce
+        # each (the factor travels as data: a constant 0 or 1 would make the ranks' graphs differ)
+        import torch
+        import torch_xla.core.xla_model as xm
+        import torch_xla.runtime as xr
+
+        keep = 1 if int(xr.global_ordinal()) == src else 0
+        with self._xla_lock, torch.no_grad():
+            for tensor in tensors:
+                factor = torch.tensor([keep], dtype=tensor.dtype).to(tensor.device).reshape(())
+                tensor.copy_(xm.all_reduce("sum", tensor * factor, pin_layout=False))
+
+    def collective_input(self, tensor: Any, device: Any) -> Any:
+        tensor = super().collective_input(tensor, device)
+        if tensor.dim() == 0 and not tensor.requires_grad:
+            # point 1: XLA lowers a 0-dim tensor holding 0 or 1 as a constant, so ranks holding 0 and 1
+            # compile different graphs; a reshaped 1-element tensor stays a parameter
+            tensor = tensor.cpu().reshape(1).to(device).reshape(())
+        return tensor
 
     def check_channel(self, rank: int, world_size: int) -> Any:
         if self._board is None:
@@ -149,6 +231,7 @@ class _Turns:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self._turn = 0
+        self._syncs = [0] * world_size
         self._left: set = set()
         self._changed = threading.Condition()
 
@@ -166,7 +249,15 @@ class _Turns:
     def done(self, rank: int) -> None:
         with self._changed:
             self._turn = (rank + 1) % self.world_size
+            self._syncs[rank] += 1
             self._changed.notify_all()
+
+    def wait_for_round(self, rank: int) -> None:
+        """Until every rank made as many syncs as ``rank`` (ranks that ended are not waited for)."""
+        with self._changed:
+            mine = self._syncs[rank]
+            while any(count < mine for other, count in enumerate(self._syncs) if other not in self._left):
+                self._changed.wait(0.5)
 
     def leave(self, rank: int) -> None:
         with self._changed:
