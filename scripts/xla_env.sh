@@ -38,7 +38,7 @@ PY
 }
 
 run_tests() {
-    PJRT_DEVICE=CPU "$VENV/bin/python" -m pytest -q tests/xla "$@"
+    PJRT_DEVICE=CPU "$VENV/bin/python" -m pytest -q -rxX tests/xla tests/test_xla.py "$@"
 }
 
 case "${1:-all}" in

@@ -1,7 +1,7 @@
 """Starting XLA ranks: torch_xla's ``xmp.spawn``, one process per TPU chip of this host (on
 torch_xla's CPU device: one process whose threads are the ranks, see ``strategies/xla_devices.py``).
 
-torch_xla pickles what it sends to its processes, so the function and its arguments travel with
+The ranks' process is spawned (see ``_START_METHOD``); the function and its arguments travel with
 cloudpickle (functions defined in a notebook work). PJRT always uses every device of the host.
 A rank that raises writes its exception and traceback for the caller and ends its process at once
 (its peers may be blocked inside XLA, where nothing else could reach them); the caller re-raises it.
@@ -23,6 +23,9 @@ from ..utilities.apply import tensors_to_cpu
 from .errors import RankDiedError, describe_exception, rebuild_exception
 
 _FAILURE = "failure.pkl"
+#: a fresh interpreter for the ranks: a forked one inherits this process's autograd engine, sized for
+#: the devices it saw (one XLA device), and backward on the second XLA:CPU device then fails
+_START_METHOD = "spawn"
 
 
 def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (), kwargs: Optional[dict] = None) -> Any:
@@ -40,7 +43,7 @@ def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (
     with tempfile.TemporaryDirectory(prefix="notebook_fabric_xla_") as folder, _environment(environment):
         result_file = os.path.join(folder, "rank0.pt")
         try:
-            xmp.spawn(_run_xla_rank, args=(payload, folder), nprocs=nprocs, start_method="fork")
+            xmp.spawn(_run_xla_rank, args=(payload, folder), nprocs=nprocs, start_method=_START_METHOD)
         except BrokenProcessPool:
             failure = _read_failure(folder)
             if failure is not None:

@@ -443,10 +443,10 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
 
     @property
     def root_device(self) -> torch.device:
+        import torch_xla  # registers the XLA backend with torch
+
         if self._root_device is not None and self._root_device.type == "xla":
             return self._root_device
-        import torch_xla
-
         return torch_xla.device()
 
     @root_device.setter

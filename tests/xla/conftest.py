@@ -11,9 +11,9 @@ import importlib.util
 import os
 from typing import Iterator
 
-import psutil
 import pytest
 
+from support.processes import kill_and_reap, living_descendants
 from support.waiting import poll
 
 if importlib.util.find_spec("torch_xla") is not None:
@@ -22,25 +22,10 @@ if importlib.util.find_spec("torch_xla") is not None:
 
 @pytest.fixture(autouse=True)
 def no_process_left() -> Iterator[None]:
-    """After the test, no child of this process survives (the launch's rank process ended)."""
+    """After the test, no child of this process survives (the launch's rank process ended);
+    multiprocessing's own helpers (the resource tracker spawn starts once) are not ranks."""
     yield
-    me = psutil.Process()
-
-    def living() -> list:
-        found = []
-        for child in me.children(recursive=True):
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    found.append(child)
-            except psutil.NoSuchProcess:
-                pass
-        return found
-
-    poll(lambda: not living(), 10.0, interval=0.1)
-    left = living()
-    for child in left:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    poll(lambda: not living_descendants(), 10.0, interval=0.1)
+    left = living_descendants()
+    kill_and_reap(left)
     assert not left, f"processes left behind: {[(c.pid, c.cmdline()) for c in left]}"
