@@ -39,7 +39,7 @@ from .xla_devices import ProcessRanks, ranks_for
 
 INSTALL_HINT = (
     "pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version: install it into an environment"
-    " built for it, e.g. a fresh venv where pip may install the torch that torch-xla asks for)"
+    " built for it, e.g. a fresh venv with pip install torch==2.9.0 torch-xla==2.9.0; scripts/xla_env.sh builds one)"
 )
 #: the precisions XLA runs: bf16 autocast or whole-model half dtypes (no float16 loss scaling on XLA)
 XLA_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
