@@ -48,7 +48,9 @@ def start_xla_ranks(strategy: Any, function: Callable[..., Any], args: tuple = (
             failure = _read_failure(folder)
             if failure is not None:
                 rank, described = failure
-                raise rebuild_exception({rank: described}, [rank]) from None
+                error = rebuild_exception({rank: described}, [rank])  # its cause: the rank's traceback
+                error.__suppress_context__ = True  # not the process pool's own error
+                raise error
             raise RankDiedError(
                 "The XLA ranks' process ended without an exception: a signal, os._exit, or XLA itself. On XLA's CPU"
                 " device XLA aborts when the ranks' graphs differ at a collective: a value that differs by rank must"
