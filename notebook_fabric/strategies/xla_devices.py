@@ -43,7 +43,8 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
 Known and not solved (measured 2026-12-02, torch 2.9.0 / torch_xla 2.9.0, 2 cores): runs on two
 devices that complete give exact values (collectives, a data-parallel step equal to the full-batch
 step, bf16), but some runs end with XLA aborting an all-reduce that only one device joined within
-its 10 s (``RankDiedError`` saying so), about 1 in 3 on a loaded machine, more often for FSDP.
+its 10 s (``RankDiedError`` saying so): single collectives mostly pass, training steps mostly
+abort (the last full run: collectives 2 of 2, training 0 of 5; earlier, the data-parallel step passed).
 Making one rank thread run at a time made it worse (every run), which suggests that XLA's CPU
 client sometimes runs a small graph inline in the thread that dispatches it, so ordinal 0 can block
 inside its own ``sync`` (holding its turn) until a peer that is not allowed to dispatch yet joins.

@@ -20,8 +20,8 @@ from xla_models import LR, STEPS, build_model, eager_training, initial_state, sh
 
 #: Known and not yet understood (see strategies/xla_devices.py): in some runs on two XLA:CPU devices one
 #: device waits in a collective that its peer never joins, and XLA aborts the process after 10 s (the
-#: launch raises RankDiedError). Seen in about 1 run in 3 of these tests on a loaded 2-core machine;
-#: when a run completes its values are exact. The fault-path tests below never hit it.
+#: launch raises RankDiedError). Single collectives mostly pass, training steps mostly abort (2-core
+#: machine); when a run completes its values are exact. The fault-path tests below never hit it.
 TWO_THREADS = pytest.mark.xfail(
     strict=False,
     reason="known intermittent on 2 XLA:CPU devices: one device waits in a collective its peer never joins and"
