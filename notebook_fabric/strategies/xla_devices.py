@@ -30,9 +30,9 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
    one thread's token while another thread issues a collective crashed the process (a segfault in
    ``reduce_gradients``). Issuing a collective and syncing hold one lock (:meth:`ThreadRanks.issue`),
    taken only after a thread's turn came, so nobody waits for a turn while holding it.
-8. Once every rank dispatched a graph, each waits for the devices to finish it before recording
-   more (:meth:`ThreadRanks.sync`): recording while a peer's graph runs is one more concurrency
-   the CPU device need not survive, and a CPU test needs no overlap.
+8. Once every rank dispatched a graph, each waits for its own device to finish it before recording
+   more (:meth:`ThreadRanks.sync`): a CPU test needs no overlap. Only its own device: a peer may
+   already have dispatched its next graph, whose collective waits for this rank.
 9. ``xm.all_reduce`` on a list of tensors (the in-place form that ``xm.reduce_gradients`` and
    ``xm.collective_broadcast`` use) crashed the process (a segfault in ``_xla_all_reduce_inplace``)
    in most data-parallel steps; one functional all-reduce per tensor ran 4 of 4 and every test
@@ -40,16 +40,15 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
 6. Debug mode's checks travel through a board in memory (:class:`ThreadBoard`), each thread has its
    own tracer chain, and a rank that ends leaves the board, so a peer's check says so at once.
 
-Known and not solved (measured 2026-12-02, torch 2.9.0 / torch_xla 2.9.0, 2 cores): runs on two
-devices that complete give exact values (collectives, a data-parallel step equal to the full-batch
-step, bf16), but some runs end with XLA aborting an all-reduce that only one device joined within
-its 10 s (``RankDiedError`` saying so): single collectives mostly pass, training steps mostly
-abort (the last full run: collectives 2 of 2, training 0 of 5; earlier, the data-parallel step passed).
-Making one rank thread run at a time made it worse (every run), which suggests that XLA's CPU
-client sometimes runs a small graph inline in the thread that dispatches it, so ordinal 0 can block
-inside its own ``sync`` (holding its turn) until a peer that is not allowed to dispatch yet joins.
-One device (``single_xla``, ``xla_fsdp`` with devices=1), debug mode's checks, failures and the
-abort itself are reliable. The tests on two devices are marked as known-intermittent.
+Known and not solved (measured 2026-12-02, torch 2.9.0 / torch_xla 2.9.0, 2 cores): on two
+devices the collectives, a data-parallel step and bf16-mixed pass; bf16-true and ``xla_fsdp`` end
+with XLA aborting an all-reduce that only one device joined within its 10 s (``RankDiedError``
+saying so). Three causes of such aborts were found and fixed on the way: the in-place list
+all-reduce (point 9), a forked ranks' process inheriting this process's autograd engine (the
+launcher spawns), and waiting for every device after a sync (a peer's next graph waits for us:
+point 8 waits for this rank's device only). Making one rank thread run at a time made every run
+abort: XLA's CPU client may run a graph inline in the dispatching thread, so a rank must never
+hold anything a peer needs while it syncs.
 """
 from __future__ import annotations
 
@@ -184,11 +183,12 @@ class ThreadRanks(ProcessRanks):
                 torch_xla.sync()  # compiles (ordinal 0) or hits the cache (the others), then dispatches
         finally:
             turns.done(rank)
-        # point 8: once every rank dispatched this graph, let it run to the end before recording more
+        # point 8: once every rank dispatched this graph, let it run to the end on this rank's device
+        # (this device only: a peer may already have dispatched its next graph, which waits for us)
         turns.wait_for_round(rank)
         import torch_xla.core.xla_model as xm
 
-        xm.wait_device_ops()
+        xm.wait_device_ops(xm.xla_real_devices([str(torch_xla.device())]))
 
     def settle(self) -> None:
         self.sync()
