@@ -49,6 +49,14 @@ class PoolSettings:
             raise ValueError(f"--num-nodes {settings.num_nodes} needs hosts from a cluster: add --cluster slurm")
         if settings.partition is not None and settings.cluster is None:
             raise ValueError("--partition is a Slurm option: add --cluster slurm")
+        if _ranks_from_torch_xla(settings.strategy):
+            raise ValueError(
+                f"--strategy {settings.strategy}: %%fabric runs cells on a pool of rank processes it starts and keeps,"
+                " but XLA's ranks are started by torch_xla for one function at a time (one process per TPU chip; on"
+                " XLA's CPU device, threads of one process). Run it with launch(train, strategy="
+                f"{settings.strategy!r}, devices=N) or Fabric(strategy={settings.strategy!r}).launch(train) in a cell;"
+                " %%fabric --devices 1 --strategy single_xla runs cells on one XLA device."
+            )
         return settings
 
     def changes_from(self, old: "PoolSettings") -> List[str]:
@@ -72,6 +80,14 @@ class PoolSettings:
 
 
 _FIELD_NAMES = {f.name for f in fields(PoolSettings)}
+
+
+def _ranks_from_torch_xla(strategy: str) -> bool:
+    """Whether ``strategy`` names a strategy whose ranks only torch_xla's launcher can start."""
+    from notebook_fabric.strategies import STRATEGY_REGISTRY
+
+    cls = STRATEGY_REGISTRY.get(strategy) if strategy in STRATEGY_REGISTRY else None
+    return getattr(cls, "start_method", None) == "xla"
 
 
 def parse_ranks(text: Optional[str], world_size: int) -> Optional[List[int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional, Union
 
-from .accelerators import ACCELERATOR_CHOICES, Accelerator, CUDAAccelerator, resolve_accelerator
+from .accelerators import ACCELERATOR_CHOICES, Accelerator, CUDAAccelerator, XLAAccelerator, resolve_accelerator
 from .cli_settings import apply_cli_settings
 from .environments import ClusterEnvironment, detect_environment
 from .precision import Precision, resolve_precision
@@ -88,6 +88,8 @@ class Connector:
             )
         if isinstance(strategy, str) and strategy in ("dp",) and accelerator == "auto" and CUDAAccelerator.is_available():
             return CUDAAccelerator()
+        if accelerator == "auto" and _runs_on_xla(strategy):  # XLA strategies bring their device family
+            return XLAAccelerator()
         return resolve_accelerator(accelerator)
 
     # ----- strategy ------------------------------------------------------------------------------
@@ -185,3 +187,13 @@ def _sort_plugins(plugins: Any) -> tuple[Optional[Precision], Optional[ClusterEn
 
 def _apply_command_line(given: dict[str, Any]) -> dict[str, Any]:
     return apply_cli_settings(given, DEFAULTS)
+
+
+def _runs_on_xla(strategy: Any) -> bool:
+    """Whether ``strategy`` (a registry name or an instance) is one of the XLA strategies."""
+    from .strategies.xla import SingleDeviceXLAStrategy, XLAStrategy
+
+    if isinstance(strategy, str):
+        strategy = STRATEGY_REGISTRY.get(strategy) if strategy in STRATEGY_REGISTRY else None
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    return issubclass(cls, (XLAStrategy, SingleDeviceXLAStrategy))

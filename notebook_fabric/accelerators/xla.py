@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -11,6 +12,9 @@ from .base import Accelerator, parse_count_or_indices
 
 def xla_available() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
+
+#: virtual devices torch_xla's CPU device may be asked for (each rank is a thread)
+XLA_CPU_MAX_DEVICES = 64
 
 
 class XLAAccelerator(Accelerator):
@@ -24,6 +28,12 @@ class XLAAccelerator(Accelerator):
                 "accelerator='tpu' needs torch_xla, which is not installed:"
                 " pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version)."
             )
+        if _on_xla_cpu():
+            # torch_xla's CPU device has as many virtual devices as asked for (CPU_NUM_DEVICES, set by the
+            # launcher): "auto" is what the environment says, else one
+            if devices in ("auto", -1, "-1"):
+                devices = int(os.environ.get("CPU_NUM_DEVICES") or 1)
+            return parse_count_or_indices(devices, XLA_CPU_MAX_DEVICES, "XLA:CPU")
         available = XLAAccelerator.auto_device_count()
         if devices == "auto":
             devices = -1
@@ -31,10 +41,7 @@ class XLAAccelerator(Accelerator):
 
     @staticmethod
     def get_parallel_devices(indices: list[int]) -> list[torch.device]:
-        import torch_xla.core.xla_model as xm
-
-        if len(indices) == 1:
-            return [xm.xla_device()]
+        # named, not asked of torch_xla: asking would start its runtime here, where xmp.spawn then refuses
         return [torch.device("xla", i) for i in indices]
 
     @staticmethod
@@ -54,3 +61,15 @@ class XLAAccelerator(Accelerator):
             return XLAAccelerator.auto_device_count() > 0
         except Exception:  # noqa: BLE001 - a broken runtime means "not available"
             return False
+
+
+def _on_xla_cpu() -> bool:
+    """Whether torch_xla runs on its CPU device here (PJRT_DEVICE=CPU, or no TPU for it to find)."""
+    chosen = os.environ.get("PJRT_DEVICE")
+    if chosen:
+        return chosen.upper() == "CPU"
+    try:
+        return XLAAccelerator.auto_device_count() == 0
+    except Exception:  # noqa: BLE001 - no TPU runtime to ask: torch_xla falls back to its CPU device
+        return True
+

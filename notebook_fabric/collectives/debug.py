@@ -9,7 +9,8 @@ so nothing waits forever.
 
 The fingerprints travel over a socket mesh between the ranks when they share a host
 (:mod:`.check_mesh`, ~15 us), else as one gloo all-gather of two integers on a group of its own.
-A barrier on the world is checked by torch's own ``monitored_barrier`` instead (gloo): a rank that
+Ranks that do not talk through torch.distributed (XLA's) say how their fingerprints travel with
+:func:`provide_check_channel` before the checks are enabled. A barrier on the world is checked by torch's own ``monitored_barrier`` instead (gloo): a rank that
 does not arrive within ``NOTEBOOK_FABRIC_DEBUG_BARRIER_TIMEOUT`` seconds (default 60) is named by
 torch, and that finding is raised in the ranks as :class:`BarrierMissedError`, so it reaches the
 notebook with the barrier's place, not only a rank's stderr.
@@ -22,7 +23,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from ..live.ranks import format_ranks
 from .callsite import Place, source_line, user_place
 from .check_mesh import CheckMesh, MeshPeerGone, build_mesh
 from .ops import _all_gather_single
-from .trace import Tracer, get_tracer, set_tracer
+from .trace import Tracer, get_tracer, rank_state, set_tracer
 
 
 class CollectiveMismatchError(RuntimeError):
@@ -106,7 +107,7 @@ class SignatureChecker:
 
     def enter(self, op: str, meta: dict) -> Any:
         self._seq += 1
-        if dist.is_initialized():
+        if self.mesh is not None or dist.is_initialized():
             self._check(op, meta)
         return self.inner.enter(op, meta) if self.inner is not None else None
 
@@ -205,11 +206,27 @@ def enable_signature_checks() -> SignatureChecker:
     current = get_tracer()
     if isinstance(current, SignatureChecker):
         return current
+    channel = rank_state().get(_CHANNEL)
+    if channel is not None:  # this rank's peers are not reached through torch.distributed
+        checker = SignatureChecker(current, None, channel(), barrier_timeout=None)
+        set_tracer(checker)
+        return checker
     group = _check_group()
     mesh = build_mesh(group) if group is not None else None
     checker = SignatureChecker(current, group, mesh, barrier_timeout=_barrier_timeout())
     set_tracer(checker)
     return checker
+
+
+_CHANNEL = "debug.check_channel"
+
+
+def provide_check_channel(factory: Callable[[], Any]) -> None:
+    """For ranks that do not talk through torch.distributed (XLA): ``factory()`` returns this rank's
+    channel to its peers, with :class:`~.check_mesh.CheckMesh`'s ``exchange(frame)`` and
+    ``exchange_objects(obj)`` (raising :class:`~.check_mesh.MeshPeerGone` for a peer that ended).
+    Call it before :func:`enable_signature_checks`; it is built only if debug mode is on."""
+    rank_state()[_CHANNEL] = factory
 
 
 def _barrier_timeout() -> Optional[float]:

@@ -26,9 +26,15 @@ The chain in a rank, outermost (called first) to innermost; each link wraps the 
    collective is recorded once.
 
 A refused or mismatched call never reaches the ledger: it was not issued.
+
+Ranks that are threads of one process (torch_xla on its CPU device) each need a chain of their
+own: :func:`tracers_per_thread` (called once in that process, before the rank threads trace) makes
+``set_tracer``/``get_tracer`` and :func:`rank_state` per thread, and routes the process's calls to
+the calling thread's chain. Processes whose ranks are processes never pay for it.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Protocol
 
@@ -40,17 +46,54 @@ class Tracer(Protocol):
 
 
 _tracer: Optional[Tracer] = None
+_per_thread: Optional[threading.local] = None  # set by tracers_per_thread(): ranks are threads
+_process_state: dict = {}
 
 
 def set_tracer(tracer: Optional[Tracer]) -> Optional[Tracer]:
-    """Install ``tracer`` for this process (``None`` removes it); returns the previous one."""
+    """Install ``tracer`` for this process, or this rank thread (``None`` removes it); returns the previous one."""
     global _tracer
+    if _per_thread is not None:
+        previous = getattr(_per_thread, "tracer", None)
+        _per_thread.tracer = tracer
+        return previous
     previous, _tracer = _tracer, tracer
     return previous
 
 
 def get_tracer() -> Optional[Tracer]:
-    return _tracer
+    return getattr(_per_thread, "tracer", None) if _per_thread is not None else _tracer
+
+
+def rank_state() -> dict:
+    """Values a rank keeps beside its tracer (e.g. debug mode's check channel): per thread where
+    ranks are threads, else one dict for the process."""
+    if _per_thread is None:
+        return _process_state
+    if not hasattr(_per_thread, "state"):
+        _per_thread.state = {}
+    return _per_thread.state
+
+
+def tracers_per_thread() -> None:
+    """From now on each thread of this process is a rank with its own tracer chain (idempotent)."""
+    global _per_thread, _tracer
+    if _per_thread is None:
+        _per_thread = threading.local()
+        _tracer = _ThreadRouter()
+
+
+class _ThreadRouter:
+    """The process's tracer while ranks are threads: hands each call to the calling thread's chain."""
+
+    def enter(self, op: str, meta: dict) -> Any:
+        tracer = getattr(_per_thread, "tracer", None)
+        return (tracer, tracer.enter(op, meta) if tracer is not None else None)
+
+    def exit(self, token: Any, error: Optional[BaseException]) -> None:
+        tracer, inner = token
+        if tracer is not None:
+            tracer.exit(inner, error)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ first checks that it is installed.
 
 XLA ranks are started by torch_xla's own launcher (``xmp.spawn``): these strategies declare
 ``start_method = "xla"`` and :mod:`notebook_fabric.launching.xla_ranks` runs a function on every rank.
+On a TPU that is one process per chip; on torch_xla's CPU device, threads of one process. What the
+CPU device needs beyond a TPU lives in :mod:`.xla_devices` (``self._ranks``), nowhere else.
 Gradients are all-reduced in the optimizer step (``xm.reduce_gradients``), as torch_xla does, and
 ``mark_step()`` cuts the lazy graph (call it once per training step when you do not iterate a
 dataloader set up by Fabric).
@@ -33,10 +35,11 @@ from ..precision import Precision
 from ..utilities.apply import tensors_to_cpu
 from .parallel import ParallelStrategy
 from .single_device import SingleDeviceStrategy
+from .xla_devices import ProcessRanks, ranks_for
 
 INSTALL_HINT = (
     "pip install 'notebook-fabric[xla]' (torch-xla pins its own torch version: install it into an environment"
-    " built for it, e.g. a fresh venv where pip may install the torch that torch-xla asks for)"
+    " built for it, e.g. a fresh venv with pip install torch==2.9.0 torch-xla==2.9.0; scripts/xla_env.sh builds one)"
 )
 #: the precisions XLA runs: bf16 autocast or whole-model half dtypes (no float16 loss scaling on XLA)
 XLA_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
@@ -83,6 +86,27 @@ def mark_step() -> None:
         sync()
     else:
         _xm().mark_step()
+
+
+def move_to_xla(module: nn.Module, device: torch.device) -> dict[int, Tensor]:
+    """``module.to(device)``, returning ``{id(parameter before): parameter after}``.
+
+    Moving from the CPU to an XLA device replaces each parameter with a new one (the two tensor
+    types cannot share a shallow copy), so an optimizer built before the move holds the CPU ones."""
+    before = list(module.parameters())
+    module.to(device)
+    return {id(old): new for old, new in zip(before, module.parameters()) if old is not new}
+
+
+def relink_optimizer(optimizer: Optimizer, moved: dict[int, Tensor]) -> Optimizer:
+    """Point ``optimizer``'s parameter groups (and state) at the parameters :func:`move_to_xla` made."""
+    if moved:
+        for group in optimizer.param_groups:
+            group["params"] = [moved.get(id(p), p) for p in group["params"]]
+        for old_id, new in moved.items():
+            for key in [k for k in optimizer.state if id(k) == old_id]:
+                optimizer.state[new] = optimizer.state.pop(key)
+    return optimizer
 
 
 def _traced(op: str, meta: Callable[[], dict], call: Callable[[], Any]) -> Any:
@@ -140,7 +164,8 @@ class XLAEnvironment(ClusterEnvironment):
 
 
 class XLAStrategy(ParallelStrategy):
-    """Data parallel over XLA devices (TPU cores): one process per device, started by ``xmp.spawn``.
+    """Data parallel over XLA devices, started by ``xmp.spawn``: one process per TPU chip, or one
+    thread per device of torch_xla's CPU device (``PJRT_DEVICE=CPU``).
 
     ``sync_module_states`` broadcasts rank 0's parameters at setup; ``debug`` turns on torch_xla's
     debug output (``PT_XLA_DEBUG_LEVEL=2``).
@@ -175,6 +200,23 @@ class XLAStrategy(ParallelStrategy):
         self.debug = debug
         self._launched = False
         self._reduced: set[int] = set()  # optimizers whose gradients were already all-reduced this step
+        self._device_ranks: Optional[ProcessRanks] = None
+
+    @property
+    def _ranks(self) -> ProcessRanks:
+        """How the ranks run on this device kind (threads on XLA:CPU: see :mod:`.xla_devices`)."""
+        if self._device_ranks is None:
+            self._device_ranks = ranks_for()
+        return self._device_ranks
+
+    def launch_environment(self) -> dict[str, str]:
+        """Variables the launcher sets before torch_xla starts this strategy's ranks."""
+        return self._ranks.launch_environment(self.num_processes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_device_ranks"] = None  # a process-wide object: each rank looks its own up
+        return state
 
     # ----- the job's shape (the runtime's numbers once the ranks run) -----------------------------
     def adapt_precision(self, precision: Precision) -> Precision:
@@ -216,16 +258,15 @@ class XLAStrategy(ParallelStrategy):
         return self._launched and self.world_size > 1
 
     def setup_environment(self) -> None:
-        if self.num_processes == 1:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not run on a single device under the PJRT runtime:"
-                " use all devices, or strategy='single_xla'"
-            )
         if self.debug:
             os.environ.setdefault("PT_XLA_DEBUG_LEVEL", "2")
         self._launched = True
         if self.accelerator is not None:
             self.accelerator.setup_device(self.root_device)
+        from ..collectives.debug import provide_check_channel
+
+        rank, world_size = self.global_rank, self.world_size
+        provide_check_channel(lambda: self._ranks.check_channel(rank, world_size))  # used by debug=True only
 
     def teardown(self) -> None:
         self._launched = False
@@ -233,15 +274,31 @@ class XLAStrategy(ParallelStrategy):
 
     # ----- models and optimizers -----------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
-        if self.sync_module_states and self.distributed:
-            _xm().broadcast_master_param(module)
+        self._broadcast_initial_states(module)
         return module
 
+    def _broadcast_initial_states(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (with ``sync_module_states``, and always where
+        the ranks share one random generator and so did not build the same model)."""
+        if (self.sync_module_states or self._ranks.broadcast_initial_states) and self.distributed:
+            tensors = [*module.parameters(), *module.buffers()]
+            _traced("broadcast", lambda: {"group_size": self.world_size, "shapes": [tuple(t.shape) for t in tensors],
+                                          "dtypes": [str(t.dtype) for t in tensors], "src": 0},
+                    lambda: self._ranks.broadcast_(tensors, 0))  # fmt: skip
+            self._ranks.sync()
+
     def module_to_device(self, module: nn.Module) -> None:
-        module.to(self.root_device)
+        self._moved = move_to_xla(module, self.root_device)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return relink_optimizer(optimizer, getattr(self, "_moved", {}))
 
     def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
         return nullcontext()  # gradients are reduced in optimizer_step, never during backward
+
+    def backward(self, tensor: Tensor, module: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
+        super().backward(tensor, module, *args, **kwargs)
+        self._ranks.settle()
 
     def reduce_gradients(self, optimizer: Optimizer) -> None:
         """All-reduce (average) the gradients of ``optimizer``'s parameters, once per step."""
@@ -249,13 +306,16 @@ class XLAStrategy(ParallelStrategy):
         if id(optimizer) in self._reduced or not self.distributed:
             return
         _traced("reduce_gradients", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": []},
-                lambda: _xm().reduce_gradients(optimizer))  # fmt: skip
+                lambda: self._ranks.reduce_gradients(optimizer, self.world_size))  # fmt: skip
+        self._ranks.settle()
         self._reduced.add(id(optimizer))
 
     def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
         self.reduce_gradients(optimizer)
         self._reduced.discard(id(checkpoint_state.unwrap_optimizer(optimizer)))
-        return self.precision.optimizer_step(optimizer, **kwargs)
+        result = self.precision.optimizer_step(optimizer, **kwargs)
+        self._ranks.settle()
+        return result
 
     def clip_gradients_norm(self, module: nn.Module, optimizer: Optimizer, max_norm: Union[float, int],
                             norm_type: Union[float, int, str] = 2.0, error_if_nonfinite: bool = True) -> Tensor:  # fmt: skip
@@ -268,7 +328,7 @@ class XLAStrategy(ParallelStrategy):
 
     def mark_step(self) -> None:
         """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
-        mark_step()
+        self._ranks.sync()
 
     # ----- collectives ---------------------------------------------------------------------------
     def reduce(self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Tensor:
@@ -276,33 +336,38 @@ class XLAStrategy(ParallelStrategy):
         if not self.distributed:
             return tensor
         _no_groups(group)
-        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        tensor = self._ranks.collective_input(tensor, self.root_device)
         result = _traced("all_reduce", _tensor_meta(tensor, self.world_size, reduce_op=reduce_type),
-                         lambda: _xm().all_reduce(reduce_type, tensor))  # fmt: skip
+                         lambda: self._ranks.issue(_xm().all_reduce, reduce_type, tensor, pin_layout=self._ranks.pin_layout))  # fmt: skip
+        self._ranks.settle()
         return result / self.world_size if divide else result
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
         if not self.distributed:
             return tensor  # one process: no dimension added (Lightning's contract)
         _no_groups(group)
-        tensor = tensor if tensor.device.type == "xla" else tensor.to(self.root_device)
+        tensor = self._ranks.collective_input(tensor, self.root_device)
         stacked = tensor.unsqueeze(0)
         if sync_grads:
             import torch_xla.core.functions as xf
 
-            gather = functools.partial(xf.all_gather, stacked, dim=0)
+            gather = functools.partial(self._ranks.issue, xf.all_gather, stacked, dim=0)
         else:
-            gather = functools.partial(_xm().all_gather, stacked.detach(), dim=0)
-        return _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
+            gather = functools.partial(self._ranks.issue, _xm().all_gather, stacked.detach(), dim=0,
+                                       pin_layout=self._ranks.pin_layout)
+        result = _traced("all_gather", _tensor_meta(tensor, self.world_size), gather)
+        self._ranks.settle()
+        return result
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not self.distributed:
             return obj
         xm = _xm()
         if isinstance(obj, Tensor):
-            tensor = (obj if obj.device.type == "xla" else obj.to(self.root_device)).clone()
+            tensor = self._ranks.collective_input(obj, self.root_device).clone()
             _traced("broadcast", _tensor_meta(tensor, self.world_size, src=src),
-                    lambda: xm.collective_broadcast([tensor], root_ordinal=src))  # fmt: skip
+                    lambda: self._ranks.broadcast_([tensor], src))  # fmt: skip
+            self._ranks.settle()
             return tensor
         # any picklable object: its length first, then its bytes (every rank must build the same graph)
         payload = pickle.dumps(obj) if self.global_rank == src else b""
@@ -317,12 +382,20 @@ class XLAStrategy(ParallelStrategy):
         if self.distributed:
             tag = name or "barrier"
             _traced("barrier", lambda: {"group_size": self.world_size, "shapes": [], "dtypes": [], "name": tag},
-                    lambda: _xm().rendezvous(tag))  # fmt: skip
+                    lambda: self._barrier())  # fmt: skip
+
+    def _barrier(self) -> None:
+        """Every rank's pending work dispatched, then a one-element all-reduce that every rank must join
+        (torch_xla's ``rendezvous`` syncs the graph in each rank at once, which XLA:CPU cannot take)."""
+        self._ranks.sync()
+        token = self._ranks.issue(_xm().all_reduce, "sum", torch.ones(1).to(self.root_device), pin_layout=self._ranks.pin_layout)
+        self._ranks.sync()
+        token.cpu()
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if not self.distributed:
             return decision
-        total = self.reduce(torch.tensor(int(decision), device=self.root_device), reduce_op="sum")
+        total = self.reduce(torch.tensor([int(decision)], dtype=torch.int32), reduce_op="sum")  # data, not a constant
         return bool(total == self.world_size) if all else bool(total > 0)
 
     # ----- checkpoints ---------------------------------------------------------------------------
@@ -331,7 +404,7 @@ class XLAStrategy(ParallelStrategy):
         """Rank 0 writes ``state`` (moved to the CPU) atomically; every rank waits for it."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
-        mark_step()  # materialise what the state depends on, on every rank alike
+        self._ranks.sync()  # materialise what the state depends on, on every rank alike
         if self.is_global_zero:
             payload = tensors_to_cpu(checkpoint_state.to_saveable(self, state, filter))
             if self.checkpoint_io is not None:
@@ -370,10 +443,10 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
 
     @property
     def root_device(self) -> torch.device:
+        import torch_xla  # registers the XLA backend with torch
+
         if self._root_device is not None and self._root_device.type == "xla":
             return self._root_device
-        import torch_xla
-
         return torch_xla.device()
 
     @root_device.setter
@@ -383,6 +456,12 @@ class SingleDeviceXLAStrategy(SingleDeviceStrategy):
     def mark_step(self) -> None:
         """Cut the lazy graph: everything recorded since the last step compiles (once) and runs."""
         mark_step()
+
+    def module_to_device(self, module: nn.Module) -> None:
+        self._moved = move_to_xla(module, self.root_device)
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        return relink_optimizer(optimizer, getattr(self, "_moved", {}))
 
     def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
                         filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:  # fmt: skip

@@ -13,7 +13,7 @@ from ..checkpoint import io as checkpoint_io
 from ..checkpoint import state as checkpoint_state
 from ..precision import Precision
 from ..utilities.apply import tensors_to_cpu
-from .xla import XLAStrategy, mark_step, require_xla
+from .xla import XLAStrategy, require_xla
 
 FSDP_STATE_DICT_TYPES = ("sharded", "full")
 
@@ -69,6 +69,7 @@ class XLAFSDPStrategy(XLAStrategy):
         from torch_xla.distributed.fsdp import XlaFullyShardedDataParallel as XLAFSDP
 
         kwargs = dict(self._fsdp_kwargs)
+        kwargs.setdefault("pin_layout_in_collective_ops", self._ranks.pin_layout)
         policy = self.auto_wrap_policy
         if isinstance(policy, set):
             from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -87,6 +88,7 @@ class XLAFSDPStrategy(XLAStrategy):
             kwargs.setdefault("auto_wrapper_callable", wrap)
         if isinstance(module, XLAFSDP):
             return module
+        self._broadcast_initial_states(module)
         return XLAFSDP(module=module, **kwargs)
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -101,7 +103,7 @@ class XLAFSDPStrategy(XLAStrategy):
     def optimizer_step(self, optimizer: Optimizer, **kwargs: Any) -> Any:
         """FSDP already reduced the gradients in backward: step, then cut the graph (as torch_xla's FSDP expects)."""
         result = self.precision.optimizer_step(optimizer, **kwargs)
-        mark_step()
+        self._ranks.sync()
         return result
 
     def backward_sync(self, module: nn.Module, enabled: bool) -> Optional[ContextManager]:
@@ -130,7 +132,7 @@ class XLAFSDPStrategy(XLAStrategy):
         writes the consolidated model to ``<path>/full.pth``."""
         if storage_options is not None:
             raise TypeError("XLAFSDPStrategy.save_checkpoint takes no storage_options")
-        mark_step()
+        self._ranks.sync()
         key, fsdp = _sharded_module(state)
         rest = checkpoint_state.to_saveable(self, {k: v for k, v in state.items() if k != key}, filter)
         shard = {"model": fsdp.state_dict(), "shard_metadata": fsdp.get_shard_metadata(), "model_key": key,
