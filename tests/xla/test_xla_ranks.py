@@ -91,6 +91,7 @@ def data_parallel(fabric: Any, initial: Dict[str, torch.Tensor]) -> Dict[str, An
             "every_rank": fabric.all_gather(flat).cpu()}  # fmt: skip
 
 
+@TWO_THREADS  # passed alone 3 of 3 and in 2 full runs, failed once in a full run after the merge (the same abort)
 def test_data_parallel_step_equals_the_full_batch_step() -> None:
     initial = initial_state()
     result = launch(data_parallel, initial, strategy="xla", devices=2)
