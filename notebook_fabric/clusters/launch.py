@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Sequence
 
 from ..launching.options import LaunchOptions
 from ..launching.preflight import check_picklable
