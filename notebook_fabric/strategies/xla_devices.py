@@ -37,18 +37,27 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
    ``xm.collective_broadcast`` use) crashed the process (a segfault in ``_xla_all_reduce_inplace``)
    in most data-parallel steps; one functional all-reduce per tensor ran 4 of 4 and every test
    since. So the gradients and broadcasts go one tensor at a time here.
+10. ``torch_xla.sync()`` ends by dropping the device's collective token. When that token held the
+   last reference to a buffer the just-dispatched graph reads, dropping it waits (holding the GIL)
+   until that graph has run, and a graph with a collective runs only once every peer dispatched it:
+   but the peers wait for this rank's turn to end. That deadlock was the intermittent abort of
+   bf16-true, ``xla_fsdp`` and the data-parallel step (one device in an all-gather its peer never
+   joined; py-spy showed rank 0 in ``_set_all_reduce_token`` -> ``PjRtBuffer::Delete`` and rank 1
+   waiting for its turn). So :meth:`ThreadRanks.sync` keeps its own reference to the token until
+   this rank's graph has run, and releases it only then.
 6. Debug mode's checks travel through a board in memory (:class:`ThreadBoard`), each thread has its
    own tracer chain, and a rank that ends leaves the board, so a peer's check says so at once.
 
-Known and not solved (measured 2026-12-02, torch 2.9.0 / torch_xla 2.9.0, 2 cores): on two
-devices the collectives, a data-parallel step and bf16-mixed pass; bf16-true and ``xla_fsdp`` end
-with XLA aborting an all-reduce that only one device joined within its 10 s (``RankDiedError``
-saying so). Three causes of such aborts were found and fixed on the way: the in-place list
-all-reduce (point 9), a forked ranks' process inheriting this process's autograd engine (the
-launcher spawns), and waiting for every device after a sync (a peer's next graph waits for us:
-point 8 waits for this rank's device only). Making one rank thread run at a time made every run
-abort: XLA's CPU client may run a graph inline in the dispatching thread, so a rank must never
-hold anything a peer needs while it syncs.
+Known and not solved (measured 2026-12-03, torch 2.9.0 / torch_xla 2.9.0, 2 cores): on two devices
+the collectives, a data-parallel step, bf16-true and bf16-mixed pass (3 of 3 full runs after points
+2 and 10, which ended the intermittent aborts); ``xla_fsdp`` on two devices now runs to the end, but
+its losses after the first step differ from the full-batch eager losses (cause not found). Aborts
+found and fixed on the way: the in-place list all-reduce (point 9), a forked ranks' process
+inheriting this process's autograd engine (the launcher spawns), waiting for every device after a
+sync (point 8), reading back a value whose graph holds a collective (point 2, ``collective_input``)
+and the dropped collective token (point 10). Making one rank thread run at a time made every run
+abort: XLA's CPU client may run a graph inline in the dispatching thread, so a rank must never hold
+anything a peer needs while it syncs.
 """
 from __future__ import annotations
 
@@ -177,9 +186,12 @@ class ThreadRanks(ProcessRanks):
                 torch_xla.sync()
             return
         rank = int(xr.global_ordinal())
+        device = str(torch_xla.device())
         turns.wait_for(rank)
         try:
             with self._xla_lock:
+                # point 10: the token sync() drops stays alive here until this rank's graph has run
+                dropped_token = torch_xla._XLAC._get_all_reduce_token(device)
                 torch_xla.sync()  # compiles (ordinal 0) or hits the cache (the others), then dispatches
         finally:
             turns.done(rank)
@@ -188,7 +200,8 @@ class ThreadRanks(ProcessRanks):
         turns.wait_for_round(rank)
         import torch_xla.core.xla_model as xm
 
-        xm.wait_device_ops(xm.xla_real_devices([str(torch_xla.device())]))
+        xm.wait_device_ops(xm.xla_real_devices([device]))
+        del dropped_token  # its buffers are idle now: releasing them no longer waits
 
     def settle(self) -> None:
         self.sync()
@@ -223,12 +236,15 @@ class ThreadRanks(ProcessRanks):
                 tensor.copy_(xm.all_reduce("sum", tensor * factor, pin_layout=False))
 
     def collective_input(self, tensor: Any, device: Any) -> Any:
-        tensor = super().collective_input(tensor, device)
         if tensor.dim() == 0 and not tensor.requires_grad:
             # point 1: XLA lowers a 0-dim tensor holding 0 or 1 as a constant, so ranks holding 0 and 1
             # compile different graphs; a reshaped 1-element tensor stays a parameter
+            if tensor.device.type == "xla":
+                # point 2: reading it back is an implicit sync, and its graph may hold collectives
+                # (FSDP's forward gathers): run that graph in turns first, then only data moves
+                self.sync()
             tensor = tensor.cpu().reshape(1).to(device).reshape(())
-        return tensor
+        return super().collective_input(tensor, device)
 
     def check_channel(self, rank: int, world_size: int) -> Any:
         if self._board is None:

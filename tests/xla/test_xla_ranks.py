@@ -18,13 +18,13 @@ from notebook_fabric.launching.errors import RankDiedError  # noqa: E402
 from xla_models import LR, STEPS, build_model, eager_training, initial_state, shard  # noqa: E402
 
 
-#: Known and not yet understood (see strategies/xla_devices.py): bf16-true and FSDP on two XLA:CPU
-#: devices end, in the runs measured, with one device waiting in a collective its peer never joins, and
-#: XLA aborting the process after 10 s (the launch raises RankDiedError saying so).
-TWO_THREADS = pytest.mark.xfail(
+#: Known and not solved (see strategies/xla_devices.py): xla_fsdp on two XLA:CPU devices runs to the end
+#: since the collective-token fix, but its losses after the first step do not match the full-batch eager
+#: losses (one device's and two devices' FSDP differ; the data-parallel step on two devices matches).
+FSDP_TWO_DEVICES = pytest.mark.xfail(
     strict=False,
-    reason="known intermittent on 2 XLA:CPU devices: one device waits in a collective its peer never joins and"
-           " XLA aborts after 10 s (RankDiedError); exact values whenever the run completes",
+    reason="xla_fsdp on 2 XLA:CPU devices: the losses after the first optimizer step differ from the full-batch"
+           " eager losses (e.g. 3.59 where 2.53 is expected); cause not found",
 )
 
 
@@ -91,7 +91,6 @@ def data_parallel(fabric: Any, initial: Dict[str, torch.Tensor]) -> Dict[str, An
             "every_rank": fabric.all_gather(flat).cpu()}  # fmt: skip
 
 
-@TWO_THREADS  # passed alone 3 of 3 and in 2 full runs, failed once in a full run after the merge (the same abort)
 def test_data_parallel_step_equals_the_full_batch_step() -> None:
     initial = initial_state()
     result = launch(data_parallel, initial, strategy="xla", devices=2)
@@ -123,8 +122,7 @@ def bf16_training(fabric: Any, initial: Dict[str, torch.Tensor]) -> Dict[str, An
     return {"losses": losses, "output": output_dtype, "parameter": str(next(model.parameters()).dtype)}
 
 
-@pytest.mark.parametrize("precision, parameter", [pytest.param("bf16-true", "torch.bfloat16", marks=TWO_THREADS),
-                                                  ("bf16-mixed", "torch.float32")])
+@pytest.mark.parametrize("precision, parameter", [("bf16-true", "torch.bfloat16"), ("bf16-mixed", "torch.float32")])
 def test_bf16_on_xla(precision: str, parameter: str) -> None:
     initial = initial_state()
     result = launch(bf16_training, initial, strategy="xla", devices=2, precision=precision)
