@@ -246,11 +246,8 @@ class Fabric:
         module = model._forward_module if isinstance(model, _FabricModule) else model
         if module is None and self._models_setup == 1 and self._last_setup_module is not None:
             module = self._last_setup_module()
-        wrappers._in_fabric_backward = True
-        try:
+        with wrappers.in_fabric_backward():
             self._strategy.backward(tensor, module, *args, **kwargs)
-        finally:
-            wrappers._in_fabric_backward = False
 
     def clip_gradients(
         self,

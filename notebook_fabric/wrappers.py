@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+from contextlib import contextmanager
 from types import MethodType
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -17,8 +19,24 @@ _WRAPPER_ATTRIBUTES = ("_forward_module", "_original_module", "_strategy", "_pre
 #: methods that always run through the strategy's wrapped forward (as a LightningModule's steps do in Lightning)
 STEP_METHODS = frozenset({"training_step", "validation_step", "test_step", "predict_step"})
 _MISSING = object()
-#: True while ``fabric.backward()`` runs (a plain ``loss.backward()`` would skip its loss scaling or engine)
-_in_fabric_backward = False
+#: how many ``fabric.backward()`` calls are running (a plain ``loss.backward()`` would skip their loss scaling or
+#: engine). A count, not a flag: XLA:CPU ranks are threads of one process, and one rank's backward ending must
+#: not make a peer's look plain; not thread-local either, as autograd runs a device's hooks on its own thread.
+_fabric_backwards = 0
+_fabric_backwards_lock = threading.Lock()
+
+
+@contextmanager
+def in_fabric_backward() -> Iterator[None]:
+    """Mark the enclosed code as ``fabric.backward()`` (the check of :func:`_refuse_plain_backward` lets it through)."""
+    global _fabric_backwards
+    with _fabric_backwards_lock:
+        _fabric_backwards += 1
+    try:
+        yield
+    finally:
+        with _fabric_backwards_lock:
+            _fabric_backwards -= 1
 _DELEGATED_OPTIMIZER_ATTRIBUTES = ("step", "state_dict", "zero_grad", "param_groups", "state", "defaults")
 
 
@@ -320,7 +338,7 @@ def _refuse_plain_backward(tensor: Tensor) -> Tensor:
 
 
 def _check_in_fabric_backward(gradient: Tensor) -> None:
-    if not _in_fabric_backward:
+    if not _fabric_backwards:
         raise RuntimeError(
             "The current strategy and precision selection requires you to call `fabric.backward(loss)` instead of"
             " `loss.backward()`: it scales the loss (16-mixed) or runs the strategy's own backward (DeepSpeed), which"

@@ -97,3 +97,39 @@ def test_dataloader_wrapper_iterates_the_original_and_passes_attributes_through(
     assert all(b[0].device.type == "cpu" for b in batches)
     assert [b[1].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5]]  # iterates again, like the original
     assert repr(loader).startswith("FabricDataLoader(<torch.utils.data.dataloader.DataLoader")
+
+
+def test_one_threads_fabric_backward_ending_leaves_a_peers_backward_marked() -> None:
+    """XLA:CPU ranks are threads of one process: rank 0's fabric.backward() ending must not make rank
+    1's, still running, look like a plain loss.backward()."""
+    import threading
+
+    from notebook_fabric import wrappers
+
+    weight = torch.ones(3, requires_grad=True)
+    first_inside, first_left = threading.Event(), threading.Event()
+    errors: list = []
+
+    def first_rank() -> None:
+        with wrappers.in_fabric_backward():
+            first_inside.set()
+        first_left.set()
+
+    def second_rank() -> None:
+        try:
+            with wrappers.in_fabric_backward():
+                first_inside.wait(5)
+                first_left.wait(5)  # the peer's backward has ended while this one runs
+                wrappers._refuse_plain_backward((weight * 2).sum()).backward()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=second_rank), threading.Thread(target=first_rank)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    assert weight.grad is not None and torch.equal(weight.grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match=r"call `fabric.backward\(loss\)` instead of"):
+        wrappers._refuse_plain_backward((weight * 2).sum()).backward()

@@ -284,8 +284,7 @@ class XLAStrategy(ParallelStrategy):
             tensors = [*module.parameters(), *module.buffers()]
             _traced("broadcast", lambda: {"group_size": self.world_size, "shapes": [tuple(t.shape) for t in tensors],
                                           "dtypes": [str(t.dtype) for t in tensors], "src": 0},
-                    lambda: self._ranks.broadcast_(tensors, 0))  # fmt: skip
-            self._ranks.sync()
+                    lambda: self._ranks.share_initial_states(tensors, 0))  # fmt: skip
 
     def module_to_device(self, module: nn.Module) -> None:
         self._moved = move_to_xla(module, self.root_device)

@@ -45,19 +45,24 @@ XLA's in-process collectives then need what :class:`ThreadRanks` does, and only 
    joined; py-spy showed rank 0 in ``_set_all_reduce_token`` -> ``PjRtBuffer::Delete`` and rank 1
    waiting for its turn). So :meth:`ThreadRanks.sync` keeps its own reference to the token until
    this rank's graph has run, and releases it only then.
+11. Rank 0's initial parameters reach the other threads through memory (the board of point 6), and
+   each takes a fresh device copy (``tensor.data = ...``): broadcasting them with an XLA collective
+   written in place (``copy_``) before ``xla_fsdp`` sharded them left the two devices training
+   different full parameters from the second step on (torch_xla's FSDP alone, without that
+   broadcast, matched the full-batch eager losses).
 6. Debug mode's checks travel through a board in memory (:class:`ThreadBoard`), each thread has its
    own tracer chain, and a rank that ends leaves the board, so a peer's check says so at once.
 
-Known and not solved (measured 2026-12-03, torch 2.9.0 / torch_xla 2.9.0, 2 cores): on two devices
-the collectives, a data-parallel step, bf16-true and bf16-mixed pass (3 of 3 full runs after points
-2 and 10, which ended the intermittent aborts); ``xla_fsdp`` on two devices now runs to the end, but
-its losses after the first step differ from the full-batch eager losses (cause not found). Aborts
-found and fixed on the way: the in-place list all-reduce (point 9), a forked ranks' process
-inheriting this process's autograd engine (the launcher spawns), waiting for every device after a
-sync (point 8), reading back a value whose graph holds a collective (point 2, ``collective_input``)
-and the dropped collective token (point 10). Making one rank thread run at a time made every run
-abort: XLA's CPU client may run a graph inline in the dispatching thread, so a rank must never hold
-anything a peer needs while it syncs.
+Measured 2026-12-03 (torch 2.9.0 / torch_xla 2.9.0, 2 cores): on two devices the collectives, a
+data-parallel step, bf16-true, bf16-mixed and ``xla_fsdp`` (full and sharded checkpoints) give the
+full-batch eager values (3 of 3 full runs and 3 more of the FSDP tests). The aborts the previous
+round left open were deadlocks, found with py-spy and fixed: reading back a value whose graph holds a
+collective (point 2, ``collective_input``) and the dropped collective token (point 10); FSDP's wrong
+losses came from the in-place broadcast before sharding (point 11). Fixed before that: the in-place
+list all-reduce (point 9), a forked ranks' process inheriting this process's autograd engine (the
+launcher spawns), waiting for every device after a sync (point 8). Making one rank thread run at a
+time made every run abort: XLA's CPU client may run a graph inline in the dispatching thread, so a
+rank must never hold anything a peer needs while it syncs.
 """
 from __future__ import annotations
 
@@ -132,6 +137,11 @@ class ProcessRanks:
         import torch_xla.core.xla_model as xm
 
         self.issue(xm.collective_broadcast, tensors, root_ordinal=src, pin_layout=self.pin_layout)
+
+    def share_initial_states(self, tensors: List[Any], src: int) -> None:
+        """Rank ``src``'s parameter and buffer values in ``tensors`` on every rank (at set-up)."""
+        self.broadcast_(tensors, src)
+        self.sync()
 
     def collective_input(self, tensor: Any, device: Any) -> Any:
         """``tensor`` on the rank's XLA device, as a collective takes it."""
@@ -234,6 +244,23 @@ class ThreadRanks(ProcessRanks):
             for tensor in tensors:
                 factor = torch.tensor([keep], dtype=tensor.dtype).to(tensor.device).reshape(())
                 tensor.copy_(xm.all_reduce("sum", tensor * factor, pin_layout=False))
+
+    def share_initial_states(self, tensors: List[Any], src: int) -> None:
+        # point 11: the threads share memory, so rank src's values travel over the board and the others
+        # take fresh device copies; no XLA collective, and no in-place write into the parameters
+        import torch
+        import torch_xla.runtime as xr
+
+        if self._board is None:
+            raise RuntimeError("ThreadRanks.enter_rank() was not called in this rank")
+        rank = int(xr.global_ordinal())
+        self.sync()  # whatever the values still depend on runs first (in turns)
+        values = [tensor.detach().cpu() for tensor in tensors] if rank == src else None
+        handed = self._board.exchange(rank, values)[src]
+        if rank != src:
+            with torch.no_grad():
+                for tensor, value in zip(tensors, handed):
+                    tensor.data = value.to(tensor.device)
 
     def collective_input(self, tensor: Any, device: Any) -> Any:
         if tensor.dim() == 0 and not tensor.requires_grad:

@@ -18,16 +18,6 @@ from notebook_fabric.launching.errors import RankDiedError  # noqa: E402
 from xla_models import LR, STEPS, build_model, eager_training, initial_state, shard  # noqa: E402
 
 
-#: Known and not solved (see strategies/xla_devices.py): xla_fsdp on two XLA:CPU devices runs to the end
-#: since the collective-token fix, but its losses after the first step do not match the full-batch eager
-#: losses (one device's and two devices' FSDP differ; the data-parallel step on two devices matches).
-FSDP_TWO_DEVICES = pytest.mark.xfail(
-    strict=False,
-    reason="xla_fsdp on 2 XLA:CPU devices: the losses after the first optimizer step differ from the full-batch"
-           " eager losses (e.g. 3.59 where 2.53 is expected); cause not found",
-)
-
-
 def collectives(fabric: Any) -> Dict[str, Any]:
     rank = fabric.global_rank
     x = torch.tensor([1.0, 2.0]) * (rank + 1)
@@ -101,6 +91,22 @@ def test_data_parallel_step_equals_the_full_batch_step() -> None:
         torch.testing.assert_close(result["state"][name], value, atol=1e-5, rtol=1e-5)
     rows = result["every_rank"]
     torch.testing.assert_close(rows[0], rows[1], atol=0, rtol=0)  # both ranks hold the same parameters
+
+
+def randomly_initialised(fabric: Any) -> Dict[str, Any]:
+    # no seed and no shared state: the threads draw from one generator, so each builds different weights
+    model = build_model()
+    built = torch.cat([p.detach().flatten() for p in model.parameters()])
+    model = fabric.setup_module(model)
+    held = torch.cat([p.detach().flatten() for p in model.parameters()]).to(fabric.device)
+    return {"built": fabric.all_gather(built.to(fabric.device)).cpu(), "held": fabric.all_gather(held).cpu()}
+
+
+def test_setup_gives_every_rank_rank_zeros_parameters() -> None:
+    result = launch(randomly_initialised, strategy="xla", devices=2)
+    assert not torch.equal(result["built"][0], result["built"][1])  # the threads built different models
+    torch.testing.assert_close(result["held"][1], result["built"][0], atol=0, rtol=0)  # rank 0's, on rank 1
+    torch.testing.assert_close(result["held"][0], result["built"][0], atol=0, rtol=0)
 
 
 def bf16_training(fabric: Any, initial: Dict[str, torch.Tensor]) -> Dict[str, Any]:

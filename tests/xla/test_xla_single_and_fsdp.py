@@ -17,7 +17,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from notebook_fabric import launch  # noqa: E402
-from test_xla_ranks import FSDP_TWO_DEVICES  # noqa: E402
 from xla_models import LR, STEPS, build_model, eager_training, initial_state, shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +89,7 @@ def fsdp_training(fabric: Any, initial: Dict[str, torch.Tensor], folder: str) ->
     return {"losses": losses, "trained": trained, "loaded": loaded, "rest": rest, "world_size": fabric.world_size}
 
 
-@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=FSDP_TWO_DEVICES)])
+@pytest.mark.parametrize("devices", [1, 2])
 @pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
 def test_xla_fsdp_trains_and_checkpoints(tmp_path: Path, devices: int, state_dict_type: str) -> None:
     from notebook_fabric.strategies.xla_fsdp import XLAFSDPStrategy
