@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 from notebook_fabric import Fabric, launch  # noqa: E402
 from notebook_fabric.collectives.debug import CollectiveMismatchError  # noqa: E402
 from notebook_fabric.launching.errors import RankDiedError  # noqa: E402
-from xla_models import LR, STEPS, build_model, eager_training, initial_state, shard  # noqa: E402
+from xla_models import LR, STEPS, build_model, eager_training, fabric_training_losses, initial_state, shard  # noqa: E402
 
 
 def collectives(fabric: Any) -> Dict[str, Any]:
@@ -68,14 +68,7 @@ def data_parallel(fabric: Any, initial: Dict[str, torch.Tensor]) -> Dict[str, An
         model = build_model()
     model.load_state_dict(initial)
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=LR))
-    x, y = (t.to(fabric.device) for t in shard(fabric.global_rank, fabric.world_size))
-    losses = []
-    for _ in range(STEPS):
-        loss = nn.functional.mse_loss(model(x), y)
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(fabric.all_reduce(loss.detach())))  # equal shards: the mean is the full-batch loss
+    losses = fabric_training_losses(fabric, model, optimizer)
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {"losses": losses, "state": {k: v.cpu() for k, v in model.state_dict().items()},
             "every_rank": fabric.all_gather(flat).cpu()}  # fmt: skip

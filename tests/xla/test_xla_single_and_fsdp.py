@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from notebook_fabric import launch  # noqa: E402
-from xla_models import LR, STEPS, build_model, eager_training, initial_state, shard  # noqa: E402
+from xla_models import LR, STEPS, build_model, eager_training, fabric_training_losses, initial_state, shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,18 +71,12 @@ def fsdp_training(fabric: Any, initial: Dict[str, torch.Tensor], folder: str) ->
     model.load_state_dict(initial)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=LR))
-    x, y = (t.to(fabric.device) for t in shard(fabric.global_rank, fabric.world_size))
-    losses = []
-    for _ in range(STEPS):
-        loss = nn.functional.mse_loss(model(x), y)
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(fabric.all_reduce(loss.detach())))
+    losses = fabric_training_losses(fabric, model, optimizer)
     fabric.save(folder, {"model": model, "optimizer": optimizer, "step": STEPS})
     restored = fabric.setup_module(build_model())
     restored_optimizer = fabric.setup_optimizers(torch.optim.SGD(restored.parameters(), lr=LR))
     rest = fabric.load(folder, {"model": restored, "optimizer": restored_optimizer})
+    x, y = (t.to(fabric.device) for t in shard(fabric.global_rank, fabric.world_size))
     with torch.no_grad():
         trained = float(fabric.all_reduce(nn.functional.mse_loss(model(x), y)))
         loaded = float(fabric.all_reduce(nn.functional.mse_loss(restored(x), y)))

@@ -1,7 +1,7 @@
 """The small model and data the XLA tests train, and the eager CPU reference they compare with."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,3 +47,17 @@ def eager_training(initial: Dict[str, Tensor], steps: int = STEPS) -> Tuple[List
         optimizer.zero_grad()
         losses.append(float(loss))
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fabric_training_losses(fabric: Any, model: nn.Module, optimizer: Any, steps: int = STEPS) -> List[float]:
+    """``steps`` SGD steps of a set-up ``model`` on this rank's shard through ``fabric``; the losses
+    averaged over the ranks (equal shards: the mean is the full-batch loss)."""
+    x, y = (t.to(fabric.device) for t in shard(fabric.global_rank, fabric.world_size))
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(fabric.all_reduce(loss.detach())))
+    return losses
