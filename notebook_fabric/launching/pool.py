@@ -164,10 +164,12 @@ class RankPool:
         self.start_method = method
         setup_payload = None
         if not inherits_memory(method):
-            from notebook_fabric.utilities import by_value
+            from notebook_fabric.utilities import by_value, shared_tensors
 
             self._setup.source_cache = self._new_sources()
-            setup_payload = by_value.dumps(self._setup)
+            # ranks on this machine map the shared memory of SharedTensors boxes; elsewhere they are copied
+            dumps = shared_tensors.dumps if getattr(self.hosts, "shares_memory", False) else by_value.dumps
+            setup_payload = dumps(self._setup)
         self._state = "running"
         _LIVE_POOLS.add(self)
         try:
