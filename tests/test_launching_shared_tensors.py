@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 import pytest
 import torch
 from torch import nn
 
-from support.processes import rank_like_children
+from support.processes import wait_no_children
 from notebook_fabric import Fabric
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,14 +42,19 @@ def shared_memory_descriptors() -> List[str]:
 
 @pytest.fixture
 def nothing_left_behind(clean_environment):
-    """No rank, no new /dev/shm file, and (once the test dropped its tensors) no shared-memory descriptor."""
-    files_before = set(os.listdir("/dev/shm"))
+    """No rank, no new torch file in /dev/shm, and (once the test dropped its tensors) no shared-memory
+    descriptor. (Only torch's files: other processes on this machine create their own there.)"""
+    files_before = torch_shared_memory_files()
     descriptors_before = len(shared_memory_descriptors())
     yield
     gc.collect()
-    assert rank_like_children() == []
-    assert set(os.listdir("/dev/shm")) - files_before == set()
+    assert wait_no_children() == []
+    assert torch_shared_memory_files() - files_before == set()
     assert len(shared_memory_descriptors()) == descriptors_before
+
+
+def torch_shared_memory_files() -> Set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("torch_")}
 
 
 def inspect_and_write(fabric: Fabric, tensor: torch.Tensor, model: TiedModel, data: Dict[str, Any],

@@ -257,7 +257,7 @@ class RankPool:
             kill_all(trees)
 
     def _wait_exits(self, timeout: float) -> bool:
-        if self._supervisor is None:  # start failed before anything watched the ranks
+        if self._supervisor is None or self._supervisor.crash is not None:  # nothing watches the ranks (any more)
             def all_exited() -> bool:
                 for handle in self._handles:
                     if handle.alive:
