@@ -152,7 +152,9 @@ class SharingPickler(FileKeepingPickler):
             return None
         try:
             fd, nbytes = storage._share_fd_cpu_()  # in place: every view of this storage is shared now
-        except RuntimeError:  # mapped another way (from_file, the file_system strategy): copy it
+        except RuntimeError:  # mapped another way (the file_system strategy): copy it
+            return None
+        if fd < 0:  # a mapping without a descriptor (from_file): copy it
             return None
         handle = self._handles.get(storage.data_ptr())
         if handle is None:
