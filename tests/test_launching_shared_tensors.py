@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 from typing import Any, Dict, List, Set
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import script_environment
 from support.processes import wait_no_children
 from notebook_fabric import Fabric
 
@@ -135,3 +138,26 @@ def test_only_the_arguments_are_shared(start_method: str, nothing_left_behind) -
     assert seen == [{"argument": True, "captured": False}] * 2
     assert argument.is_shared() and not captured.is_shared()
     del argument
+
+
+NOT_DUMPABLE = """
+import ctypes, torch
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: other processes may not open our descriptors
+from notebook_fabric import Fabric
+
+def report(fabric, tensor):
+    tensor[fabric.global_rank] = 1.0
+    return tensor.is_shared()
+
+tensor = torch.zeros(2)
+seen = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(report, tensor, return_all=True, dashboard=False)
+print("RESULT", seen, tensor.tolist())
+"""
+
+
+def test_a_process_that_forbids_opening_its_descriptors_sends_copies(tmp_path, nothing_left_behind) -> None:
+    """Where the ranks could not open the launcher's descriptors, the arguments are copied (and the launch works)."""
+    result = subprocess.run([sys.executable, "-c", NOT_DUMPABLE], capture_output=True, text=True, timeout=90,
+                            env=script_environment(str(tmp_path / "marker")))
+    assert result.returncode == 0, result.stderr
+    assert "RESULT [False, False] [0.0, 0.0]" in result.stdout, result.stdout + result.stderr

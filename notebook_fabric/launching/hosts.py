@@ -19,6 +19,7 @@ from .protocol import RankBootstrap, RankSetup
 from .rendezvous import RendezvousStore
 from .starters import RankProcess, start_rank
 from ..live.channel import EventListener
+from ..utilities import shared_tensors
 
 
 class RankHosts(Protocol):
@@ -46,8 +47,9 @@ class RankHosts(Protocol):
 class LocalHosts:
     """Ranks on this machine, started by fork, spawn or forkserver; everything on loopback."""
 
-    #: the ranks can map this process' shared memory (tensor arguments reach them shared, not copied)
-    shares_memory = True
+    #: whether the ranks can map this process' shared memory (tensor arguments reach them shared, not
+    #: copied): on Linux, unless this process forbids others to open its descriptors
+    shares_memory: bool = shared_tensors.processes_here_can_map()
 
     def __init__(self) -> None:
         self._host = socket.gethostname()

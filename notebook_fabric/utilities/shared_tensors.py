@@ -19,7 +19,8 @@ Tensors that stay copies: CUDA and other devices, sparse, quantized, tensor subc
 (``Parameter`` included), non-leaf tensors that require grad, empty storages, conjugate or
 negative views, and storages already mapped another way (a ``from_file`` storage, torch's
 ``file_system`` strategy). A payload pickled with :func:`dumps` must be read on this machine,
-while the tensors it refers to are alive here.
+while the tensors it refers to are alive here, by processes allowed to open this one's descriptors
+(:func:`processes_here_can_map` says whether they are).
 
 Example::
 
@@ -28,17 +29,19 @@ Example::
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import os
 import pickle
+import sys
 from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 
 from .by_value import FileKeepingPickler
 
-__all__ = ["SharedTensors", "dumps"]
+__all__ = ["SharedTensors", "dumps", "processes_here_can_map"]
 
 
 class SharedTensors:
@@ -168,6 +171,22 @@ def dumps(obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
     with io.BytesIO() as buffer:
         SharingPickler(buffer, protocol=protocol).dump(obj)
         return buffer.getvalue()
+
+
+def processes_here_can_map() -> bool:
+    """Whether other processes of this user can open this process' descriptors (``/proc/<pid>/fd``):
+    Linux, and this process dumpable (``prctl(PR_SET_DUMPABLE, 0)``, setuid programs and some
+    sandboxes forbid it). Elsewhere :func:`dumps` must not be used: ranks get copies."""
+    if not sys.platform.startswith("linux") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+_PR_GET_DUMPABLE = 3
 
 
 def _shareable(tensor: torch.Tensor) -> bool:
