@@ -161,3 +161,27 @@ def test_a_process_that_forbids_opening_its_descriptors_sends_copies(tmp_path, n
                             env=script_environment(str(tmp_path / "marker")))
     assert result.returncode == 0, result.stderr
     assert "RESULT [False, False] [0.0, 0.0]" in result.stdout, result.stdout + result.stderr
+
+
+READ_PAYLOAD = "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"
+
+
+def test_a_payload_whose_tensor_was_freed_is_refused_not_misread(tmp_path) -> None:
+    """A reader of a payload whose tensor is gone here gets a clear error, never another file's bytes:
+    the descriptor number, reused by a file opened since, fails the inode check."""
+    from notebook_fabric.utilities.shared_tensors import SharedTensors, dumps
+
+    tensor = torch.arange(4.0)
+    payload = dumps(SharedTensors(tensor))
+    number, _ = tensor.untyped_storage()._share_fd_cpu_()  # the descriptor the payload names
+    del tensor
+    gc.collect()
+    other = os.open(tmp_path / "another-file", os.O_CREAT | os.O_RDWR)
+    os.dup2(other, number)  # another file now has that number
+    try:
+        result = subprocess.run([sys.executable, "-c", READ_PAYLOAD], input=payload, capture_output=True, timeout=60)
+    finally:
+        os.close(number)
+        os.close(other)
+    assert result.returncode != 0
+    assert b"was freed there before this rank opened it" in result.stderr, result.stderr
