@@ -132,9 +132,10 @@ CLASSIFICATION = [
     ("environments/test_lightning.py::test_teardown", "deliberate",
      "LocalEnvironment.teardown leaves WORLD_SIZE to the launcher that set it"),
     ("precision/test_xla.py", "deliberate", "one TruePrecision/MixedPrecision for XLA too (no XLAPrecision class)"),
-    ("test_multiprocessing_integration.py::test_memory_sharing_disabled", "open",
-     "reads `strategy.launcher._start_method` (private); the behaviour it checks for ddp_spawn, tensor arguments"
-     " shared with the ranks instead of copied, is not implemented here"),
+    ("test_multiprocessing_integration.py::test_memory_sharing_disabled", "private API",
+     "reads `strategy.launcher._start_method` (Lightning's private launcher); the behaviour it checks is"
+     " implemented (ddp_spawn: tensor arguments shared, module parameters and buffers copied, tied weights"
+     " tied): with `fabric.strategy.start_method` in its place both cases pass"),
     ("strategies/test_ddp.py::test_ddp_module_state_dict", "private API", "calls DDPStrategy.get_module_state_dict on a raw DDP"),
     ("test_deepspeed.py::test_deepspeed_config_zero_offload", "deliberate",
      "offload settings not given are left to DeepSpeed's defaults instead of spelled out"),

@@ -16,7 +16,8 @@ beside the strategies (``notebook_fabric.strategies.start_methods``)::
 from ..strategies.start_methods import POOL_START_METHODS, START_METHOD_TABLE, StartMethod
 from .api import run_function
 from .errors import (
-    LaunchError, LaunchTimeoutError, PoolClosedError, RankDiedError, RankFailedError, RemoteTraceback, format_ranks,
+    LaunchError, LaunchTimeoutError, PoolClosedError, RankDiedError, RankFailedError, RemoteTraceback,
+    SupervisorCrashedError, format_ranks,
 )
 from .pool import RankPool, RankStatus
 from .preflight import UnpicklableError
@@ -26,5 +27,5 @@ __all__ = [
     "run_function", "LaunchOptions", "RankPool", "RankStatus", "StartMethod", "START_METHOD_TABLE",
     "POOL_START_METHODS",
     "LaunchError", "LaunchTimeoutError", "PoolClosedError", "RankDiedError", "RankFailedError",
-    "RemoteTraceback", "UnpicklableError", "format_ranks",
+    "RemoteTraceback", "SupervisorCrashedError", "UnpicklableError", "format_ranks",
 ]

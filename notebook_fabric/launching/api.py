@@ -3,7 +3,9 @@
 
 It is a :class:`~.pool.RankPool` started, given one task, and stopped: the same supervision
 as the ``%%fabric`` magic. Everything that can be checked is checked before a rank starts
-(start method, CUDA and fork, picklability under spawn/forkserver).
+(start method, CUDA and fork, picklability under spawn/forkserver). Under spawn and forkserver the
+arguments' CPU tensors reach ranks on this machine in shared memory, the parameters and buffers of
+modules among them as copies (:mod:`notebook_fabric.utilities.shared_tensors`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ..live.sinks import EventSink, TextSink
 from ..collectives.ledger_view import remember as remember_ledgers
 from ..live.stall import StallWatchdog, StallWatchdogSink
 from ..strategies.start_methods import inherits_memory
+from ..utilities.shared_tensors import SharedTensors
 from .options import LaunchOptions
 from .pool import RankPool
 from .preflight import check_picklable, resolve_start_method
@@ -62,7 +65,7 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
     if not inherits_memory(method):  # fork inherits everything; the others pickle it: say what fails, before starting
         check_picklable(_shipped_items(fabric_kwargs, fn, args, kwargs), method)
     pool = RankPool(fabric_kwargs, num_processes, make_fabric=make_fabric, start_method=method, sink=sink,
-                    namespace={_LAUNCHED: (fn, args, kwargs)}, log_dir=options.log_dir,
+                    namespace={_LAUNCHED: (fn, SharedTensors((args, kwargs)))}, log_dir=options.log_dir,
                     trace_collectives=trace_collectives, hosts=hosts)
     timeout = options.timeout
     try:
@@ -78,7 +81,8 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
 
 
 def _call_launched_function(fabric: Any, namespace: Dict[str, Any]) -> Any:
-    fn, args, kwargs = namespace[_LAUNCHED]
+    fn, arguments = namespace[_LAUNCHED]
+    args, kwargs = arguments.value
     return fn(fabric, *args, **kwargs)
 
 

@@ -72,6 +72,17 @@ class LaunchTimeoutError(LaunchError, TimeoutError):
         self.not_joined = list(not_joined)
 
 
+class SupervisorCrashedError(LaunchError):
+    """The notebook's thread that reads the ranks' messages crashed: nothing hears the ranks any more.
+
+    ``rank``: whose message it was reading (``None`` if it crashed elsewhere); the crash is the
+    ``__cause__``."""
+
+    def __init__(self, message: str, *, rank: Optional[int]) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
 class PoolClosedError(LaunchError):
     """The pool was stopped (or broke) and must be started again."""
 

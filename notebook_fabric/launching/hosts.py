@@ -6,7 +6,9 @@ and stops them (``terminate``/``kill``, then :meth:`RankHosts.close`). It also s
 ranks reach the notebook (the channel and the rendezvous, which listen only there) and which host
 each rank runs on. :class:`LocalHosts` is today's single machine (fork, spawn, forkserver);
 :class:`~notebook_fabric.clusters.slurm_hosts.SlurmHosts` places ranks with Slurm (``clusters/`` sits
-above ``launching/`` and implements this seam; ``launching/`` never imports it).
+above ``launching/`` and implements this seam; ``launching/`` never imports it). A hosts object
+whose ``shares_memory`` is true (``LocalHosts``) gets the launch arguments' CPU tensors in shared
+memory under spawn and forkserver (:mod:`notebook_fabric.utilities.shared_tensors`); others get copies.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .protocol import RankBootstrap, RankSetup
 from .rendezvous import RendezvousStore
 from .starters import RankProcess, start_rank
 from ..live.channel import EventListener
+from ..utilities import shared_tensors
 
 
 class RankHosts(Protocol):
@@ -43,6 +46,10 @@ class RankHosts(Protocol):
 
 class LocalHosts:
     """Ranks on this machine, started by fork, spawn or forkserver; everything on loopback."""
+
+    #: whether the ranks can map this process' shared memory (tensor arguments reach them shared, not
+    #: copied): on Linux, unless this process forbids others to open its descriptors
+    shares_memory: bool = shared_tensors.processes_here_can_map()
 
     def __init__(self) -> None:
         self._host = socket.gethostname()

@@ -164,10 +164,12 @@ class RankPool:
         self.start_method = method
         setup_payload = None
         if not inherits_memory(method):
-            from notebook_fabric.utilities import by_value
+            from notebook_fabric.utilities import by_value, shared_tensors
 
             self._setup.source_cache = self._new_sources()
-            setup_payload = by_value.dumps(self._setup)
+            # ranks on this machine map the shared memory of SharedTensors boxes; elsewhere they are copied
+            dumps = shared_tensors.dumps if getattr(self.hosts, "shares_memory", False) else by_value.dumps
+            setup_payload = dumps(self._setup)
         self._state = "running"
         _LIVE_POOLS.add(self)
         try:
@@ -255,7 +257,7 @@ class RankPool:
             kill_all(trees)
 
     def _wait_exits(self, timeout: float) -> bool:
-        if self._supervisor is None:  # start failed before anything watched the ranks
+        if self._supervisor is None or self._supervisor.crash is not None:  # nothing watches the ranks (any more)
             def all_exited() -> bool:
                 for handle in self._handles:
                     if handle.alive:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ..live.events import Heartbeat, RankEvent, WhereReply
 from ..live.sinks import EventSink
+from .errors import SupervisorCrashedError
 from .processes import describe_exit, signal_process
 from .protocol import RunTask, WhereRequest
 
@@ -61,11 +62,24 @@ class Ranks:
             (self._supervisor.task_running.set if running else self._supervisor.task_running.clear)()
 
     def select(self, timeout: float) -> Optional[RankEvent]:
-        """The next event from any rank, or ``None`` after ``timeout`` seconds."""
+        """The next event from any rank, or ``None`` after ``timeout`` seconds.
+
+        Raises :class:`SupervisorCrashedError` once the queued events are consumed if the thread that
+        reads the ranks' messages crashed (no event would ever come): the ranks are ended first."""
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
-            return None
+            crash = getattr(self._supervisor, "crash", None)
+            if crash is None:
+                return None
+        error, rank = crash
+        self._stop(0.5)
+        source = f" while reading a message from rank {rank}" if rank is not None else ""
+        raise SupervisorCrashedError(
+            f"the notebook's supervisor thread (it reads the ranks' messages) crashed{source}:"
+            f" {type(error).__name__}: {error}. Nothing could hear the ranks any more, so they were stopped.",
+            rank=rank,
+        ) from error
 
     def drain(self, sink: EventSink) -> None:
         """Hand every queued event to ``sink``."""

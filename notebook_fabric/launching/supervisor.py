@@ -4,7 +4,10 @@ It accepts the ranks' connections, reads their events as they come, answers noth
 routes: ``where`` replies to whoever asked, everything else to the pool's event queue (consumed
 by the thread that runs a task, so printing happens in the notebook's cell). It also notices
 ranks that exit, within a fraction of a second, and reports them as :class:`RankExited` after
-reading whatever they sent before dying.
+reading whatever they sent before dying. If the reader thread itself crashes (a message this
+process cannot unpickle, say), the crash is kept in ``crash`` and the pool's next wait for an event
+raises it as :class:`~.errors.SupervisorCrashedError` (see :meth:`.ranks.Ranks.select`) instead of
+waiting for events that can no longer come.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..live.channel import EventListener
 from ..live.events import Heartbeat, RankExited, RankReady, RankStarted, TaskDone, TaskFailed, WhereReply
@@ -76,6 +79,9 @@ class Supervisor:
         self.idle_heartbeats: Optional[Callable[[Any], None]] = None  # called with heartbeats between tasks
         self._where: Dict[int, Dict[int, WhereReply]] = {}
         self.changed = threading.Condition()
+        #: set if the reader thread crashed: ``(exception, rank whose message it was reading or None)``
+        self.crash: Optional[Tuple[BaseException, Optional[int]]] = None
+        self._reading: Optional[Connection] = None  # the connection being read, named in a crash
         self._acceptor = threading.Thread(target=self._accept, name="notebook-fabric acceptor", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="notebook-fabric supervisor", daemon=True)
 
@@ -132,6 +138,15 @@ class Supervisor:
             os.write(self._wake_write, b"c")
 
     def _read_loop(self) -> None:
+        try:
+            self._read_until_stopped()
+        except BaseException as error:  # noqa: BLE001 - kept for the pool's caller, who raises it (Ranks.select)
+            rank = next((h.rank for h in self.handles if h.connection is not None and h.connection is self._reading), None)
+            self.crash = (error, rank)
+            with self.changed:
+                self.changed.notify_all()
+
+    def _read_until_stopped(self) -> None:
         connections: List[Connection] = []
         while not self._stopping.is_set():
             sentinels = {h.process.sentinel: h for h in self.handles if h.alive and h.process.sentinel is not None}
@@ -152,6 +167,12 @@ class Supervisor:
 
     def _drain(self, connection: Connection, known_readable: bool = True) -> bool:
         """Read everything available on ``connection``; ``False`` once it is closed."""
+        self._reading = connection
+        still_open = self._receive_all(connection, known_readable)
+        self._reading = None  # not reached when reading raised: the crash names the rank
+        return still_open
+
+    def _receive_all(self, connection: Connection, known_readable: bool) -> bool:
         try:
             if not known_readable and not connection.poll(0):
                 return True

@@ -22,21 +22,23 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["dumps", "loads"]
+__all__ = ["FileKeepingPickler", "dumps", "loads"]
 
 
 def _reduce_code(code: types.CodeType) -> Any:
     return marshal.loads, (marshal.dumps(code),)
 
 
-class _FileKeepingPickler(cloudpickle.Pickler):
+class FileKeepingPickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, with code objects shipped through :mod:`marshal`."""
+
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
 def dumps(obj: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
     """Like :func:`cloudpickle.dumps`, but code shipped by value keeps its file name and lines."""
     with io.BytesIO() as buffer:
-        _FileKeepingPickler(buffer, protocol=protocol).dump(obj)
+        FileKeepingPickler(buffer, protocol=protocol).dump(obj)
         return buffer.getvalue()
 
 
