@@ -37,16 +37,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from support.processes import kill_and_reap  # noqa: E402
+from support.script_env import INHERITED, INHERITED_PREFIXES, MARKER, script_environment  # noqa: E402,F401
 from support.waiting import poll  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 #: prefix of the JSON result lines printed by tests/scripts/core_*.py (see core_common.emit)
 RESULT_TAG = "NFTEST "
-_MARKER = "NF_CORE_TEST_RUN"
-_INHERITED_PREFIXES = ("NOTEBOOK_FABRIC_", "TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "MV2_")
-_INHERITED = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-              "NODE_RANK")  # fmt: skip
+_MARKER = MARKER
+_INHERITED_PREFIXES = INHERITED_PREFIXES
+_INHERITED = INHERITED
 
 
 @contextmanager
@@ -72,16 +72,6 @@ def clean_environment() -> Iterator[None]:
     """:func:`clean_rank_environment` around one test."""
     with clean_rank_environment():
         yield
-
-
-def script_environment(marker: str) -> dict[str, str]:
-    """This environment minus rank/scheduler variables, with the repository importable and one thread per rank."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES) and k not in _INHERITED}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env[_MARKER] = marker
-    return env
 
 
 @dataclass

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import script_environment
 from support.processes import wait_no_children
+from support.script_env import script_environment
 from notebook_fabric import Fabric
 
 pytestmark = pytest.mark.timeout(120)
