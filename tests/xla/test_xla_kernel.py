@@ -6,6 +6,8 @@ import pytest
 
 pytest.importorskip("torch_xla", reason="needs torch_xla: run scripts/xla_env.sh (its own venv, torch 2.9.0)")
 
+from xla_fixtures import no_process_left  # noqa: E402,F401 (autouse: no rank process is left)
+
 from support.kernels import magics_kernel, plain  # noqa: E402
 
 

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("torch_xla", reason="needs torch_xla: run scripts/xla_env.sh (its own venv, torch 2.9.0)")
 
+from xla_fixtures import no_process_left  # noqa: E402,F401 (autouse: no rank process is left)
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 

@@ -3,7 +3,9 @@
 Every module here starts with ``pytest.importorskip("torch_xla")``: the main suite, whose torch
 torch_xla cannot load, skips them and says why. XLA:CPU runs each launch's ranks as threads of one
 child process (see ``notebook_fabric/strategies/xla_devices.py``); the fixture below checks that
-nothing of it is left after each test.
+nothing of it is left after each test. Each test module imports it (a module of its own, not a
+conftest.py: a second ``conftest`` module beside tests/conftest.py shadows it wherever a test module
+or a spawned rank imports ``conftest``).
 """
 from __future__ import annotations
 
