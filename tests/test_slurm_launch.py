@@ -81,6 +81,30 @@ def test_bad_requests_are_refused_clearly_and_nothing_stays_queued(bed, run_scri
     assert slurm_bed.jobs() == [] or record["seconds"] >= 0  # the fixture asserts squeue empty within 15 s
 
 
+@pytest.mark.parametrize("given, error, expected", [
+    ({"strategy": "nonsense"}, "ValueError", r"strategy='nonsense' is not known\. Choose one of \['auto', .*'ddp'"),
+    ({"precision": "12-bit"}, "ValueError", r"precision='12-bit' is not supported\. Choose one of"),
+    ({"accelerator": "abacus"}, "ValueError", r"accelerator='abacus' is not known\. Choose one of"),
+    ({"strategy": "single_device"}, "ValueError", r"runs on one device, but the cluster would start 2 ranks"),
+    ({"precison": "bf16-mixed"}, "TypeError", r"Fabric\(\) takes no argument 'precison'"),
+    ({"devices": 5, "accelerator": "cpu"}, "SlurmError",
+     r"devices=5 ranks per host, but the nodes of Slurm's partition 'nf' have 4 CPU\(s\) each .*at most 4 per host"),
+    ({"devices": 2, "accelerator": "cuda", "cluster_gpus": 1}, "ValueError", r"Slurm\(gpus_per_node=1\)"),
+    ({"unpicklable": True, "accelerator": "cpu"}, "UnpicklableError",
+     r"the function .*function .* cannot be sent to the ranks on the cluster.s hosts: .*cannot pickle"),
+])
+def test_bad_fabric_arguments_fail_before_slurm_is_asked_for_anything(bed, run_script, given, error, expected) -> None:
+    import re
+
+    asked_before = slurm_bed.allocation_requests()
+    record = run_script(SCRIPT, "bad-fabric", json.dumps(given), timeout=120).check("bad-fabric")[0]
+    assert record["type"] == error, record
+    assert re.search(expected, record["message"]), record["message"]
+    assert record["seconds"] < 5, record
+    assert slurm_bed.allocation_requests() == asked_before, "Slurm was asked for an allocation before the check"
+    assert slurm_bed.jobs() == []
+
+
 def test_an_interrupt_while_the_allocation_is_pending_cancels_it(bed, run_script) -> None:
     record = run_script(SCRIPT, "interrupt-pending", timeout=120).check("interrupt-pending")[0]
     assert record["jobs"].strip() == "", record  # nothing pending or running once launch() has raised

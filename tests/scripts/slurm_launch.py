@@ -101,6 +101,23 @@ def main() -> None:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
         except Exception as error:  # noqa: BLE001
             emit(check="unreachable", rank=0, type=type(error).__name__, message=str(error))
+    elif mode == "bad-fabric":  # Fabric arguments the ranks would refuse, or something that cannot travel
+        given = json.loads(sys.argv[2])
+        function = where
+        if given.pop("unpicklable", False):
+            lock = threading.Lock()
+
+            def function(fabric):  # noqa: F811 - a closure over a lock: cloudpickle cannot send it
+                return lock.locked()
+        cluster = Slurm(gpus_per_node=given.pop("cluster_gpus")) if "cluster_gpus" in given else "slurm"
+        given.setdefault("devices", 1)
+        given.setdefault("num_nodes", 2)
+        started = time.monotonic()
+        try:
+            launch(function, cluster=cluster, dashboard=False, **given)
+        except Exception as error:  # noqa: BLE001
+            emit(check="bad-fabric", rank=0, type=type(error).__name__, message=str(error),
+                 seconds=time.monotonic() - started)
     elif mode == "bad":
         spec = json.loads(sys.argv[2])
         num_nodes = spec.pop("num_nodes", 2)

@@ -81,6 +81,16 @@ def assert_no_jobs(timeout: float = 15.0) -> None:
     assert not left, f"jobs still in squeue {timeout:g} s after the test: {left}"
 
 
+CONTROLLER_LOG = Path("/run/nf-testbed/slurmctld.log")
+
+
+def allocation_requests() -> int:
+    """How many allocations (salloc, srun, sbatch) slurmctld has been asked for since the bed started, from its
+    log: a check that must refuse before Slurm is asked leaves this count unchanged."""
+    text = CONTROLLER_LOG.read_text(errors="replace") if CONTROLLER_LOG.exists() else ""
+    return sum(text.count(marker) for marker in ("_slurm_rpc_allocate_resources", "_slurm_rpc_submit_batch_job"))
+
+
 def node_processes(node: str) -> List[psutil.Process]:
     """Processes running inside ``node``'s network namespace, minus slurmd itself."""
     out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True)
