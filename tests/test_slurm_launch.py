@@ -122,3 +122,34 @@ def test_ranks_that_cannot_reach_the_notebook_name_the_interface_tried(bed, run_
     assert "could not connect to the notebook at 127.0.0.1" in record["message"], record["message"]
     assert "(interface lo)" in record["message"] and "Slurm(interface=...)" in record["message"]
 
+
+
+def test_a_certain_hang_across_hosts_names_rank_and_host_in_the_message_and_the_ledger(bed, run_script, tmp_path):
+    record = run_script(SCRIPT, "hang", tmp_path, timeout=240).check("hang")[0]
+    assert record["type"] == "CollectiveHangError", record
+    assert "rank 0 on host nfnode1 waits in all_reduce #2 (float32[3]" in record["message"], record["message"]
+    assert "rank 1 on host nfnode2 finished the function without calling it" in record["message"]
+    assert record["seconds"] < 10, record  # from rank 1's return to the error in the notebook
+    for table in (record["ledger"], record["last_ledger"]):  # CollectiveHangError.ledger() and last_ledger()
+        heading = table.splitlines()[0]
+        assert "rank 0 @ nfnode1" in heading and "rank 1 @ nfnode2" in heading, table
+        assert ">> world     #2 | all_reduce float32[3]" in table, table
+
+
+def test_a_stall_across_hosts_names_rank_and_host_and_an_interrupt_ends_it(bed, run_script, tmp_path):
+    result = run_script(SCRIPT, "stall", tmp_path, timeout=240)
+    record = result.check("stall")[0]
+    assert "stall: rank 0 on host nfnode1 has waited in all_reduce #1 (float32[3])" in result.stderr, result.describe()
+    assert "rank 1 on host nfnode2 is not in that collective" in result.stderr, result.describe()
+    assert "time.sleep(60)" in result.stderr  # rank 1's stack, asked of it on its host
+    assert record["type"] == "KeyboardInterrupt" and record["seconds"] < 10, record  # from the interrupt on
+    assert "rank 0 @ nfnode1" in record["last_ledger"].splitlines()[0], record["last_ledger"]
+
+
+def test_mismatched_collectives_across_hosts_name_each_rank_s_host(bed, run_script, tmp_path):
+    record = run_script(SCRIPT, "mismatch", tmp_path, timeout=240).check("mismatch")[0]
+    assert record["type"] == "CollectiveMismatchError", record
+    assert "rank 0 on host nfnode1: #1 all_reduce(float32[3])" in record["message"], record["message"]
+    assert "rank 1 on host nfnode2: #1 broadcast(float32[3]) src=0" in record["message"], record["message"]
+    assert any("raised on rank 0 on host nfnode1 and rank 1 on host nfnode2" in note for note in record["notes"]), record
+    assert record["seconds"] < 10, record

@@ -73,3 +73,20 @@ def test_inside_a_job_the_fabric_arguments_are_judged_without_the_job_s_environm
     assert current_allocation(2, 1).hosts == ["nfnode1", "nfnode2"]
     with pytest.raises(SlurmError, match=r"devices=2 ranks per host, but this kernel's Slurm job 77 holds 1 CPU\(s\)"):
         current_allocation(2, 2)
+
+
+def test_ranks_and_ledger_columns_name_their_hosts_only_where_ranks_have_hosts() -> None:
+    from notebook_fabric.collectives.ledger import LedgerEntry
+    from notebook_fabric.collectives.ledger_view import LedgerTable
+    from notebook_fabric.live.ranks import format_ranks_on
+
+    assert format_ranks_on([0, 1], {}) == "ranks 0-1" and format_ranks_on([1], None) == "rank 1"
+    hosts = {0: "nfnode1", 1: "nfnode1", 2: "nfnode2"}
+    assert format_ranks_on([1], hosts) == "rank 1 on host nfnode1"
+    assert format_ranks_on([0, 1, 2], hosts) == "ranks 0-1 on host nfnode1 and rank 2 on host nfnode2"
+    entry = LedgerEntry(seq=1, last_seq=1, op="all_reduce", group="0", group_ranks=(0, 1), shapes=((2,),),
+                        dtypes=("float32",), reduce_op="sum", src=None, name=None, state="finished", origin="fabric",
+                        place=None, started_ns=0)
+    on_hosts = str(LedgerTable({0: [entry], 1: [entry]}, hosts={0: "nfnode1", 1: "nfnode2"})).splitlines()[0]
+    assert "rank 0 @ nfnode1" in on_hosts and "rank 1 @ nfnode2" in on_hosts
+    assert "@" not in str(LedgerTable({0: [entry], 1: [entry]})).splitlines()[0]  # one machine: no host

@@ -39,6 +39,45 @@ def waits_to_die(fabric, folder):
     time.sleep(120)
 
 
+def _entering(folder):
+    """Note when this rank enters the call that cannot complete (the clock is this machine's: both "hosts" are)."""
+    with open(os.path.join(folder, f"rank{int(os.environ['RANK'])}.entered"), "w") as handle:
+        handle.write(repr(time.time()))
+
+
+def rank_1_skips_the_all_reduce(fabric, folder):
+    fabric.all_reduce(torch.ones(2), reduce_op="sum")  # both: the ledgers agree on #1
+    _entering(folder)
+    if fabric.global_rank == 0:
+        fabric.all_reduce(torch.ones(3), reduce_op="sum")  # rank 1 returns: it never comes
+
+
+def rank_1_is_elsewhere(fabric, folder):
+    _entering(folder)
+    if fabric.global_rank == 0:
+        fabric.all_reduce(torch.ones(3), reduce_op="sum")
+    else:
+        time.sleep(60)
+
+
+def ranks_disagree(fabric, folder):
+    _entering(folder)
+    if fabric.global_rank == 0:
+        fabric.all_reduce(torch.ones(3), reduce_op="sum")
+    else:
+        fabric.broadcast(torch.ones(3), src=0)
+
+
+def interrupt_later(folder, after, sent_at):
+    """SIGINT to this process (the kernel's interrupt) ``after`` seconds once rank 0 is in its collective."""
+    path = os.path.join(folder, "rank0.entered")
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    time.sleep(after)
+    sent_at.append(time.time())
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def _pid_when_written(path: str) -> int:
     while not os.path.exists(path) or not open(path).read().strip():
         time.sleep(0.05)
@@ -101,6 +140,26 @@ def main() -> None:
             launch(where, devices=1, num_nodes=2, cluster=Slurm(interface="lo"), **common)
         except Exception as error:  # noqa: BLE001
             emit(check="unreachable", rank=0, type=type(error).__name__, message=str(error))
+    elif mode in ("hang", "stall", "mismatch"):  # collectives that cannot complete, across the two hosts
+        folder = sys.argv[2]
+        function = {"hang": rank_1_skips_the_all_reduce, "stall": rank_1_is_elsewhere, "mismatch": ranks_disagree}[mode]
+        options = {"stall": dict(stall=1.5), "mismatch": dict(debug=True)}.get(mode, {})
+        interrupted_at: list = []
+        if mode == "stall":  # a stall is reported, not ended: the user interrupts once they have read it
+            threading.Thread(target=interrupt_later, args=(folder, 6.0, interrupted_at), daemon=True).start()
+        try:
+            launch(function, folder, devices=1, num_nodes=2, cluster="slurm", **common, **options)
+        except BaseException as error:  # noqa: BLE001 - the record says what came
+            from notebook_fabric.collectives import last_ledger
+
+            ended = time.time()
+            # from the moment it could be known: the last rank's arrival, or the interrupt
+            entered = max(float(open(os.path.join(folder, name)).read()) for name in os.listdir(folder))
+            entered = max([entered, *interrupted_at])
+            table = error.ledger() if hasattr(error, "ledger") else None
+            emit(check=mode, rank=0, type=type(error).__name__, message=str(error),
+                 notes=getattr(error, "__notes__", []), seconds=ended - entered,
+                 ledger=str(table) if table is not None else None, last_ledger=str(last_ledger()))
     elif mode == "bad-fabric":  # Fabric arguments the ranks would refuse, or something that cannot travel
         given = json.loads(sys.argv[2])
         function = where
