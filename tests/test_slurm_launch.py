@@ -51,12 +51,15 @@ def test_an_exception_names_rank_and_host_with_its_traceback(bed, run_script) ->
     assert "Traceback on rank 1 on host nfnode2" in record["cause"] and "fails_on_rank_1" in record["cause"]
 
 
-@pytest.mark.parametrize("how", ["kill-rank", "kill-node"])
+@pytest.mark.parametrize("how", ["kill-rank", "kill-node", "lose-silent"])
 def test_a_killed_rank_or_a_lost_host_ends_in_rank_died_error(bed, run_script, tmp_path, how: str) -> None:
+    """kill-node: every process of nfnode2 killed, slurmd too (the sockets close); lose-silent: nfnode2's slurmd
+    killed and the node cut off the network, its rank left running there (nothing closes: a crashed host)."""
     try:
         record = run_script(SCRIPT, how, tmp_path, timeout=240).check(how)[0]
     finally:
-        if how == "kill-node":
+        if how != "kill-rank":
+            slurm_bed.reconnect_node("nfnode2")
             slurm_bed.bring_up()  # slurmd back on nfnode2; the job there can complete
     assert record["type"] == "RankDiedError" and record["ranks"] == [1], record
     assert "rank 1" in record["message"] and "on host nfnode2" in record["message"]
@@ -122,6 +125,31 @@ def test_ranks_that_cannot_reach_the_notebook_name_the_interface_tried(bed, run_
     assert "could not connect to the notebook at 127.0.0.1" in record["message"], record["message"]
     assert "(interface lo)" in record["message"] and "Slurm(interface=...)" in record["message"]
 
+
+
+def test_a_slurmd_that_stays_dead_ends_in_rank_died_error_once_slurm_declares_its_node_failed(bed, run_script,
+                                                                                             tmp_path) -> None:
+    import re
+    import subprocess
+
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    slurmd_timeout = int(re.search(r"SlurmdTimeout\s*=\s*(\d+)", config).group(1))
+    try:
+        record = run_script(SCRIPT, "kill-slurmd", tmp_path, timeout=240).check("kill-slurmd")[0]
+    finally:
+        slurm_bed.bring_up()  # slurmd back: nfnode2 returns to service
+    assert record["type"] == "RankDiedError" and 1 in record["ranks"], record
+    assert "rank 1 was lost with host nfnode2: Slurm declared the node failed" in record["message"], record
+    assert record["seconds"] < slurmd_timeout + 15, record  # Slurm's verdict, then at once
+
+
+def test_a_restarted_slurmd_does_not_end_the_ranks_of_its_node(bed, run_script) -> None:
+    """slurmd is Slurm's node daemon, not the ranks' parent: administrators restart it under running jobs, and
+    the ranks of its node go on (a lost node is one whose host stops answering: the test above)."""
+    record = run_script(SCRIPT, "slurmd-restart", timeout=240).check("slurmd-restart")[0]
+    assert record["killed"], record
+    assert [v["host"] for v in record["values"]] == ["nfnode1", "nfnode2"], record
+    assert record["values"][0]["count"] == record["values"][1]["count"] > 20, record  # all_reduces went on throughout
 
 
 def test_a_certain_hang_across_hosts_names_rank_and_host_in_the_message_and_the_ledger(bed, run_script, tmp_path):

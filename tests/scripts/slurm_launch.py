@@ -78,6 +78,31 @@ def interrupt_later(folder, after, sent_at):
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def all_reduces_for(fabric, seconds):
+    """all_reduces across both hosts for ``seconds``; how many, and the hosts they joined."""
+    started, count = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        total = fabric.all_reduce(torch.ones(1), reduce_op="sum")
+        assert float(total) == fabric.world_size
+        count += 1
+        time.sleep(0.05)
+    return {"count": count, "host": socket.gethostname()}
+
+
+SLURMD_PID = "/run/nf-testbed/slurmd-nfnode2.pid"
+NODE2_LINK = "nfv1"  # nfnode2's veth end on the bridge (scripts/slurm_testbed.sh)
+
+
+def restart_slurmd_later(killed_at: list) -> None:
+    """What an administrator's slurmd restart does: slurmd on nfnode2 killed, started again 3 s later."""
+    time.sleep(4.0)
+    os.kill(int(open(SLURMD_PID).read()), signal.SIGKILL)
+    killed_at.append(time.monotonic())
+    time.sleep(3.0)
+    subprocess.run([os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "slurm_testbed.sh"), "up"],
+                   capture_output=True, timeout=120)
+
+
 def _pid_when_written(path: str) -> int:
     while not os.path.exists(path) or not open(path).read().strip():
         time.sleep(0.05)
@@ -85,12 +110,20 @@ def _pid_when_written(path: str) -> int:
 
 
 def kill_later(how: str, folder: str, killed_at: list) -> None:
-    """SIGKILL rank 1 (on nfnode2 with one rank per host), or take nfnode2 down whole (slurmd and all)."""
+    """SIGKILL rank 1 (on nfnode2 with one rank per host); take nfnode2 down whole (slurmd and all); or lose
+    it silently: its slurmd killed and the node cut off the network, its ranks still running there."""
     pid = _pid_when_written(os.path.join(folder, "rank1.pid"))
     time.sleep(1.0)
     killed_at.append(time.monotonic())
     if how == "rank":
         os.kill(pid, signal.SIGKILL)
+        return
+    if how == "slurmd":  # slurmd alone, for good: Slurm declares the node failed after SlurmdTimeout
+        os.kill(int(open(SLURMD_PID).read()), signal.SIGKILL)
+        return
+    if how == "silent":
+        os.kill(int(open(SLURMD_PID).read()), signal.SIGKILL)
+        subprocess.run(["ip", "link", "set", NODE2_LINK, "down"], check=True)
         return
     pids = subprocess.run(["ip", "netns", "pids", "nfnode2"], capture_output=True, text=True).stdout.split()
     for victim in pids:
@@ -114,7 +147,12 @@ def main() -> None:
             notes = getattr(error, "__notes__", [])
             emit(check="exception", rank=0, type=type(error).__name__, message=str(error), rank_attr=error.rank,
                  notes=notes, cause=str(error.__cause__))
-    elif mode in ("kill-rank", "kill-node"):
+    elif mode == "slurmd-restart":
+        killed_at: list = []
+        threading.Thread(target=restart_slurmd_later, args=(killed_at,), daemon=True).start()
+        values = launch(all_reduces_for, 12.0, devices=1, num_nodes=2, cluster="slurm", return_all=True, **common)
+        emit(check=mode, rank=0, values=values, killed=bool(killed_at))
+    elif mode in ("kill-rank", "kill-node", "lose-silent", "kill-slurmd"):
         folder = sys.argv[2]
         killed_at: list = []
         threading.Thread(target=kill_later, args=(mode.split("-")[1], folder, killed_at), daemon=True).start()

@@ -53,6 +53,14 @@ def bring_up() -> None:
     wait_nodes_idle()
 
 
+NODE_LINKS = {"nfnode1": "nfv0", "nfnode2": "nfv1"}  # each node's veth end on the bridge (scripts/slurm_testbed.sh)
+
+
+def reconnect_node(node: str) -> None:
+    """Put ``node`` back on the network after a test cut it off (``ip link set ... down``)."""
+    subprocess.run(["ip", "link", "set", NODE_LINKS[node], "up"], capture_output=True, timeout=30)
+
+
 def wait_nodes_idle(timeout: float = 60.0) -> None:
     """Every node idle (a node whose slurmd a test killed comes back through ``up``)."""
     deadline = time.monotonic() + timeout
