@@ -99,8 +99,9 @@ def restart_slurmd_later(killed_at: list) -> None:
     os.kill(int(open(SLURMD_PID).read()), signal.SIGKILL)
     killed_at.append(time.monotonic())
     time.sleep(3.0)
+    bed_env = {k: v for k, v in os.environ.items() if k != "NF_CORE_TEST_RUN"}  # slurmd is the bed's, not this run's
     subprocess.run([os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "slurm_testbed.sh"), "up"],
-                   capture_output=True, timeout=120)
+                   capture_output=True, timeout=120, env=bed_env)
 
 
 def _pid_when_written(path: str) -> int:
