@@ -4,8 +4,9 @@
    the floor, ``srun -N2`` of a script doing ``init_process_group`` + one all_reduce;
 2. a warm task on a pool over 2 hosts (what a warm ``%%fabric`` cell costs beyond the cell) vs the
    same on a local pool of 2 ranks;
-3. ``--calls`` small all_reduces across the hosts: ``fabric.all_reduce`` vs raw ``dist.all_reduce``,
-   in the same ranks, interleaved.
+3. ``--calls`` small all_reduces across the hosts: ``fabric.all_reduce`` (with the ledger tracer the
+   pool's ranks install, and without any tracer) vs raw ``dist.all_reduce``, in the same ranks,
+   interleaved; wall time and the calling thread's CPU time per call.
 
     .venv/bin/python benchmarks/multi_host.py --rounds 5 --calls 10000
 """
@@ -41,15 +42,24 @@ def one_all_reduce(fabric):
 
 
 def many_all_reduces(fabric, calls: int, rounds: int):
+    """Per round, each variant's wall and calling-thread CPU seconds for ``calls`` all_reduces: raw
+    ``dist.all_reduce``, ``fabric.all_reduce`` with the ledger tracer the pool's ranks install, and
+    ``fabric.all_reduce`` with no tracer (what the ledger adds is the difference). The order turns
+    round by round, so drift hits every variant alike."""
     import torch
     import torch.distributed as dist
+    from notebook_fabric.collectives import trace
 
+    ledger = trace.get_tracer()
     tensor = torch.ones(4)
-    times = {"raw": [], "fabric": []}
-    for _ in range(rounds):
-        for name in ("raw", "fabric"):
+    names = ["raw", "fabric", "fabric, no tracer"]
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            trace.set_tracer(None if name == "fabric, no tracer" else ledger)
             fabric.barrier()
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             if name == "raw":
                 for _ in range(calls):
                     dist.all_reduce(tensor)
@@ -57,7 +67,9 @@ def many_all_reduces(fabric, calls: int, rounds: int):
                 for _ in range(calls):
                     fabric.all_reduce(tensor, reduce_op="sum")
             times[name].append(time.perf_counter() - started)
-    return times
+            cpu[name].append(time.thread_time() - started_cpu)
+    trace.set_tracer(ledger)
+    return {"wall": times, "cpu": cpu}
 
 
 def floor_launch() -> float:
@@ -116,10 +128,15 @@ def main() -> None:
         pairs = [(warm_tasks(local, args.warm_repeats), warm_tasks(remote, args.warm_repeats)) for _ in range(3)]
         lw, rw = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         print(f"warm task: local pool {lw * 1e3:.1f} ms, pool over 2 hosts {rw * 1e3:.1f} ms, +{(rw - lw) * 1e3:.1f} ms")
-        times = remote.run(lambda fabric, namespace: many_all_reduces(fabric, args.calls, args.rounds))[0]
-        raw, fab = statistics.median(times["raw"]), statistics.median(times["fabric"])
-        print(f"{args.calls} all_reduce(float32[4]) across 2 hosts: raw {raw:.2f} s ({raw / args.calls * 1e6:.0f} us/call),"
-              f" Fabric {fab:.2f} s, ratio {fab / raw:.3f}x")
+        measured = remote.run(lambda fabric, namespace: many_all_reduces(fabric, args.calls, args.rounds))[0]
+        per_call = {kind: {name: statistics.median(values) / args.calls * 1e6 for name, values in by_name.items()}
+                    for kind, by_name in measured.items()}
+        wall, cpu = per_call["wall"], per_call["cpu"]
+        paired = statistics.median(f / r for f, r in zip(measured["wall"]["fabric"], measured["wall"]["raw"]))
+        print(f"{args.calls} all_reduce(float32[4]) across 2 hosts, us/call wall (rank 0's CPU): raw {wall['raw']:.0f}"
+              f" ({cpu['raw']:.0f}), Fabric {wall['fabric']:.0f} ({cpu['fabric']:.0f}), Fabric without the ledger"
+              f" tracer {wall['fabric, no tracer']:.0f} ({cpu['fabric, no tracer']:.0f}); Fabric/raw"
+              f" {wall['fabric'] / wall['raw']:.3f}x (paired median {paired:.3f}x)")
     finally:
         remote.stop()
         local.stop()

@@ -32,11 +32,12 @@ class CellSink:
 
     def __init__(self, show: Optional[Iterable[int]], running: Iterable[int], *,
                  where: Callable[[float], Dict[int, str]], stall_after: Optional[float],
-                 dashboard: Optional[EventSink] = None) -> None:
+                 dashboard: Optional[EventSink] = None, hosts: Optional[Dict[int, str]] = None) -> None:
         self._text: EventSink = dashboard if dashboard is not None else TextSink(ranks=show)
         self.dashboard = dashboard
         self.show = None if show is None else set(show)
-        self._stall = StallWatchdogSink(self._text, StallWatchdog(running, where, stall_after, format_stacks=format_stacks),
+        self._stall = StallWatchdogSink(self._text, StallWatchdog(running, where, stall_after, format_stacks=format_stacks,
+                                                                      hosts=hosts),
                                         hint="interrupt the kernel to stop the cell; --stall 0 turns this report off",
                                         on_report=self._reported)
         self.hidden_output: Dict[int, int] = {}

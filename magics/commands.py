@@ -110,7 +110,7 @@ class PoolCommands:
             for rank, reply in self.pool.where_replies(3.0, ledger=True).items():
                 if reply.ledger is not None:
                     ledgers[rank] = with_live_entry(reply.ledger, reply.waiting)
-        return str(LedgerTable(ledgers, last))
+        return str(LedgerTable(ledgers, last, hosts=self.pool.rank_hosts))
 
     def stop(self) -> str:
         self._require_idle("%fabric stop")

@@ -168,7 +168,7 @@ class FabricSession(PoolCommands, DebugCommands):
         if want_dashboard(options.dashboard):
             board = DashboardSink(ranks, title="%%fabric", shown=show if show is not None else ranks).start()
         sink = CellSink(show, ranks, where=lambda timeout: pool.where(timeout), stall_after=options.stall,
-                        dashboard=board)
+                        dashboard=board, hosts=pool.rank_hosts)
         record = RunOutcome(ranks=ranks)
         self.cell_running = True
         try:  # the whole outcome, not only the first group of failures: every rank's traceback is shown

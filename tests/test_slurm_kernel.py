@@ -50,6 +50,11 @@ def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: 
     assert slurm_bed.jobs(), "the pool holds its allocation between cells"
     reply = kernel.ok("%%fabric --no-dashboard\nsteps.append(len(steps))\n(host, steps)", timeout=120)
     assert "('nfnode1', [0, 1])" in reply.all_text and "('nfnode2', [1, 1])" in reply.all_text, reply.all_text
+    kernel.ok("%%fabric --no-dashboard\nimport torch\ntotal = fabric.all_reduce(torch.ones(2), reduce_op='sum')",
+              timeout=120)
+    ledger = kernel.ok("%fabric ledger", timeout=60).all_text  # each rank's column names its host
+    assert "rank 0 @ nfnode1" in ledger and "rank 1 @ nfnode2" in ledger, ledger
+    assert "all_reduce float32[2] done" in ledger and "the ranks' ledgers agree" in ledger, ledger
     msg = kernel.send("%%fabric --no-dashboard\nimport time\nprint('looping', flush=True)\n"
                       "for _ in range(600):\n    time.sleep(0.1)")
     kernel.wait_for_output(msg, "looping", timeout=60)
@@ -64,6 +69,18 @@ def test_a_slurm_pool_keeps_state_survives_an_interrupt_and_stops_clean(kernel: 
     kernel.ok("%fabric stop", timeout=60)
     slurm_bed.assert_no_jobs()
     slurm_bed.assert_nodes_empty()
+    assert not kernel.ranks()
+
+
+def test_bad_pool_settings_are_refused_before_slurm_is_asked_for_anything(kernel: Kernel) -> None:
+    asked = slurm_bed.allocation_requests()
+    for option, said in (("--strategy nonsense", "strategy='nonsense' is not known"),
+                         ("--precision 12-bit", "precision='12-bit' is not supported"),
+                         ("--devices 5 --accelerator cpu", "devices=5 ranks per host, but the nodes of Slurm's partition")):
+        reply = kernel.run(f"%%fabric --num-nodes 2 --cluster slurm {option} --no-dashboard\n1", timeout=60)
+        assert reply.status == "error" and said in reply.all_text, reply.all_text
+        assert "Nothing was started" in reply.all_text, reply.all_text
+    assert slurm_bed.allocation_requests() == asked and slurm_bed.jobs() == []
     assert not kernel.ranks()
 
 

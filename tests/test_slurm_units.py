@@ -49,3 +49,44 @@ def test_fabric_launch_over_several_nodes_in_a_notebook_says_to_name_the_cluster
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "ERROR Fabric(num_nodes=2).launch(fn) here has no script" in out.stdout, out.stdout + out.stderr
     assert "cluster='slurm'" in out.stdout and "--num-nodes 2 --cluster slurm" in out.stdout
+
+
+def test_slurm_cpus_per_node_is_read_per_node() -> None:
+    from notebook_fabric.clusters.slurm_allocation import parse_cpus_per_node
+
+    assert parse_cpus_per_node("4(x2),2") == [4, 4, 2] and parse_cpus_per_node("8") == [8]
+    assert parse_cpus_per_node("") == [] and parse_cpus_per_node("odd") == []
+
+
+def test_inside_a_job_the_fabric_arguments_are_judged_without_the_job_s_environment(monkeypatch) -> None:
+    """A Fabric built here would detect this one-node job and judge num_nodes=2 by it; the check does not."""
+    from notebook_fabric.clusters.fabric_check import check_fabric_arguments
+    from notebook_fabric.clusters.slurm_allocation import SlurmError, current_allocation
+
+    for name, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "nfnode[1-2]", "SLURM_NTASKS": "1",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2",
+                        "SLURM_JOB_CPUS_PER_NODE": "1(x2)"}.items():
+        monkeypatch.setenv(name, value)
+    check_fabric_arguments({"accelerator": "cpu", "strategy": "ddp", "devices": 1, "num_nodes": 2}, 2)
+    with pytest.raises(ValueError, match=r"strategy='nonsense' is not known"):
+        check_fabric_arguments({"strategy": "nonsense", "num_nodes": 2}, 2)
+    assert current_allocation(2, 1).hosts == ["nfnode1", "nfnode2"]
+    with pytest.raises(SlurmError, match=r"devices=2 ranks per host, but this kernel's Slurm job 77 holds 1 CPU\(s\)"):
+        current_allocation(2, 2)
+
+
+def test_ranks_and_ledger_columns_name_their_hosts_only_where_ranks_have_hosts() -> None:
+    from notebook_fabric.collectives.ledger import LedgerEntry
+    from notebook_fabric.collectives.ledger_view import LedgerTable
+    from notebook_fabric.live.ranks import format_ranks_on
+
+    assert format_ranks_on([0, 1], {}) == "ranks 0-1" and format_ranks_on([1], None) == "rank 1"
+    hosts = {0: "nfnode1", 1: "nfnode1", 2: "nfnode2"}
+    assert format_ranks_on([1], hosts) == "rank 1 on host nfnode1"
+    assert format_ranks_on([0, 1, 2], hosts) == "ranks 0-1 on host nfnode1 and rank 2 on host nfnode2"
+    entry = LedgerEntry(seq=1, last_seq=1, op="all_reduce", group="0", group_ranks=(0, 1), shapes=((2,),),
+                        dtypes=("float32",), reduce_op="sum", src=None, name=None, state="finished", origin="fabric",
+                        place=None, started_ns=0)
+    on_hosts = str(LedgerTable({0: [entry], 1: [entry]}, hosts={0: "nfnode1", 1: "nfnode2"})).splitlines()[0]
+    assert "rank 0 @ nfnode1" in on_hosts and "rank 1 @ nfnode2" in on_hosts
+    assert "@" not in str(LedgerTable({0: [entry], 1: [entry]})).splitlines()[0]  # one machine: no host

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple
 
+from .fabric_check import check_fabric_arguments, check_gpus
 from .slurm_hosts import SlurmHosts
 from .spec import Slurm, resolve_cluster
 
@@ -18,5 +19,8 @@ def cluster_hosts(settings: Any, notify: Callable[[str], None]) -> Tuple[int, Op
     if settings.start_method not in (None, "spawn"):
         raise ValueError(f"--start-method {settings.start_method} does not apply to ranks on a cluster's hosts"
                          " (each starts in a fresh interpreter there)")
+    fabric_kwargs = settings.fabric_kwargs()
+    check_fabric_arguments(fabric_kwargs, settings.devices * settings.num_nodes)
+    check_gpus(fabric_kwargs, settings.devices, spec.gpus_per_node)
     hosts = SlurmHosts(spec, settings.num_nodes, settings.devices, notify=notify)
     return settings.devices * settings.num_nodes, "spawn", hosts

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..environments.slurm import parse_node_list
 from .spec import Slurm
@@ -63,8 +63,9 @@ class Allocation:
             _end(self.holder)
 
 
-def current_allocation(num_nodes: int) -> Optional[Allocation]:
-    """The allocation this kernel runs in (``SLURM_JOB_ID`` set), checked to have ``num_nodes`` hosts."""
+def current_allocation(num_nodes: int, tasks_per_node: int = 1) -> Optional[Allocation]:
+    """The allocation this kernel runs in (``SLURM_JOB_ID`` set), checked to have ``num_nodes`` hosts
+    with a CPU for each of ``tasks_per_node`` ranks."""
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID")
     if not job_id:
         return None
@@ -74,43 +75,72 @@ def current_allocation(num_nodes: int) -> Optional[Allocation]:
         raise SlurmError(f"num_nodes={num_nodes}, but this kernel's Slurm job {job_id} has {len(hosts)} node(s)"
                          f" ({node_list!r}): request --nodes={num_nodes} for the notebook's job, or pass num_nodes="
                          f"{len(hosts)}")
+    cpus = parse_cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE", ""))[:num_nodes]
+    if len(cpus) == num_nodes and min(cpus) < tasks_per_node:
+        raise SlurmError(f"devices={tasks_per_node} ranks per host, but this kernel's Slurm job {job_id} holds"
+                         f" {_cpu_counts(cpus)} on its first {num_nodes} node(s) (one per rank): pass devices="
+                         f"{min(cpus)} or less, or request more CPUs per node for the notebook's job")
     return Allocation(job_id=job_id, hosts=hosts[:num_nodes], owned=False)
 
 
-def partition_sizes() -> "tuple[dict, Optional[str]]":
-    """``({partition: node count}, default partition)`` from ``sinfo``."""
-    out = slurm("sinfo", "-h", "-o", "%P %D")
+def parse_cpus_per_node(text: str) -> List[int]:
+    """``SLURM_JOB_CPUS_PER_NODE`` (``"4(x2),2"``) as one count per node (``[4, 4, 2]``); ``[]`` if unreadable."""
+    counts: List[int] = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if match is None:
+            return []
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def _cpu_counts(cpus: List[int]) -> str:
+    kinds = sorted(set(cpus))
+    return f"{kinds[0]} CPU(s) each" if len(kinds) == 1 else f"{kinds[0]}-{kinds[-1]} CPUs per node"
+
+
+def partition_nodes() -> "tuple[Dict[str, List[int]], Optional[str]]":
+    """``({partition: [CPUs of each node]}, default partition)`` from ``sinfo``."""
+    out = slurm("sinfo", "-h", "-N", "-o", "%N %P %c")
     if out.returncode != 0:
         raise SlurmError(f"sinfo fails, so Slurm cannot be asked for nodes: {out.stderr.strip()}")
-    sizes: dict = {}
+    nodes: Dict[str, List[int]] = {}
     default = None
     for line in out.stdout.splitlines():
         parts = line.split()
-        if len(parts) != 2:
+        if len(parts) != 3:
             continue
-        name, count = parts[0], int(parts[1])
+        name, cpus = parts[1], int(parts[2].rstrip("+"))
         if name.endswith("*"):
             name = default = name[:-1]
-        sizes[name] = sizes.get(name, 0) + count
-    return sizes, default
+        nodes.setdefault(name, []).append(cpus)
+    return nodes, default
 
 
-def check_request(spec: Slurm, num_nodes: int) -> None:
-    """Refuse, before anything is queued, an unknown partition or more nodes than the partition has."""
-    sizes, default = partition_sizes()
+def check_request(spec: Slurm, num_nodes: int, tasks_per_node: int = 1) -> None:
+    """Refuse, before anything is queued, an unknown partition, more nodes than the partition has, or
+    more ranks per node than its nodes have CPUs (each rank is a Slurm task of one CPU)."""
+    nodes, default = partition_nodes()
     partition = spec.partition or default
-    if spec.partition is not None and spec.partition not in sizes:
+    if spec.partition is not None and spec.partition not in nodes:
         raise SlurmError(f"Slurm has no partition {spec.partition!r}; its partitions are "
-                         f"{', '.join(sorted(sizes)) or '(none)'}: pass Slurm(partition=...) with one of them")
-    if partition is not None and num_nodes > sizes.get(partition, 0):
-        raise SlurmError(f"num_nodes={num_nodes}, but Slurm's partition {partition!r} has {sizes.get(partition, 0)} "
-                         f"node(s): ask for at most {sizes.get(partition, 0)}, or choose a larger partition")
+                         f"{', '.join(sorted(nodes)) or '(none)'}: pass Slurm(partition=...) with one of them")
+    if partition is None:
+        return
+    cpus = sorted(nodes.get(partition, []), reverse=True)
+    if num_nodes > len(cpus):
+        raise SlurmError(f"num_nodes={num_nodes}, but Slurm's partition {partition!r} has {len(cpus)} "
+                         f"node(s): ask for at most {len(cpus)}, or choose a larger partition")
+    if cpus[num_nodes - 1] < tasks_per_node:
+        raise SlurmError(f"devices={tasks_per_node} ranks per host, but the nodes of Slurm's partition {partition!r}"
+                         f" have {_cpu_counts(cpus)} (each rank is a task of one CPU): ask for at most {cpus[num_nodes - 1]}"
+                         f" per host on {num_nodes} node(s), or choose a partition with larger nodes")
 
 
 def request_allocation(spec: Slurm, num_nodes: int, tasks_per_node: int,
                        notify: Callable[[str], None] = lambda text: None) -> Allocation:
     """Ask Slurm for ``num_nodes`` hosts (``salloc``) and wait up to ``spec.start_timeout`` for them."""
-    check_request(spec, num_nodes)
+    check_request(spec, num_nodes, tasks_per_node)
     command = ["salloc", f"--nodes={num_nodes}", f"--ntasks-per-node={tasks_per_node}", f"--job-name={JOB_NAME}",
                *spec.allocation_options(), "--", sys.executable, "-c", _HOLDER]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

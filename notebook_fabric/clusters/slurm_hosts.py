@@ -47,7 +47,7 @@ class SlurmHosts:
         self.devices = devices
         self._notify = notify
         self._step: Optional[SrunStep] = None
-        self.allocation: Allocation = current_allocation(num_nodes) or request_allocation(spec, num_nodes, devices, notify)
+        self.allocation: Allocation = current_allocation(num_nodes, devices) or request_allocation(spec, num_nodes, devices, notify)
         try:
             self.interface: Interface = (interface_named(spec.interface) if spec.interface
                                          else interface_toward(self.allocation.hosts[0]))

@@ -1,10 +1,13 @@
 """The ranks of a Slurm pool: one ``srun`` job step of N tasks, and a per-rank view of it.
 
 srun says when a task ends abnormally (``srun: error: nfnode2: task 1: Killed``), and ends itself
-when every task has; a host that vanishes says nothing, so a rank whose TLS connection closes and
-whose end srun has not reported within ``LOST_GRACE`` seconds counts as lost. Signals go through
-``scancel --signal=... JOB.STEP`` (srun's own SIGINT handling would end the step). The bootstrap,
-key included, travels on srun's stdin (``--input=all``: every task reads it).
+when every task has; a host that vanishes says nothing, so a rank whose TLS connection closes (or
+fails: its host stopped acknowledging, see :func:`~.tls.watch_peer`) and whose end srun has not
+reported within ``LOST_GRACE`` seconds counts as lost. When Slurm itself declares a node failed
+(its slurmd did not answer for ``SlurmdTimeout``), srun says ``Node failure on nfnode2`` and Slurm
+cancels the step: the ranks of that node count as lost with it, the others as cancelled because of
+it. Signals go through ``scancel --signal=... JOB.STEP`` (srun's own SIGINT handling would end the
+step). The bootstrap, key included, travels on srun's stdin (``--input=all``: every task reads it).
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from typing import Callable, Dict, List, Optional
 from ..launching.processes import describe_exit
 from .slurm_allocation import Allocation, slurm
 
-LOST_GRACE = 1.5
+LOST_GRACE = 1.0
 UNREACHABLE = 72  # a rank's exit code when it cannot connect to the notebook (launching.rank.output.Outbox)
 LOST = -int(signal.SIGKILL)
 _TASK_END = re.compile(r"srun: error: (\S+): tasks? ([\d,\- ]+): (.+)$")
 _SIGNAL_WORDS = {"Killed": signal.SIGKILL, "Terminated": signal.SIGTERM, "Segmentation fault": signal.SIGSEGV,
                  "Aborted": signal.SIGABRT, "Bus error": signal.SIGBUS, "Interrupt": signal.SIGINT}
 _EXIT_CODE = re.compile(r"Exited with exit code (\d+)")
+_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")
 
 
 def _task_numbers(text: str) -> List[int]:
@@ -63,6 +67,7 @@ class SrunStep:
         self._exits: Dict[int, int] = {}
         self._reported: Dict[int, str] = {}
         self._lost: Dict[int, float] = {}
+        self._failed_nodes: List[str] = []  # nodes Slurm declared failed (srun: "Node failure on NODE")
         self._lines: List[str] = []
         self._step_id: Optional[str] = None
         self._last_signal: Dict[str, float] = {}
@@ -106,6 +111,15 @@ class SrunStep:
                     for task in _task_numbers(match.group(2)):
                         self._exits.setdefault(task, code)
                         self._reported[task] = match.group(3).strip()
+            elif _NODE_FAILURE.match(line):
+                node = _NODE_FAILURE.match(line).group(1)
+                with self._lock:
+                    self._failed_nodes.append(node)
+                    for task in range(self.size):
+                        if self.host_of(task) == node:
+                            self._exits.setdefault(task, LOST)
+                            self._reported.setdefault(task, "node failure")
+                self._notify(f"Slurm declared node {node} failed (its slurmd stopped answering) and cancels the step")
             elif line.strip():
                 self._lines.append(line)
                 if not line.startswith("srun: Force Terminated") and "Job step aborted" not in line:
@@ -136,9 +150,15 @@ class SrunStep:
         with self._lock:
             reported = rank in self._reported
             lost = rank in self._lost and not reported and exitcode == LOST and self.process.poll() is None
+            failed = list(self._failed_nodes)
+        if host in failed:
+            return (f"was lost with host {host}: Slurm declared the node failed (its slurmd stopped answering for"
+                    " SlurmdTimeout) and cancelled the step")
         if lost:
-            return (f"was lost on host {host}: its connection to the notebook closed and Slurm reported no exit"
-                    " (the host went down or its network failed)")
+            return (f"was lost on host {host}: its connection to the notebook closed, or the host stopped acknowledging"
+                    " it, and Slurm reported no exit (the host went down or its network failed)")
+        if failed and exitcode < 0:
+            return f"{describe_exit(exitcode)} on host {host}: Slurm cancelled the step after node {failed[0]} failed"
         if exitcode == UNREACHABLE:
             return (f"could not connect to {self._reach} from host {host} (exit code {UNREACHABLE}): the host cannot reach"
                     " that address; pass the interface the nodes reach with Slurm(interface=...)")

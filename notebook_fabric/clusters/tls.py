@@ -11,6 +11,13 @@ an environment), so a stranger on the network fails the TLS handshake and nothin
 
 Each TLS connection is pumped by one thread of its own that alone touches the TLS object
 (OpenSSL objects must not be used from two threads at once): :func:`pump`.
+
+A host that is lost without a word (it crashed, lost power, or dropped off the network) closes
+nothing, so both ends of every TLS connection have the kernel watch the peer (:func:`watch_peer`:
+TCP keepalive probes after ``PEER_IDLE`` seconds of silence, and ``PEER_TIMEOUT`` seconds at most
+for the peer to acknowledge anything). The peer's kernel answers for it however busy its processes
+are, so a rank deep in a computation is never taken for lost; a host whose kernel is gone or cut
+off is, within ``PEER_TIMEOUT`` seconds, and its connection then ends like a closed one.
 """
 from __future__ import annotations
 
@@ -31,6 +38,17 @@ Address = Tuple[str, int]
 HANDSHAKE_TIMEOUT = 10.0
 _CHUNK = 16384  # one TLS record: a send either goes out whole or is retried with the same bytes
 _BUFFER_LIMIT = 4 * 1024 * 1024
+PEER_IDLE = 1  # seconds without traffic before the kernel probes the peer
+PEER_TIMEOUT = 4  # seconds the peer's kernel may leave probes or data unacknowledged before the connection fails
+
+
+def watch_peer(sock: socket.socket) -> None:
+    """Have the kernel end ``sock`` when its peer's host stops acknowledging (see the module docstring)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", PEER_IDLE), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", PEER_TIMEOUT - PEER_IDLE),
+                          ("TCP_USER_TIMEOUT", PEER_TIMEOUT * 1000)):
+        if hasattr(socket, option):  # Linux has them all; elsewhere the system's keepalive defaults apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,7 @@ class TLSDoor:
             plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls.settimeout(None)
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch_peer(tls)
         except (OSError, ssl.SSLError, struct.error, ValueError):
             self.refused += 1
             sock.close()
@@ -245,6 +264,7 @@ class LoopbackTunnel:
             tls.sendall(struct.pack("!i", self._rank))
             tls.settimeout(None)
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch_peer(tls)
         except (OSError, ssl.SSLError):
             local.close()  # the rank's connect then fails its challenge: it exits, saying so
             return

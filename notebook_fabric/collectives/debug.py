@@ -51,6 +51,7 @@ class CallSignature:
     src: Optional[int]
     name: Optional[str]
     place: str
+    host: str = ""  # the rank's host, where ranks run on other hosts (NOTEBOOK_FABRIC_HOST)
 
     def checksum(self) -> int:
         """A checksum of what must match across ranks (the same in every process, unlike ``hash``)."""
@@ -150,7 +151,8 @@ class SignatureChecker:
             everyone = [None] * size
             dist.all_gather_object(everyone, self._signature(op, meta), group=via)
             ranks = [dist.get_global_rank(via, i) if via is not None else i for i in range(len(everyone))]
-        lines = [f"  rank {rank}: {signature.describe()}" for rank, signature in zip(ranks, everyone)]
+        lines = [f"  rank {rank}{f' on host {signature.host}' if signature.host else ''}: {signature.describe()}"
+                 for rank, signature in zip(ranks, everyone)]
         raise CollectiveMismatchError(
             "The ranks called different collectives (debug mode stopped them before they could hang):\n"
             + "\n".join(lines)
@@ -162,7 +164,7 @@ class SignatureChecker:
         return CallSignature(
             seq=self._seq, op=op, shapes=tuple(tuple(s) for s in meta.get("shapes", ())),
             dtypes=tuple(meta.get("dtypes", ())), reduce_op=meta.get("reduce_op"), src=meta.get("src"),
-            name=meta.get("name"), place=_format_place(user_place(4)),
+            name=meta.get("name"), place=_format_place(user_place(4)), host=os.environ.get("NOTEBOOK_FABRIC_HOST", ""),
         )  # fmt: skip
 
     def _monitored_barrier(self, meta: dict) -> None:

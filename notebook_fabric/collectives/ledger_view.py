@@ -7,7 +7,9 @@
    >> world  #2  | barrier  WAITING              | -                             | cell line 5: fabric.save(...)
 
 A row diverges when some rank lacks the collective or the ranks' calls differ (op, shapes,
-dtypes, reduce op, src). Used by ``%fabric ledger`` and :func:`notebook_fabric.ledger`.
+dtypes, reduce op, src). When ranks run on other hosts (a cluster's), each rank's column names its
+host (``rank 2 @ nfnode2``), as the dashboard's host column does. Used by ``%fabric ledger``,
+:func:`last_ledger` and ``CollectiveHangError.ledger()``.
 """
 from __future__ import annotations
 
@@ -74,8 +76,16 @@ def _members(entries: Sequence[Optional[LedgerEntry]]) -> Optional[set]:
     return None
 
 
-def side_by_side(ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[int] = None, width: int = 36) -> str:
-    """The table (see the module docstring); ``last`` keeps only the newest ``last`` rows."""
+def rank_label(rank: int, hosts: Optional[Mapping[int, str]] = None) -> str:
+    """A rank's column heading: ``rank 2``, or ``rank 2 @ nfnode2`` when ``hosts`` knows its host."""
+    host = (hosts or {}).get(rank)
+    return f"rank {rank} @ {host}" if host else f"rank {rank}"
+
+
+def side_by_side(ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[int] = None, width: int = 36,
+                 hosts: Optional[Mapping[int, str]] = None) -> str:
+    """The table (see the module docstring); ``last`` keeps only the newest ``last`` rows; ``hosts``
+    (rank -> host, for ranks on other hosts) puts each rank's host in its column's heading."""
     if not ledgers:
         return "no collective ledger yet (run something on the ranks first)"
     keys, by_rank = align(ledgers)
@@ -86,7 +96,8 @@ def side_by_side(ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[in
         if diverge is not None and diverge not in keep:
             keep = [diverge] + keep
         keys = keep
-    header = f"   {'group':<6} {'seq':>5} | " + " | ".join(f"{'rank ' + str(r):<{width}}" for r in ranks) + " | where"
+    headings = " | ".join(f"{rank_label(r, hosts)[:width]:<{width}}" for r in ranks)
+    header = f"   {'group':<6} {'seq':>5} | {headings} | where"
     lines = [header, "-" * len(header)]
     for key in keys:
         entries = [by_rank[r].get(key) for r in ranks]
@@ -103,11 +114,14 @@ def side_by_side(ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[in
 
 
 class LedgerTable:
-    """Every rank's ledger of one run; shows as the side-by-side table (``str``, ``repr``, notebooks)."""
+    """Every rank's ledger of one run; shows as the side-by-side table (``str``, ``repr``, notebooks).
+    ``hosts``: rank -> host for ranks on other hosts (empty on one machine)."""
 
-    def __init__(self, ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[int] = None) -> None:
+    def __init__(self, ledgers: Mapping[int, Sequence[LedgerEntry]], last: Optional[int] = None,
+                 hosts: Optional[Mapping[int, str]] = None) -> None:
         self.ledgers: Dict[int, Tuple[LedgerEntry, ...]] = {r: tuple(e) for r, e in sorted(ledgers.items())}
         self.last = last
+        self.hosts: Dict[int, str] = {r: h for r, h in (hosts or {}).items() if h}
 
     @property
     def first_divergence(self) -> Optional[Key]:
@@ -115,7 +129,7 @@ class LedgerTable:
         return first_divergence(self.ledgers)
 
     def __str__(self) -> str:
-        return side_by_side(self.ledgers, self.last)
+        return side_by_side(self.ledgers, self.last, hosts=self.hosts)
 
     __repr__ = __str__
 
@@ -124,14 +138,18 @@ class LedgerTable:
 
 
 _LAST_RUN: Dict[int, Tuple[LedgerEntry, ...]] = {}
+_LAST_HOSTS: Dict[int, str] = {}
 
 
-def remember(ledgers: Mapping[int, Sequence[LedgerEntry]]) -> None:
-    """Keep the ledgers of the launch that just ended (its ranks are gone) for :func:`last_ledger`."""
+def remember(ledgers: Mapping[int, Sequence[LedgerEntry]], hosts: Optional[Mapping[int, str]] = None) -> None:
+    """Keep the ledgers of the launch that just ended (its ranks are gone) for :func:`last_ledger`, with
+    the ranks' hosts where they ran on other hosts."""
     _LAST_RUN.clear()
     _LAST_RUN.update({rank: tuple(entries) for rank, entries in ledgers.items()})
+    _LAST_HOSTS.clear()
+    _LAST_HOSTS.update(hosts or {})
 
 
 def last_ledger(last: Optional[int] = None) -> LedgerTable:
     """The collective ledgers of the last ``launch(fn)`` run in this process, side by side."""
-    return LedgerTable(_LAST_RUN, last)
+    return LedgerTable(_LAST_RUN, last, hosts=_LAST_HOSTS)

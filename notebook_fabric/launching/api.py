@@ -70,13 +70,13 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
     timeout = options.timeout
     try:
         pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
-        watchdog = StallWatchdog(range(num_processes), pool.where, options.stall)
+        watchdog = StallWatchdog(range(num_processes), pool.where, options.stall, hosts=pool.rank_hosts)
         run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
         results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,
                            sink=run_sink)
     finally:
         pool.stop(grace=1.0)
-        remember_ledgers(pool.ledgers)
+        remember_ledgers(pool.ledgers, pool.rank_hosts)
     return [results[rank] for rank in range(num_processes)] if options.return_all else results[0]
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..live.events import CollectiveState, RemoteFailure
 from ..live.fold import fold_frames
-from ..live.ranks import format_ranks  # noqa: F401 - also re-exported here
+from ..live.ranks import format_ranks, format_ranks_on  # noqa: F401 - format_ranks is also re-exported here
 
 
 class LaunchError(RuntimeError):
@@ -111,7 +111,8 @@ def rebuild_exception(failures: Dict[int, RemoteFailure], arrival: Sequence[int]
     ranks, failure = groups[0]
     rank = ranks[0]
     on_host = f" on host {failure.host}" if failure.host else ""
-    where = f"{format_ranks(ranks)}{on_host}" + (" (identical failures shown once)" if len(ranks) > 1 else "")
+    hosts = {r: f.host for r, f in failures.items() if f.host}  # ranks on other hosts: each its own
+    where = format_ranks_on(ranks, hosts) + (" (identical failures shown once)" if len(ranks) > 1 else "")
     exc = _unpickle(failure)
     if exc is None:
         exc = RankFailedError(f"{failure.qualified_type} on {where}: {failure.message}", rank=rank, ranks=ranks,

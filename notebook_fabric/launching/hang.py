@@ -14,28 +14,31 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..collectives.callsite import rank_zero_guard
 from ..collectives.ledger import LedgerEntry, with_live_entry
-from .errors import LaunchError, format_ranks
+from ..live.ranks import format_ranks_on
+from .errors import LaunchError
 from .frames import innermost_user_frame
 
 
 class CollectiveHangError(LaunchError):
     """Some ranks wait in a collective that the other ranks can no longer join (they finished,
     failed or died). ``waiting`` maps each waiting rank to its ledger entry; ``ledgers`` holds every
-    rank's ledger as far as it is known (see ``notebook_fabric.collectives.ledger_view``)."""
+    rank's ledger as far as it is known (see ``notebook_fabric.collectives.ledger_view``); ``hosts``
+    each rank's host, where ranks run on other hosts."""
 
     def __init__(self, message: str, *, waiting: Dict[int, LedgerEntry], gone: Dict[int, str],
-                 ledgers: Dict[int, Tuple[LedgerEntry, ...]]) -> None:
+                 ledgers: Dict[int, Tuple[LedgerEntry, ...]], hosts: Optional[Dict[int, str]] = None) -> None:
         super().__init__(message)
         self.waiting = waiting
         self.gone = gone
         self.ledgers = ledgers
+        self.hosts = dict(hosts or {})
         self.ranks = sorted(waiting)
 
     def ledger(self, last: Optional[int] = None) -> Any:
         """Every rank's ledger side by side (a :class:`~notebook_fabric.collectives.LedgerTable`)."""
         from ..collectives.ledger_view import LedgerTable
 
-        return LedgerTable(self.ledgers, last)
+        return LedgerTable(self.ledgers, last, hosts=self.hosts)
 
 
 @dataclass(frozen=True)
@@ -72,20 +75,22 @@ def find_certain_hang(waiting: Dict[int, LedgerEntry], gone: Dict[int, str],
     return Verdict(waiting=stuck, gone=culprits) if stuck else None
 
 
-def explain(verdict: Verdict, ledgers: Dict[int, Tuple[LedgerEntry, ...]], task_label: str) -> str:
-    """The message of the :class:`CollectiveHangError` for ``verdict``."""
+def explain(verdict: Verdict, ledgers: Dict[int, Tuple[LedgerEntry, ...]], task_label: str,
+            hosts: Optional[Dict[int, str]] = None) -> str:
+    """The message of the :class:`CollectiveHangError` for ``verdict`` (naming each rank's host, where
+    ``hosts`` knows it)."""
     lines = ["a collective can never complete (reported at once: no threshold needed):"]
     by_call: Dict[Tuple[Any, ...], List[int]] = {}
     for rank, entry in sorted(verdict.waiting.items()):
         by_call.setdefault((entry.describe(), entry.group), []).append(rank)
     for (text, _), ranks in by_call.items():
-        lines.append(f"  {format_ranks(ranks)} {'waits' if len(ranks) == 1 else 'wait'} in {text}")
+        lines.append(f"  {format_ranks_on(ranks, hosts)} {'waits' if len(ranks) == 1 else 'wait'} in {text}")
     for rank, how in sorted(verdict.gone.items()):
         entry = next(iter(verdict.waiting.values()))
         last = [e for e in ledgers.get(rank, ()) if e.group == entry.group]
         done = f"; its last collective there was {last[-1].describe()}" if last else "; it issued no collective there"
         verb = "" if how.startswith("is ") else " without calling it"
-        lines.append(f"  rank {rank} {how}{verb}{done if rank in ledgers else ''}")
+        lines.append(f"  {format_ranks_on([rank], hosts)} {how}{verb}{done if rank in ledgers else ''}")
     guards = {e.guard or rank_zero_guard(e.place) for e in verdict.waiting.values()} - {None}
     if guards:
         lines.append(f"  The call sits under `{sorted(guards)[0]}`, so only some ranks make it. It is a collective "
@@ -196,9 +201,9 @@ def check_waiting(world: Any, pending: Iterable[int], finished: Iterable[int], i
     for rank, reply in world.where(timeout=1.0, ledger=True).items():
         if reply.ledger is not None:
             world.ledgers[rank] = with_live_entry(reply.ledger, waiting.get(rank))
-    ledgers = dict(world.ledgers)
-    return CollectiveHangError(explain(verdict, ledgers, label), waiting=verdict.waiting, gone=verdict.gone,
-                               ledgers=ledgers)
+    ledgers, hosts = dict(world.ledgers), world.hosts
+    return CollectiveHangError(explain(verdict, ledgers, label, hosts), waiting=verdict.waiting, gone=verdict.gone,
+                               ledgers=ledgers, hosts=hosts)
 
 
 def explain_failures(world: Any, failures: Dict[int, Any], finished: Iterable[int],
@@ -219,12 +224,12 @@ def explain_failures(world: Any, failures: Dict[int, Any], finished: Iterable[in
     verdict = find_certain_hang(waiting, gone, world.ledgers) if waiting and gone else None
     if verdict is None:
         return None, None
-    ledgers = dict(world.ledgers)
-    story = explain(verdict, ledgers, label)
+    ledgers, hosts = dict(world.ledgers), world.hosts
+    story = explain(verdict, ledgers, label, hosts)
     if any(rank in failures for rank in verdict.gone):
         return None, story.replace("a collective can never complete (reported at once: no threshold needed):",
                                    "because of it, a collective could never complete:")
-    error = CollectiveHangError(story, waiting=verdict.waiting, gone=verdict.gone, ledgers=ledgers)
+    error = CollectiveHangError(story, waiting=verdict.waiting, gone=verdict.gone, ledgers=ledgers, hosts=hosts)
     for rank in sorted(verdict.waiting):
         error.add_note(f"the backend then gave up on rank {rank}: {failures[rank].summary}")
     return error, None
@@ -240,7 +245,7 @@ def waiting_note(world: Any, pending: Iterable[int]) -> Optional[str]:
                if r in replies and getattr(replies[r], "waiting", None) is not None}
     if not waiting:
         return None
-    parts = [f"{format_ranks([r])} waited in {e.describe()}" for r, e in sorted(waiting.items())]
+    parts = [f"{format_ranks_on([r], world.hosts)} waited in {e.describe()}" for r, e in sorted(waiting.items())]
     return "meanwhile " + "; ".join(parts) + ", which could not complete"
 
 

@@ -143,6 +143,11 @@ class RankPool:
         return self._ranks.ledgers
 
     @property
+    def rank_hosts(self) -> Dict[int, str]:
+        """rank -> host for ranks on other hosts (a cluster's); empty when every rank runs on this machine."""
+        return self._ranks.hosts
+
+    @property
     def pids(self) -> List[int]:
         return [h.pid for h in self._handles]
 

@@ -144,6 +144,11 @@ class Ranks:
     def pid(self, rank: int) -> int:
         return self._handles[rank].pid
 
+    @property
+    def hosts(self) -> Dict[int, str]:
+        """rank -> host for ranks on other hosts (their process says where: ``host``); empty on one machine."""
+        return {h.rank: h.process.host for h in self._handles if getattr(h.process, "host", "")}
+
     def deaths(self, seen: Dict[int, Any]) -> Dict[int, str]:
         """Every rank that died: those whose exit event was ``seen`` (rank -> ``RankExited``), and those
         whose process ended unasked although its exit event had not arrived yet."""

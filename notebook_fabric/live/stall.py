@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 from .events import CollectiveState, Heartbeat, RankEvent
 from .fold import fold_frames
 from .notices import write_notice
-from .ranks import format_ranks
+from .ranks import format_ranks, format_ranks_on
 from .sinks import EventSink
 
 
@@ -42,11 +42,14 @@ def plain_stacks(stacks: Dict[int, str], clean: Callable[[str], str] = fold_fram
 
 
 class StallWatchdog:
-    """See the module docstring. ``where(timeout) -> {rank: stack}``."""
+    """See the module docstring. ``where(timeout) -> {rank: stack}``; ``hosts``: rank -> host, for ranks on
+    other hosts (the report then names each rank's host)."""
 
     def __init__(self, running: Iterable[int], where: Callable[[float], Dict[int, str]], stall_after: Optional[float],
-                 format_stacks: Callable[[Dict[int, str]], str] = plain_stacks) -> None:
+                 format_stacks: Callable[[Dict[int, str]], str] = plain_stacks,
+                 hosts: Optional[Mapping[int, str]] = None) -> None:
         self.running = sorted(running)
+        self.hosts = dict(hosts or {})
         self.stall_after = stall_after if stall_after and stall_after > 0 else None
         self._where = where
         self._format_stacks = format_stacks
@@ -77,12 +80,12 @@ class StallWatchdog:
         for rank, collective in sorted(self._collectives.items()):
             if collective is not None:
                 waiting.setdefault(collective.describe(now), []).append(rank)
-        lines = [f"stall: {format_ranks(ranks)} {'has' if len(ranks) == 1 else 'have'} waited in {label}"
-                 for label, ranks in waiting.items()]
+        lines = [f"stall: {format_ranks_on(ranks, self.hosts)} {'has' if len(ranks) == 1 else 'have'} waited in"
+                 f" {label}" for label, ranks in waiting.items()]
         elsewhere = [r for r in self.running if self._collectives.get(r) is None]
         if elsewhere:
-            lines.append(f"{format_ranks(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} not in that collective; "
-                         "every rank's stack:")
+            verb = "is" if len(elsewhere) == 1 else "are"
+            lines.append(f"{format_ranks_on(elsewhere, self.hosts)} {verb} not in that collective; every rank's stack:")
         text = "\n".join(lines + ["  " + line for line in self._format_stacks(stacks).splitlines()])
         return StallReport(time=now, text=text, stacks=stacks)
 

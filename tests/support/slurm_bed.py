@@ -53,6 +53,14 @@ def bring_up() -> None:
     wait_nodes_idle()
 
 
+NODE_LINKS = {"nfnode1": "nfv0", "nfnode2": "nfv1"}  # each node's veth end on the bridge (scripts/slurm_testbed.sh)
+
+
+def reconnect_node(node: str) -> None:
+    """Put ``node`` back on the network after a test cut it off (``ip link set ... down``)."""
+    subprocess.run(["ip", "link", "set", NODE_LINKS[node], "up"], capture_output=True, timeout=30)
+
+
 def wait_nodes_idle(timeout: float = 60.0) -> None:
     """Every node idle (a node whose slurmd a test killed comes back through ``up``)."""
     deadline = time.monotonic() + timeout
@@ -79,6 +87,16 @@ def assert_no_jobs(timeout: float = 15.0) -> None:
         time.sleep(0.2)
         left = jobs()
     assert not left, f"jobs still in squeue {timeout:g} s after the test: {left}"
+
+
+CONTROLLER_LOG = Path("/run/nf-testbed/slurmctld.log")
+
+
+def allocation_requests() -> int:
+    """How many allocations (salloc, srun, sbatch) slurmctld has been asked for since the bed started, from its
+    log: a check that must refuse before Slurm is asked leaves this count unchanged."""
+    text = CONTROLLER_LOG.read_text(errors="replace") if CONTROLLER_LOG.exists() else ""
+    return sum(text.count(marker) for marker in ("_slurm_rpc_allocate_resources", "_slurm_rpc_submit_batch_job"))
 
 
 def node_processes(node: str) -> List[psutil.Process]:
