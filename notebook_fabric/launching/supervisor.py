@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import queue
+import selectors
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional
 
 from ..live.channel import EventListener
@@ -132,25 +133,41 @@ class Supervisor:
             os.write(self._wake_write, b"c")
 
     def _read_loop(self) -> None:
-        connections: List[Connection] = []
-        while not self._stopping.is_set():
-            sentinels = {h.process.sentinel: h for h in self.handles if h.alive and h.process.sentinel is not None}
-            ready = wait([*connections, self._wake_read, *sentinels], timeout=POLL_INTERVAL)
-            if self._wake_read in ready:
-                os.read(self._wake_read, 4096)
-                with self._lock:
-                    connections.extend(self._new_connections)
-                    self._new_connections.clear()
-            for connection in [c for c in ready if isinstance(c, Connection)]:
-                if not self._drain(connection):
-                    connections.remove(connection)
-            self._reap(connections)
-            if self._finishing.is_set() and not any(h.alive for h in self.handles):
-                return
-            if any(isinstance(r, int) and r in sentinels and sentinels[r].alive for r in ready):
-                time.sleep(0.01)  # exited but not yet reapable: do not spin
+        """Wait on every connection, the wake pipe and every rank's exit sentinel in one selector
+        (registered once, not rebuilt per wake-up); look at a rank's exit only when its sentinel
+        fired (a rank without one, on another host, is asked on every pass)."""
+        watch = _Watched(self._wake_read)
+        exiting: Dict[int, RankHandle] = {}  # sentinel fired, not reaped yet (a forkserver pipe closes before)
+        try:
+            for handle in self.handles:
+                if handle.alive and handle.process.sentinel is not None:
+                    watch.add(handle.process.sentinel, handle)
+            polled = [h for h in self.handles if h.process.sentinel is None]
+            while not self._stopping.is_set():
+                ready = watch.select(POLL_INTERVAL)
+                for key in ready:
+                    if key is None:  # the wake pipe: new connections, or stop
+                        os.read(self._wake_read, 4096)
+                        with self._lock:
+                            fresh, self._new_connections = self._new_connections, []
+                        for connection in fresh:
+                            watch.add(connection.fileno(), connection)
+                    elif isinstance(key, RankHandle):
+                        exiting[key.rank] = key
+                for connection in [k for k in ready if isinstance(k, Connection)]:
+                    self._drain(connection, watch=watch)
+                candidates = list(exiting.values()) + [h for h in polled if h.alive]
+                reaped = self._reap(candidates, watch)
+                for handle in reaped:
+                    exiting.pop(handle.rank, None)
+                if self._finishing.is_set() and not any(h.alive for h in self.handles):
+                    return
+                if any(h.alive for h in exiting.values()):
+                    time.sleep(0.01)  # exited but not yet reapable: do not spin
+        finally:
+            watch.close()
 
-    def _drain(self, connection: Connection, known_readable: bool = True) -> bool:
+    def _drain(self, connection: Connection, known_readable: bool = True, watch: Optional["_Watched"] = None) -> bool:
         """Read everything available on ``connection``; ``False`` once it is closed."""
         try:
             if not known_readable and not connection.poll(0):
@@ -160,6 +177,8 @@ class Supervisor:
                 if not connection.poll(0):
                     return True
         except (EOFError, OSError):
+            if watch is not None:
+                watch.discard(connection)
             connection.close()
             return False
 
@@ -186,16 +205,21 @@ class Supervisor:
                 handle.state = "idle"
         self.events.put(event)
 
-    def _reap(self, connections: List[Connection]) -> None:
-        for handle in self.handles:
-            if not handle.alive:
-                continue
-            exitcode = handle.process.exitcode
+    def _reap(self, candidates: List[RankHandle], watch: "_Watched") -> List[RankHandle]:
+        """Report every rank among ``candidates`` whose process has ended; returns those."""
+        reaped = []
+        for handle in candidates:
+            exitcode = handle.process.exitcode if handle.alive else handle.exitcode
             if exitcode is None:
                 continue
-            if handle.connection is not None and handle.connection in connections:
-                self._drain(handle.connection, known_readable=False)  # what it said before dying comes first
-                connections.remove(handle.connection)
+            if handle.process.sentinel is not None:
+                watch.discard_fd(handle.process.sentinel)
+            reaped.append(handle)
+            if not handle.alive:  # reported already
+                continue
+            if handle.connection is not None and watch.has(handle.connection):
+                self._drain(handle.connection, known_readable=False, watch=watch)  # what it said before dying comes first
+                watch.discard(handle.connection)
             handle.exitcode = exitcode
             handle.state = "exited"
             self.events.put(RankExited(rank=handle.rank, time=time.time(), exitcode=exitcode,
@@ -203,6 +227,42 @@ class Supervisor:
                                        last_words=handle.process.last_words() if exitcode != 0 else ""))
             with self.changed:
                 self.changed.notify_all()
+        return reaped
+
+
+class _Watched:
+    """The supervisor's selector: descriptors registered once, each with what it stands for
+    (``None`` for the wake pipe, a :class:`Connection`, or the :class:`RankHandle` of an exit sentinel)."""
+
+    def __init__(self, wake_fd: int) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(wake_fd, selectors.EVENT_READ, None)
+
+    def add(self, fd: int, what: Any) -> None:
+        self._selector.register(fd, selectors.EVENT_READ, what)
+
+    def has(self, connection: Connection) -> bool:
+        try:
+            key = self._selector.get_key(connection.fileno())
+        except (KeyError, ValueError, OSError):
+            return False
+        return key.data is connection
+
+    def discard(self, connection: Connection) -> None:
+        if self.has(connection):
+            self._selector.unregister(connection.fileno())
+
+    def discard_fd(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def select(self, timeout: float) -> List[Any]:
+        return [key.data for key, _ in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        self._selector.close()
 
 
 def _describe_exit(process: RankProcess, exitcode: int) -> str:
