@@ -180,6 +180,7 @@ class RankPool:
                 env=self.hosts.rank_environment(self._rendezvous, rank, self.num_processes),
                 heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
                 close_ports=(listener.address[1], self._rendezvous.port) if inherits_memory(method) else (),
+                listening_fds=_listening_fds(listener, self._rendezvous) if inherits_memory(method) else None,
                 log_dir=self._logs.folder,
             ) for rank in range(self.num_processes)]
             for rank, process in enumerate(self.hosts.start_ranks(method, bootstraps, self._setup)):
@@ -402,6 +403,13 @@ class RankPool:
     def __repr__(self) -> str:
         return (f"RankPool(num_processes={self.num_processes}, start_method={self.start_method or self.requested_start_method!r}, "
                 f"state={self._state!r})")
+
+
+def _listening_fds(*listeners: Any) -> Optional[tuple]:
+    """The descriptors of the notebook's listening sockets a forked rank inherits (``None`` when one
+    of them does not say: the rank then looks at all of its descriptors)."""
+    fds = [getattr(listener, "listening_fd", None) for listener in listeners]
+    return None if None in fds else tuple(fds)
 
 
 @atexit.register

@@ -26,6 +26,7 @@ class RankBootstrap:
     heartbeat_interval: float = 2.0
     trace_collectives: bool = False
     close_ports: Tuple[int, ...] = ()  # the notebook's listening sockets a forked rank inherits and closes
+    listening_fds: Optional[Tuple[int, ...]] = None  # where the notebook holds them (None: look at every descriptor)
     crash_fd: Optional[int] = None  # spawn: where faulthandler writes (fork/forkserver get a pipe object)
     log_dir: Optional[str] = None  # the rank appends its stdout and stderr to rank<N>/stdout.log, stderr.log here
 

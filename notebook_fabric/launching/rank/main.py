@@ -86,7 +86,7 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
 
     def on_connected(connection: Any) -> None:
-        close_inherited_listeners(bootstrap.close_ports)
+        close_inherited_listeners(bootstrap.close_ports, bootstrap.listening_fds)
         start_control_thread(connection, inbox, outbox, state, bootstrap.heartbeat_interval)
 
     # Connecting runs in the outbox thread while this thread builds the Fabric.
