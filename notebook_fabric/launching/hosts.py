@@ -32,7 +32,9 @@ class RankHosts(Protocol):
         """The torchrun-style variables of ``rank``."""
 
     def start_ranks(self, method: str, bootstraps: Sequence[RankBootstrap], setup: RankSetup) -> List[RankProcess]:
-        """Start one rank per bootstrap; return their processes in rank order."""
+        """Start one rank per bootstrap; return their processes in rank order. A process whose
+        ``channel`` attribute is a connection is connected already (the pool does not wait for it
+        to dial back)."""
 
     def host_of(self, rank: int) -> str:
         """The host ``rank`` runs on."""
@@ -58,9 +60,14 @@ class LocalHosts:
 
     def start_ranks(self, method: str, bootstraps: Sequence[RankBootstrap], setup: RankSetup) -> List[RankProcess]:
         started: List[RankProcess] = []
+        channels: List[int] = []  # the notebook's ends of the forked ranks' channels so far
         try:
             for bootstrap in bootstraps:
-                started.append(start_rank(method, bootstrap, setup))
+                process = start_rank(method, bootstrap, setup, close_in_child=tuple(channels))
+                started.append(process)
+                channel = getattr(process, "channel", None)
+                if channel is not None:
+                    channels.append(channel.fileno())
         except BaseException:
             for process in started:  # a rank that could not start: none of the others may outlive the failure
                 process.kill()

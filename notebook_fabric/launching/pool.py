@@ -185,7 +185,8 @@ class RankPool:
             ) for rank in range(self.num_processes)]
             for rank, process in enumerate(self.hosts.start_ranks(method, bootstraps, self._setup)):
                 self._handles.append(RankHandle(rank, process))
-            self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
+            connected = [p.channel for p in (h.process for h in self._handles) if getattr(p, "channel", None) is not None]
+            self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload, connected=connected)
             if self.idle_sink is not None:
                 self._supervisor.idle_heartbeats = self.idle_sink.handle
             self._ranks.attach(self._supervisor)

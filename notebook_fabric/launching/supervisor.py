@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..live.channel import EventListener
 from ..live.events import Heartbeat, RankExited, RankReady, RankStarted, TaskDone, TaskFailed, WhereReply
@@ -63,8 +63,12 @@ class Supervisor:
     """Accepts, reads and reaps for one pool (two daemon threads); see the module docstring."""
 
     def __init__(self, handles: List[RankHandle], listener: EventListener, events: "queue.Queue[Any]",
-                 setup_payload: Optional[bytes]) -> None:
+                 setup_payload: Optional[bytes], connected: Sequence[Connection] = ()) -> None:
+        """``connected``: connections to ranks made before they started (forked ranks' socket pairs);
+        when there is one per rank, nothing listens for ranks dialling back."""
         self.handles = handles
+        self._connected = list(connected)
+        self._accepting = len(self._connected) < len(handles)
         self.events = events
         self._listener = listener
         self._setup_payload = setup_payload
@@ -81,8 +85,9 @@ class Supervisor:
         self._reader = threading.Thread(target=self._read_loop, name="notebook-fabric supervisor", daemon=True)
 
     def start(self) -> None:
-        self._listener.start()  # only now: every rank is forked, no challenge runs while one forks
-        self._acceptor.start()
+        if self._accepting:
+            self._listener.start()  # only now: every rank is forked, no challenge runs while one forks
+            self._acceptor.start()
         self._reader.start()
 
     def stop_accepting(self) -> None:
@@ -139,6 +144,8 @@ class Supervisor:
         watch = _Watched(self._wake_read)
         exiting: Dict[int, RankHandle] = {}  # sentinel fired, not reaped yet (a forkserver pipe closes before)
         try:
+            for connection in self._connected:
+                watch.add(connection.fileno(), connection)
             for handle in self.handles:
                 if handle.alive and handle.process.sentinel is not None:
                     watch.add(handle.process.sentinel, handle)
