@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 from typing import Dict, List, Protocol, Sequence
 
+from .processes import prepare_to_fork
 from .protocol import RankBootstrap, RankSetup
 from .rendezvous import RendezvousStore
 from .starters import RankProcess, start_rank
@@ -61,6 +62,8 @@ class LocalHosts:
     def start_ranks(self, method: str, bootstraps: Sequence[RankBootstrap], setup: RankSetup) -> List[RankProcess]:
         started: List[RankProcess] = []
         channels: List[int] = []  # the notebook's ends of the forked ranks' channels so far
+        if method == "fork":
+            prepare_to_fork()
         try:
             for bootstrap in bootstraps:
                 process = start_rank(method, bootstrap, setup, close_in_child=tuple(channels))
