@@ -253,7 +253,7 @@ def print_paired(method: str, row: Dict[str, List[Sample]]) -> None:
         ratios = sorted(s.wall / floor_by_round[s.round].wall for s in samples if s.round in floor_by_round)
         if name == FLOOR or not ratios:
             continue
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
         print(f"{'':<15}   {name} / floor, paired by round: {statistics.median(ratios):.2f} "
               f"[{quartiles[0]:.2f}-{quartiles[2]:.2f}]")
 
