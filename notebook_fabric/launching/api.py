@@ -66,7 +66,8 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
                     trace_collectives=trace_collectives, hosts=hosts)
     timeout = options.timeout
     try:
-        pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
+        # the function goes to every rank from the pool's reader thread the moment the last one is ready
+        pool.start(timeout=START_TIMEOUT if timeout is None else timeout, first_task=_call_launched_function, last=True)
         watchdog = StallWatchdog(range(num_processes), pool.where, options.stall)
         run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
         results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,

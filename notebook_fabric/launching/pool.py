@@ -40,7 +40,7 @@ from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
 from ..strategies.start_methods import inherits_memory
 from .ranks import Ranks
-from .run_loop import RunLoop, wait_until_ready
+from .run_loop import RunLoop, pickle_task, wait_until_ready
 from .supervisor import RankHandle, Supervisor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,6 +122,7 @@ class RankPool:
         self._listener: Optional[EventListener] = None
         self._state = "new"  # new | running | stopped
         self._shipped_sources: set = set()
+        self._first_task: Optional[tuple] = None  # (task, id, last): sent with the start, collected by run()
         self._lock = threading.RLock()
         # what the run loop, hang detection and stepping see of the ranks
         self._ranks = Ranks(self._handles, self._events, stop=lambda grace: self.stop(grace=grace),
@@ -156,8 +157,12 @@ class RankPool:
         if self._logs is not None:
             self._logs.keep()
 
-    def start(self, timeout: float = 120.0) -> "RankPool":
-        """Start the ranks and return once every one has its Fabric launched (or raise why not)."""
+    def start(self, timeout: float = 120.0, first_task: Optional[Task] = None, last: bool = False) -> "RankPool":
+        """Start the ranks and return once every one has its Fabric launched (or raise why not).
+
+        ``first_task`` goes to every rank the moment the last one is ready, from the pool's reader
+        thread (``launch(fn)`` saves a wake-up of the caller's thread); :meth:`run` of that same
+        task object then collects it instead of sending it again (``last``: as ``run(last=True)``)."""
         if self._state != "new":
             raise PoolClosedError("a RankPool starts once; create a new one to start again")
         method = resolve_start_method(self.requested_start_method, self._notify)
@@ -190,6 +195,9 @@ class RankPool:
             if self.idle_sink is not None:
                 self._supervisor.idle_heartbeats = self.idle_sink.handle
             self._ranks.attach(self._supervisor)
+            if first_task is not None:
+                task_id = self._ranks.arm_task(range(self.num_processes), pickle_task(first_task), exit_after=last)
+                self._first_task = (first_task, task_id, last)
             self._supervisor.start()
             wait_until_ready(self._ranks, self.sink, timeout)
             self._supervisor.stop_accepting()
@@ -304,8 +312,16 @@ class RankPool:
         Only a closed pool or a bad ``ranks`` raises here."""
         self._require_alive()
         selected = self._select(ranks)
+        sent_as = None
+        if self._first_task is not None:
+            first, task_id, first_last = self._first_task
+            self._first_task = None
+            if first is task:
+                if ranks is not None and selected != list(range(self.num_processes)):
+                    raise ValueError("the pool's first task went to every rank with its start: run it on all ranks")
+                sent_as, last = task_id, first_last
         loop = RunLoop(self._ranks, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
-                       failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
+                       failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last, sent_as=sent_as)
         return loop.outcome(task)
 
     def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:

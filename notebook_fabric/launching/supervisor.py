@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..live.channel import EventListener
 from ..live.events import Heartbeat, RankExited, RankReady, RankStarted, TaskDone, TaskFailed, WhereReply
@@ -80,6 +80,8 @@ class Supervisor:
         self.task_running = threading.Event()  # set by the run loop while it consumes events
         self.idle_heartbeats: Optional[Callable[[Any], None]] = None  # called with heartbeats between tasks
         self._where: Dict[int, Dict[int, WhereReply]] = {}
+        self._armed: Optional[Tuple[Any, List[int]]] = None  # a task to send the moment every rank is ready
+        self._ready: set = set()
         self.changed = threading.Condition()
         self._acceptor = threading.Thread(target=self._accept, name="notebook-fabric acceptor", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="notebook-fabric supervisor", daemon=True)
@@ -96,6 +98,12 @@ class Supervisor:
             self._listener.wake()
             self._acceptor.join(timeout=5)
         self._listener.close()
+
+    def arm(self, message: Any, ranks: List[int]) -> None:
+        """Send ``message`` (a ``RunTask``) to ``ranks`` from this thread as soon as every rank is
+        ready: the first task of a launch starts without waiting for the caller's thread to wake up
+        (call before :meth:`start`)."""
+        self._armed = (message, list(ranks))
 
     def finish_when_all_exited(self) -> None:
         """The pool is ending: the reader thread may leave as soon as no rank is left."""
@@ -210,7 +218,24 @@ class Supervisor:
                     return  # between tasks nobody consumes events: keep only the latest, on the handle
             elif isinstance(event, (RankReady, TaskDone, TaskFailed)):
                 handle.state = "idle"
+            if isinstance(event, RankReady):
+                self._ready.add(event.rank)
+                self.events.put(event)
+                self._send_armed()
+                return
         self.events.put(event)
+
+    def _send_armed(self) -> None:
+        """The armed task goes out once every rank is ready (queued after the last ``RankReady``)."""
+        if self._armed is None or len(self._ready) < len(self.handles):
+            return
+        message, ranks = self._armed
+        self._armed = None
+        self.task_running.set()
+        for rank in ranks:
+            handle = self.handles[rank]
+            handle.state = "running"
+            handle.send(message)
 
     def _reap(self, candidates: List[RankHandle], watch: "_Watched") -> List[RankHandle]:
         """Report every rank among ``candidates`` whose process has ended; returns those."""

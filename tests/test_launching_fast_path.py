@@ -1,6 +1,7 @@
 """What a launch's fast path must keep: forked ranks talk over socket pairs only they and the
-notebook hold, ranks without an exit sentinel are still seen dying, the /proc-free helpers a rank
-uses on its way in and out, and the notebook's logging handlers inside a rank (issue 19)."""
+notebook hold, ranks without an exit sentinel are still seen dying, the first task sent with the
+start runs once, the /proc-free helpers a rank uses on its way in and out, and the notebook's
+logging handlers inside a rank (issue 19)."""
 from __future__ import annotations
 
 import logging
@@ -56,6 +57,32 @@ def test_no_forked_rank_holds_the_notebooks_end_of_any_channel():
         assert pool.run(lambda fabric, ns: fabric.global_rank) == {0: 0, 1: 1, 2: 2}  # and the channels work
     finally:
         pool.stop()
+
+
+def _count_runs(fabric, namespace):
+    namespace["runs"] = namespace.get("runs", 0) + 1
+    print(f"run {namespace['runs']} on rank {fabric.global_rank}")
+    return namespace["runs"]
+
+
+def test_the_first_task_sent_with_the_start_runs_once_and_its_output_comes_first():
+    sink = RecordingSink()
+    pool = RankPool(dict(CPU_DDP, devices=2), num_processes=2, make_fabric=build_rank_fabric, start_method="fork",
+                    sink=sink)
+    try:
+        pool.start(first_task=_count_runs)
+        assert pool.run(_count_runs) == {0: 1, 1: 1}  # collected, not sent again
+        printed = "".join(e.text for e in sink.events if isinstance(e, Output))
+        assert "run 1 on rank 0" in printed and "run 1 on rank 1" in printed
+        assert pool.run(_count_runs) == {0: 2, 1: 2}  # a later run of the same task is sent as usual
+    finally:
+        pool.stop()
+
+
+def test_a_first_task_that_raises_is_reported_like_any_task():
+    with pytest.raises(ZeroDivisionError):
+        launch(lambda fabric: 1 / (fabric.global_rank - 1), accelerator="cpu", devices=2, start_method="fork",
+               sink=RecordingSink())
 
 
 class _NoSentinel:
