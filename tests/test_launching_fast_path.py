@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -192,3 +194,18 @@ def test_a_notebook_logging_handler_writes_into_the_ranks_captured_stream():
         logger.propagate = True
     seen = "".join(e.text for e in sink.events if isinstance(e, Output) and e.stream == "stderr")
     assert "logged on rank 0" in seen and "logged on rank 1" in seen
+
+
+def _crashes_on_its_way_out(fabric, delay):
+    if fabric.global_rank == 1:  # the rank's last step before leaving segfaults, `delay` s after its value was queued
+        fabric._finalize_loggers = lambda status: (time.sleep(delay), os.kill(os.getpid(), signal.SIGSEGV))
+    return fabric.global_rank
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])  # 0.5 s: its value has reached the notebook before it crashes
+def test_a_rank_that_crashes_on_its_way_out_is_reported_and_its_logs_kept(delay, capsys):
+    with pytest.raises(RankDiedError, match="rank 1 killed by signal SIGSEGV") as caught:
+        launch(_crashes_on_its_way_out, delay, accelerator="cpu", devices=2, start_method="fork")
+    assert caught.value.rank == 1
+    captured = capsys.readouterr()
+    assert "per-rank logs (complete stdout and stderr)" in captured.out + captured.err

@@ -19,6 +19,7 @@ from ..strategies.start_methods import inherits_memory
 from .options import LaunchOptions
 from .pool import RankPool
 from .preflight import check_picklable, resolve_start_method
+from .run_loop import exit_error
 
 _LAUNCHED = "__notebook_fabric_launched__"
 START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is given no timeout
@@ -75,6 +76,9 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
     finally:
         pool.stop(grace=1.0)
         remember_ledgers(pool.ledgers)
+    crashed = pool.failed_exits()  # every rank answered, and the call waited for their exits: say if one crashed
+    if crashed:
+        raise exit_error(crashed)
     return [results[rank] for rank in range(num_processes)] if options.return_all else results[0]
 
 

@@ -233,6 +233,8 @@ class RankPool:
             self.hosts.close()
             _LIVE_POOLS.discard(self)
             self._ranks.drain(self.sink)
+            if self.failed_exits():  # a rank crashed on its way out: its logs are kept too
+                self.keep_logs()
             kept = self._logs.finish() if self._logs is not None else None
             if kept is not None:
                 self._notify(f"per-rank logs (complete stdout and stderr): {kept}")
@@ -251,6 +253,7 @@ class RankPool:
                 stuck = [h for h in self._handles if h.alive]
                 trees = [p for h in stuck for p in descendants(h.pid)]  # before they are re-parented
                 for handle in stuck:
+                    handle.ended_by_pool = True
                     handle.process.terminate()
                 self._wait_exits(1.0)
         except KeyboardInterrupt:
@@ -258,6 +261,7 @@ class RankPool:
         finally:
             for handle in self._handles:
                 if handle.alive:
+                    handle.ended_by_pool = True
                     handle.process.kill()
             self._wait_exits(3.0)
             for handle in self._handles:
@@ -281,6 +285,12 @@ class RankPool:
                     return False
                 self._supervisor.changed.wait(min(remaining, 0.05))
         return True
+
+    def failed_exits(self) -> Dict[int, Any]:
+        """``{rank: RankExited}`` of the ranks that ended with a failure by themselves (a crash on
+        their way out, after answering): not those the pool had to terminate or kill."""
+        return {h.rank: h.exit_event for h in self._handles
+                if h.exit_event is not None and h.exit_event.exitcode != 0 and not h.ended_by_pool}
 
     def __enter__(self) -> "RankPool":
         return self.start() if self._state == "new" else self

@@ -397,6 +397,11 @@ def pickle_task(task: Any) -> bytes:
                         f"{type(error).__name__}: {error}") from error
 
 
+def exit_error(exits: Dict[int, RankExited]) -> RankDiedError:
+    """The error for ranks that crashed on their way out, after every rank had answered."""
+    return _death_error(exits, "after returning its value (on its way out)")
+
+
 def _death_error(deaths: Dict[int, RankExited], when: str) -> RankDiedError:
     groups: Dict[str, List[int]] = {}
     for rank, event in sorted(deaths.items()):

@@ -38,6 +38,8 @@ class RankHandle:
     exitcode: Optional[int] = None
     exit_expected: bool = False
     heartbeat: Optional[Heartbeat] = None
+    exit_event: Optional[RankExited] = None  # how it ended (with the faulthandler's last words)
+    ended_by_pool: bool = False  # the pool terminated or killed it (it did not leave when asked)
 
     @property
     def pid(self) -> int:
@@ -254,9 +256,11 @@ class Supervisor:
                 watch.discard(handle.connection)
             handle.exitcode = exitcode
             handle.state = "exited"
-            self.events.put(RankExited(rank=handle.rank, time=time.time(), exitcode=exitcode,
-                                       description=_describe_exit(handle.process, exitcode), expected=handle.exit_expected,
-                                       last_words=handle.process.last_words() if exitcode != 0 else ""))
+            handle.exit_event = RankExited(rank=handle.rank, time=time.time(), exitcode=exitcode,
+                                           description=_describe_exit(handle.process, exitcode),
+                                           expected=handle.exit_expected,
+                                           last_words=handle.process.last_words() if exitcode != 0 else "")
+            self.events.put(handle.exit_event)
             with self.changed:
                 self.changed.notify_all()
         return reaped
