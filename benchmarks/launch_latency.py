@@ -11,7 +11,9 @@ and ends the processes before the call returns:
 Lightning and Accelerate are not dependencies: install them to compare
 (``pip install lightning-fabric accelerate``); missing ones are skipped with that hint.
 Variants are interleaved round by round so load drift on a shared machine hits all alike;
-medians are reported with ratios to the floor of the same start method.
+medians are reported with ratios to the floor of the same start method, with each call's CPU
+(this process plus the ranks it reaped: ``RUSAGE_CHILDREN``; forkserver ranks are the fork
+server's children and do not show) and each variant's per-round ratio to the floor ("paired").
 
     python benchmarks/launch_latency.py [--rounds 7] [--only fork] [--ranks 2 4 8] [--call-timeout 120]
 
