@@ -11,7 +11,9 @@ and ends the processes before the call returns:
 Lightning and Accelerate are not dependencies: install them to compare
 (``pip install lightning-fabric accelerate``); missing ones are skipped with that hint.
 Variants are interleaved round by round so load drift on a shared machine hits all alike;
-medians are reported with ratios to the floor of the same start method.
+medians are reported with ratios to the floor of the same start method, with each call's CPU
+(this process plus the ranks it reaped: ``RUSAGE_CHILDREN``; forkserver ranks are the fork
+server's children and do not show) and each variant's per-round ratio to the floor ("paired").
 
     python benchmarks/launch_latency.py [--rounds 7] [--only fork] [--ranks 2 4 8] [--call-timeout 120]
 
@@ -33,6 +35,9 @@ import sys
 import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional
+
+import resource
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -193,21 +198,46 @@ def _descendants(process: "psutil.Process") -> list:
         return []
 
 
-def quietly(call: Callable[[], object], call_timeout: float) -> float:
-    """Seconds one call took; raises what the call raised (``CallTimedOut`` past ``call_timeout``)."""
+@dataclass
+class Sample:
+    """One measured call: wall seconds, CPU seconds of this process and of the ranks it reaped."""
+
+    wall: float
+    parent_cpu: float
+    ranks_cpu: float
+    round: int = 0
+
+    @property
+    def cpu(self) -> float:
+        return self.parent_cpu + self.ranks_cpu
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def quietly(call: Callable[[], object], call_timeout: float) -> Sample:
+    """What one call took (wall and CPU); raises what the call raised (``CallTimedOut`` past ``call_timeout``).
+
+    The ranks' CPU is ``RUSAGE_CHILDREN``: every variant waits for its ranks (or its agent, which
+    waits for its ranks) before returning, so their whole CPU time is counted in the call."""
     sink = io.StringIO()
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
     try:
         with silenced_descriptors(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            parent_before, ranks_before = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, call_timeout)
             try:
                 call()
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            return time.perf_counter() - started
+            wall = time.perf_counter() - started
+            return Sample(wall, _cpu_seconds(resource.RUSAGE_SELF) - parent_before,
+                          _cpu_seconds(resource.RUSAGE_CHILDREN) - ranks_before)
     finally:
         signal.signal(signal.SIGALRM, previous)
 
@@ -215,6 +245,19 @@ def quietly(call: Callable[[], object], call_timeout: float) -> float:
 def describe_failure(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1][:120] if text else ''}".rstrip(": ")
+
+
+def print_paired(method: str, row: Dict[str, List[Sample]]) -> None:
+    """Each variant's wall time over the floor's *of the same round* (the median of those ratios and
+    their quartiles): drift between rounds cancels out, and a round a failed call is missing from is skipped."""
+    floor_by_round = {s.round: s for s in row[FLOOR]}
+    for name, samples in row.items():
+        ratios = sorted(s.wall / floor_by_round[s.round].wall for s in samples if s.round in floor_by_round)
+        if name == FLOOR or not ratios:
+            continue
+        quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+        print(f"{'':<15}   {name} / floor, paired by round: {statistics.median(ratios):.2f} "
+              f"[{quartiles[0]:.2f}-{quartiles[2]:.2f}]")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -226,12 +269,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--call-timeout", type=float, default=120.0,
                         help="seconds one call may take before it counts as failed (default 120)")
     options = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     from notebook_fabric.launching.starters import FORKSERVER_PRELOAD
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)  # the same server for all
     table = {key: row for n in options.ranks for key, row in variants(options.only, n).items()}
     missing = sorted({name for row in table.values() for name, call in row.items() if call is None})
-    times: Dict[str, Dict[str, List[float]]] = {m: {n: [] for n, c in row.items() if c} for m, row in table.items()}
+    times: Dict[str, Dict[str, List[Sample]]] = {m: {n: [] for n, c in row.items() if c} for m, row in table.items()}
     failures: Dict[str, Dict[str, List[str]]] = {m: {n: [] for n in row} for m, row in table.items()}
     for round_index in range(options.rounds + 1):
         for method, row in table.items():
@@ -239,28 +283,36 @@ def main(argv: Optional[List[str]] = None) -> None:
                 if call is None:
                     continue
                 try:
-                    elapsed = quietly(call, options.call_timeout)
+                    sample = quietly(call, options.call_timeout)
                 except Exception as error:  # a peer that fails is reported, and the run goes on
                     failures[method][name].append(describe_failure(error))
                     print(f"{method} {name}: failed ({describe_failure(error)})", file=sys.stderr, flush=True)
                     reap_children()
                     continue
                 if round_index > 0:
-                    times[method][name].append(elapsed)
+                    sample.round = round_index
+                    times[method][name].append(sample)
         print(f"round {round_index}/{options.rounds} done", file=sys.stderr, flush=True)
 
     print(f"\nlaunch latency, call -> value, trivial function on {', '.join(map(str, options.ranks))} CPU ranks "
-          f"(torch {torch.__version__}, {os.cpu_count()} cores, median of {options.rounds})\n")
-    print(f"{'method x ranks':<15} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8} {'failed':>7}")
+          f"(torch {torch.__version__}, {os.cpu_count()} cores, median of {options.rounds}; load average before "
+          f"{load_before:.2f}, after {os.getloadavg()[0]:.2f})\n")
+    print(f"{'method x ranks':<15} {'variant':<50} {'median s':>9} {'min s':>7} {'x floor':>8} "
+          f"{'CPU ms':>7} {'parent':>7} {'x floor':>8} {'failed':>7}")
     for method, row in times.items():
-        base = statistics.median(row[FLOOR]) if row[FLOOR] else float("nan")
+        base = statistics.median(s.wall for s in row[FLOOR]) if row[FLOOR] else float("nan")
+        base_cpu = statistics.median(s.cpu for s in row[FLOOR]) if row[FLOOR] else float("nan")
         for name, samples in row.items():
             failed = f"{len(failures[method][name])}/{options.rounds + 1}" if failures[method][name] else ""
             if not samples:
-                print(f"{method:<15} {name:<50} {'-':>9} {'-':>7} {'-':>8} {failed:>7}")
+                print(f"{method:<15} {name:<50} {'-':>9} {'-':>7} {'-':>8} {'-':>7} {'-':>7} {'-':>8} {failed:>7}")
                 continue
-            median = statistics.median(samples)
-            print(f"{method:<15} {name:<50} {median:>9.3f} {min(samples):>7.3f} {median / base:>8.2f} {failed:>7}")
+            median = statistics.median(s.wall for s in samples)
+            cpu = statistics.median(s.cpu for s in samples)
+            parent = statistics.median(s.parent_cpu for s in samples)
+            print(f"{method:<15} {name:<50} {median:>9.3f} {min(s.wall for s in samples):>7.3f} {median / base:>8.2f} "
+                  f"{1000 * cpu:>7.1f} {1000 * parent:>7.1f} {cpu / base_cpu:>8.2f} {failed:>7}")
+        print_paired(method, row)
     for method, row in failures.items():
         for name, reasons in row.items():
             for reason in sorted(set(reasons)):

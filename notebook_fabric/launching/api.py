@@ -22,6 +22,7 @@ from ..utilities.shared_tensors import SharedTensors
 from .options import LaunchOptions
 from .pool import RankPool
 from .preflight import check_picklable, resolve_start_method
+from .run_loop import exit_error
 
 _LAUNCHED = "__notebook_fabric_launched__"
 START_TIMEOUT = 120.0  # seconds the ranks may take to start when launch() is given no timeout
@@ -69,7 +70,8 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
                     trace_collectives=trace_collectives, hosts=hosts)
     timeout = options.timeout
     try:
-        pool.start(timeout=START_TIMEOUT if timeout is None else timeout)
+        # the function goes to every rank from the pool's reader thread the moment the last one is ready
+        pool.start(timeout=START_TIMEOUT if timeout is None else timeout, first_task=_call_launched_function, last=True)
         watchdog = StallWatchdog(range(num_processes), pool.where, options.stall, hosts=pool.rank_hosts)
         run_sink = StallWatchdogSink(sink, watchdog, hint="interrupt to stop the launch; launch(..., stall=None) turns this off")
         results = pool.run(_call_launched_function, timeout=timeout, recover=False, interrupt_grace=1.5, last=True,
@@ -77,6 +79,9 @@ def _run_function(fabric_kwargs: Mapping[str, Any], fn: Callable[..., Any], args
     finally:
         pool.stop(grace=1.0)
         remember_ledgers(pool.ledgers, pool.rank_hosts)
+    crashed = pool.failed_exits()  # every rank answered, and the call waited for their exits: say if one crashed
+    if crashed:
+        raise exit_error(crashed)
     return [results[rank] for rank in range(num_processes)] if options.return_all else results[0]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Dict, List, Protocol, Sequence
 
+from .processes import prepare_to_fork
 from .protocol import RankBootstrap, RankSetup
 from .rendezvous import RendezvousStore
 from .starters import RankProcess, start_rank
@@ -35,7 +36,9 @@ class RankHosts(Protocol):
         """The torchrun-style variables of ``rank``."""
 
     def start_ranks(self, method: str, bootstraps: Sequence[RankBootstrap], setup: RankSetup) -> List[RankProcess]:
-        """Start one rank per bootstrap; return their processes in rank order."""
+        """Start one rank per bootstrap; return their processes in rank order. A process whose
+        ``channel`` attribute is a connection is connected already (the pool does not wait for it
+        to dial back)."""
 
     def host_of(self, rank: int) -> str:
         """The host ``rank`` runs on."""
@@ -65,9 +68,16 @@ class LocalHosts:
 
     def start_ranks(self, method: str, bootstraps: Sequence[RankBootstrap], setup: RankSetup) -> List[RankProcess]:
         started: List[RankProcess] = []
+        channels: List[int] = []  # the notebook's ends of the forked ranks' channels so far
+        if method == "fork":
+            prepare_to_fork()
         try:
             for bootstrap in bootstraps:
-                started.append(start_rank(method, bootstrap, setup))
+                process = start_rank(method, bootstrap, setup, close_in_child=tuple(channels))
+                started.append(process)
+                channel = getattr(process, "channel", None)
+                if channel is not None:
+                    channels.append(channel.fileno())
         except BaseException:
             for process in started:  # a rank that could not start: none of the others may outlive the failure
                 process.kill()

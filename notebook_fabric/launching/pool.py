@@ -40,7 +40,7 @@ from .rank_logs import RankLogs
 from .rendezvous import RendezvousStore
 from ..strategies.start_methods import inherits_memory
 from .ranks import Ranks
-from .run_loop import RunLoop, wait_until_ready
+from .run_loop import RunLoop, pickle_task, wait_until_ready
 from .supervisor import RankHandle, Supervisor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,6 +122,7 @@ class RankPool:
         self._listener: Optional[EventListener] = None
         self._state = "new"  # new | running | stopped
         self._shipped_sources: set = set()
+        self._first_task: Optional[tuple] = None  # (task, id, last): sent with the start, collected by run()
         self._lock = threading.RLock()
         # what the run loop, hang detection and stepping see of the ranks
         self._ranks = Ranks(self._handles, self._events, stop=lambda grace: self.stop(grace=grace),
@@ -161,8 +162,12 @@ class RankPool:
         if self._logs is not None:
             self._logs.keep()
 
-    def start(self, timeout: float = 120.0) -> "RankPool":
-        """Start the ranks and return once every one has its Fabric launched (or raise why not)."""
+    def start(self, timeout: float = 120.0, first_task: Optional[Task] = None, last: bool = False) -> "RankPool":
+        """Start the ranks and return once every one has its Fabric launched (or raise why not).
+
+        ``first_task`` goes to every rank the moment the last one is ready, from the pool's reader
+        thread (``launch(fn)`` saves a wake-up of the caller's thread); :meth:`run` of that same
+        task object then collects it instead of sending it again (``last``: as ``run(last=True)``)."""
         if self._state != "new":
             raise PoolClosedError("a RankPool starts once; create a new one to start again")
         method = resolve_start_method(self.requested_start_method, self._notify)
@@ -187,14 +192,19 @@ class RankPool:
                 env=self.hosts.rank_environment(self._rendezvous, rank, self.num_processes),
                 heartbeat_interval=self.heartbeat_interval, trace_collectives=self.trace_collectives,
                 close_ports=(listener.address[1], self._rendezvous.port) if inherits_memory(method) else (),
+                listening_fds=_listening_fds(listener, self._rendezvous) if inherits_memory(method) else None,
                 log_dir=self._logs.folder,
             ) for rank in range(self.num_processes)]
             for rank, process in enumerate(self.hosts.start_ranks(method, bootstraps, self._setup)):
                 self._handles.append(RankHandle(rank, process))
-            self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload)
+            connected = [p.channel for p in (h.process for h in self._handles) if getattr(p, "channel", None) is not None]
+            self._supervisor = Supervisor(self._handles, listener, self._events, setup_payload, connected=connected)
             if self.idle_sink is not None:
                 self._supervisor.idle_heartbeats = self.idle_sink.handle
             self._ranks.attach(self._supervisor)
+            if first_task is not None:
+                task_id = self._ranks.arm_task(range(self.num_processes), pickle_task(first_task), exit_after=last)
+                self._first_task = (first_task, task_id, last)
             self._supervisor.start()
             wait_until_ready(self._ranks, self.sink, timeout)
             self._supervisor.stop_accepting()
@@ -230,6 +240,8 @@ class RankPool:
             self.hosts.close()
             _LIVE_POOLS.discard(self)
             self._ranks.drain(self.sink)
+            if self.failed_exits():  # a rank crashed on its way out: its logs are kept too
+                self.keep_logs()
             kept = self._logs.finish() if self._logs is not None else None
             if kept is not None:
                 self._notify(f"per-rank logs (complete stdout and stderr): {kept}")
@@ -248,6 +260,7 @@ class RankPool:
                 stuck = [h for h in self._handles if h.alive]
                 trees = [p for h in stuck for p in descendants(h.pid)]  # before they are re-parented
                 for handle in stuck:
+                    handle.ended_by_pool = True
                     handle.process.terminate()
                 self._wait_exits(1.0)
         except KeyboardInterrupt:
@@ -255,6 +268,7 @@ class RankPool:
         finally:
             for handle in self._handles:
                 if handle.alive:
+                    handle.ended_by_pool = True
                     handle.process.kill()
             self._wait_exits(3.0)
             for handle in self._handles:
@@ -278,6 +292,12 @@ class RankPool:
                     return False
                 self._supervisor.changed.wait(min(remaining, 0.05))
         return True
+
+    def failed_exits(self) -> Dict[int, Any]:
+        """``{rank: RankExited}`` of the ranks that ended with a failure by themselves (a crash on
+        their way out, after answering): not those the pool had to terminate or kill."""
+        return {h.rank: h.exit_event for h in self._handles
+                if h.exit_event is not None and h.exit_event.exitcode != 0 and not h.ended_by_pool}
 
     def __enter__(self) -> "RankPool":
         return self.start() if self._state == "new" else self
@@ -309,8 +329,16 @@ class RankPool:
         Only a closed pool or a bad ``ranks`` raises here."""
         self._require_alive()
         selected = self._select(ranks)
+        sent_as = None
+        if self._first_task is not None:
+            first, task_id, first_last = self._first_task
+            self._first_task = None
+            if first is task:
+                if ranks is not None and selected != list(range(self.num_processes)):
+                    raise ValueError("the pool's first task went to every rank with its start: run it on all ranks")
+                sent_as, last = task_id, first_last
         loop = RunLoop(self._ranks, selected, sink if sink is not None else self.sink, timeout=timeout, recover=recover,
-                       failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last)
+                       failure_grace=failure_grace, interrupt_grace=interrupt_grace, last=last, sent_as=sent_as)
         return loop.outcome(task)
 
     def push(self, values: Mapping[str, Any], ranks: Optional[Iterable[int]] = None) -> None:
@@ -409,6 +437,13 @@ class RankPool:
     def __repr__(self) -> str:
         return (f"RankPool(num_processes={self.num_processes}, start_method={self.start_method or self.requested_start_method!r}, "
                 f"state={self._state!r})")
+
+
+def _listening_fds(*listeners: Any) -> Optional[tuple]:
+    """The descriptors of the notebook's listening sockets a forked rank inherits (``None`` when one
+    of them does not say: the rank then looks at all of its descriptors)."""
+    fds = [getattr(listener, "listening_fd", None) for listener in listeners]
+    return None if None in fds else tuple(fds)
 
 
 @atexit.register

@@ -48,6 +48,17 @@ def libc_handle() -> Optional[ctypes.CDLL]:
         return None
 
 
+def prepare_to_fork() -> None:
+    """Look up, in the notebook, the C functions every forked rank calls as it starts (``prctl``,
+    ``fflush``, ``setvbuf``): each rank then inherits them instead of opening the C library and
+    resolving them again (a fraction of a millisecond, and pages copied, per rank)."""
+    libc = libc_handle()
+    if libc is None:
+        return
+    for name in ("prctl", "fflush", "setvbuf"):
+        getattr(libc, name, None)  # ctypes keeps a resolved function on the library object
+
+
 def describe_exit(exitcode: Optional[int]) -> str:
     """``"exited with code 3"``, ``"killed by signal SIGSEGV (segmentation fault)"``."""
     if exitcode is None:
@@ -90,14 +101,21 @@ def kill_own_children() -> None:
     kill_all(descendants(os.getpid()), timeout=2.0)
 
 
-def has_children() -> Optional[bool]:
-    """Whether this process has living children, from ``/proc/self/task/*/children`` (cheap);
-    ``None`` where that file does not exist."""
+def has_children() -> bool:
+    """Whether this process has children, asked with ``waitpid(-1, WNOHANG)`` (it reaps one that has
+    ended, if any, and then says "maybe more": the caller looks).
+
+    Not from ``/proc/self/task/*/children``: every ``/proc`` entry a process opens is a cache entry
+    the kernel drops when the parent reaps it, and reaping a rank that had read its tasks' files
+    cost the notebook up to milliseconds of CPU per rank (issue 19's profile).
+    """
     try:
-        tasks = os.listdir("/proc/self/task")
-        return any(open(f"/proc/self/task/{tid}/children").read().strip() for tid in tasks)
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return False
     except OSError:
-        return None
+        return True
+    return True
 
 
 def kill_process_group(pgid: int) -> None:
@@ -130,18 +148,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
         time.sleep(interval)
 
 
-def close_inherited_listeners(ports: Iterable[int]) -> None:
+def close_inherited_listeners(ports: Iterable[int], candidates: Optional[Iterable[int]] = None) -> None:
     """Close listening sockets on ``ports`` that this (forked) process inherited from the notebook,
-    so the ports are released when the notebook closes its own copies."""
+    so the ports are released when the notebook closes its own copies.
+
+    ``candidates``: the descriptors the notebook had them on (only those are checked, each still
+    verified to be a socket listening on one of ``ports``); without them, every open descriptor
+    is looked at (``/proc/self/fd``, whose entries then make the rank slower for the notebook to reap).
+    """
     import socket
 
     wanted = set(ports)
     if not wanted:
         return
-    try:
-        descriptors = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    except OSError:
-        return
+    if candidates is not None:
+        descriptors = sorted(set(candidates))
+    else:
+        try:
+            descriptors = [int(fd) for fd in os.listdir("/proc/self/fd")]
+        except OSError:
+            return
     for fd in descriptors:
         try:
             sock = socket.socket(fileno=fd)

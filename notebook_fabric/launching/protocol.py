@@ -26,8 +26,11 @@ class RankBootstrap:
     heartbeat_interval: float = 2.0
     trace_collectives: bool = False
     close_ports: Tuple[int, ...] = ()  # the notebook's listening sockets a forked rank inherits and closes
+    listening_fds: Optional[Tuple[int, ...]] = None  # where the notebook holds them (None: look at every descriptor)
     crash_fd: Optional[int] = None  # spawn: where faulthandler writes (fork/forkserver get a pipe object)
     log_dir: Optional[str] = None  # the rank appends its stdout and stderr to rank<N>/stdout.log, stderr.log here
+    channel_fd: Optional[int] = None  # fork: the rank's end of a socket pair to the notebook (no connect, no challenge)
+    close_fds: Tuple[int, ...] = ()  # fork: the notebook's ends of the pairs, this rank's and its elders', to close
 
 
 @dataclass

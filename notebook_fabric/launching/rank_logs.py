@@ -39,6 +39,7 @@ class RankLogs:
         self._temporary: Optional[Path] = None
         self.path: Optional[Path] = None
         self.kept = self.explicit
+        self._ranks = 0
         if log_dir is False:
             return
         if self.explicit:
@@ -46,6 +47,7 @@ class RankLogs:
         else:
             self._temporary = Path(tempfile.mkdtemp(prefix="notebook-fabric-run-"))
             self.path = self._temporary / "logs"
+        self._ranks = num_processes
         for rank in range(num_processes):
             (self.path / f"rank{rank}").mkdir(parents=True, exist_ok=True)
 
@@ -65,5 +67,23 @@ class RankLogs:
         if self.kept:
             return str(self.path)
         if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
+            _remove_layout(self._temporary, self.path, self._ranks)
         return None
+
+
+def _remove_layout(temporary: Path, logs: Path, ranks: int) -> None:
+    """Remove the temporary folder, file by known file (``rank<N>/stdout.log``, ``stderr.log``), and
+    only if something else is in it walk it with ``shutil.rmtree`` (several times slower)."""
+    try:
+        for rank in range(ranks):
+            folder = logs / f"rank{rank}"
+            for stream in STREAMS:
+                try:
+                    os.unlink(folder / f"{stream}.log")
+                except FileNotFoundError:
+                    pass
+            os.rmdir(folder)
+        os.rmdir(logs)
+        os.rmdir(temporary)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)

@@ -56,6 +56,17 @@ class Ranks:
             handle.send(message)
         return task_id
 
+    def arm_task(self, ranks: Iterable[int], payload: bytes, exit_after: bool) -> int:
+        """Like :meth:`begin_task`, but the supervisor sends it the moment every rank is ready
+        (before the pool's start returns); returns its id, which :meth:`RunLoop` is then given."""
+        task_id = next(self._ids)
+        message = RunTask(task_id=task_id, payload=payload, source_cache=self._new_sources(), exit_after=exit_after)
+        selected = list(ranks)
+        for rank in selected:
+            self._handles[rank].exit_expected = self._handles[rank].exit_expected or exit_after
+        self._supervisor.arm(message, selected)
+        return task_id
+
     def watch_task(self, running: bool) -> None:
         """While a task runs, heartbeats are queued as events too (else only kept per rank)."""
         if self._supervisor is not None:

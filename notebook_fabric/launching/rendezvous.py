@@ -38,6 +38,8 @@ class RendezvousStore:
         except BaseException:
             listening.close()
             raise
+        #: the descriptor the store listens on (a forked rank closes its inherited copy)
+        self.listening_fd: int = listening.fileno()
         # The store owns (and closes) the descriptor from here on.
         self._store: Optional[TCPStore] = TCPStore(
             host, self.port, is_master=True, wait_for_workers=False, timeout=timeout,

@@ -103,7 +103,9 @@ class RunLoop:
     """One task on a set of ranks, from sending it to its outcome (see the module docstring)."""
 
     def __init__(self, world: "Ranks", ranks: List[int], sink: EventSink, *, timeout: Optional[float],
-                 recover: bool, failure_grace: float, interrupt_grace: float, last: bool = False) -> None:
+                 recover: bool, failure_grace: float, interrupt_grace: float, last: bool = False,
+                 sent_as: Optional[int] = None) -> None:
+        """``sent_as``: the task went out already with the pool's start, under this id (``Ranks.arm_task``)."""
         self.world = world  # every rank of the pool, through the narrow Ranks verbs
         self.ranks = ranks  # the ranks this task runs on
         self.sink = sink
@@ -126,6 +128,7 @@ class RunLoop:
         self._idle = sorted(set(range(world.world_size)) - set(ranks))  # not running this task (--ranks)
         self._hang: Optional[CollectiveHangError] = None
         self._failure_story: Optional[str] = None
+        self._sent_as = sent_as
 
     def run(self, task: Any) -> Dict[int, Any]:
         try:
@@ -135,14 +138,17 @@ class RunLoop:
             raise
 
     def _run(self, task: Any) -> Dict[int, Any]:
-        payload = _pickle_task(task)
         self._label = task_label(task)
-        self.world.drain(self.sink)
-        for rank in self.ranks:  # between tasks only the latest heartbeat is kept: hand it over first
-            beat = self.world.heartbeat(rank)
-            if beat is not None:
-                self.sink.handle(beat)
-        self.task_id = self.world.begin_task(self.ranks, payload, exit_after=self.last)
+        if self._sent_as is not None:  # sent with the start: its events may be queued already, keep them
+            self.task_id = self._sent_as
+        else:
+            payload = pickle_task(task)
+            self.world.drain(self.sink)
+            for rank in self.ranks:  # between tasks only the latest heartbeat is kept: hand it over first
+                beat = self.world.heartbeat(rank)
+                if beat is not None:
+                    self.sink.handle(beat)
+            self.task_id = self.world.begin_task(self.ranks, payload, exit_after=self.last)
         for rank in self.ranks:
             self.sink.handle(TaskStarted(rank=rank, time=time.time(), task_id=self.task_id))
         self.world.watch_task(True)
@@ -380,7 +386,8 @@ class RunLoop:
         self.sink.handle(Notice(rank=-1, time=time.time(), text=text, level="warning"))
 
 
-def _pickle_task(task: Any) -> bytes:
+def pickle_task(task: Any) -> bytes:
+    """The task as ranks receive it (cloudpickle); a ``TypeError`` that says why when it cannot be."""
     from notebook_fabric.utilities import by_value
 
     try:
@@ -388,6 +395,11 @@ def _pickle_task(task: Any) -> bytes:
     except Exception as error:
         raise TypeError(f"the task {task!r} cannot be sent to the ranks: cloudpickle fails with "
                         f"{type(error).__name__}: {error}") from error
+
+
+def exit_error(exits: Dict[int, RankExited]) -> RankDiedError:
+    """The error for ranks that crashed on their way out, after every rank had answered."""
+    return _death_error(exits, "after returning its value (on its way out)")
 
 
 def _death_error(deaths: Dict[int, RankExited], when: str) -> RankDiedError:

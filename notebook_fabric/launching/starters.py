@@ -2,7 +2,9 @@
 
 - ``fork`` and ``forkserver`` are ``multiprocessing``'s; the fork server preloads torch and the
   rank code, so its ranks start nearly as fast as forked ones without inheriting the notebook's
-  threads or CUDA state.
+  threads or CUDA state. A forked rank's event channel is a socket pair made just before the
+  fork: only the two processes hold its ends, so it needs no listening port, no connect and no
+  challenge (the others dial back and prove the launch's key).
 - ``spawn`` starts a fresh interpreter with ``subprocess`` running :mod:`.rank.spawn_child`: unlike
   ``multiprocessing``'s spawn it never re-imports the caller's ``__main__`` (the kernel module in
   a notebook, the whole script elsewhere), so scripts need no ``if __name__ == "__main__"`` guard
@@ -15,12 +17,14 @@ import functools
 import multiprocessing
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Protocol
+from multiprocessing.connection import Connection
+from typing import Optional, Protocol, Sequence
 
 from .protocol import RankBootstrap, RankSetup
 from .rank.main import rank_entry
@@ -75,19 +79,40 @@ def open_pidfd(pid: int) -> Optional[int]:
 
 
 class MultiprocessingRank:
-    """A rank started by a ``multiprocessing`` context (fork or forkserver)."""
+    """A rank started by a ``multiprocessing`` context (fork or forkserver).
 
-    def __init__(self, method: str, bootstrap: RankBootstrap, setup: Optional[RankSetup]) -> None:
+    Forked, it also has ``channel``: the notebook's end of the rank's event channel (see the module
+    docstring); ``close_in_child`` are the notebook's ends of its elder ranks' channels, which the
+    rank closes (only the notebook may hold them)."""
+
+    def __init__(self, method: str, bootstrap: RankBootstrap, setup: Optional[RankSetup],
+                 close_in_child: Sequence[int] = ()) -> None:
         context = multiprocessing.get_context(method)
         if method == "forkserver":
             _preload_forkserver(context)
+        self.channel: Optional[Connection] = None
+        ours = theirs = None
+        if method == "fork":
+            ours, theirs = socket.socketpair()
+            bootstrap = dataclasses.replace(bootstrap, channel_fd=theirs.fileno(),
+                                            close_fds=(*close_in_child, ours.fileno()))
         self._crash_read, crash_write = context.Pipe(duplex=False)
         self._process = context.Process(target=rank_entry, args=(bootstrap, setup, crash_write),
                                         name=f"notebook-fabric rank {bootstrap.rank}", daemon=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-            self._process.start()
-        crash_write.close()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+                self._process.start()
+        except BaseException:
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
+            raise
+        finally:
+            crash_write.close()
+        if theirs is not None:
+            theirs.close()
+            self.channel = Connection(ours.detach())
         self.pid: int = self._process.pid
         # A forked rank is our child: its pidfd turns readable once it can be reaped, whereas
         # multiprocessing's sentinel pipe closes while the kernel still tears the process down
@@ -114,6 +139,8 @@ class MultiprocessingRank:
 
     def close(self) -> None:
         self._crash_read.close()
+        if self.channel is not None:
+            self.channel.close()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -176,21 +203,24 @@ class SubprocessRank:
             self._pidfd = None
 
 
-def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
+def start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup],
+               close_in_child: Sequence[int] = ()) -> RankProcess:
     """Start one rank; ``inherited`` (fork only) is handed over in memory instead of pickled.
+    ``close_in_child`` (fork): descriptors of the notebook's the rank closes first (its elders' channels).
 
     The parent-death signal of a rank fires when the *thread* that started it ends, so ranks are
     started from the main thread, or else from one long-lived starter thread.
     """
     if threading.current_thread() is threading.main_thread():
-        return _start_rank(method, bootstrap, inherited)
-    return _starter_thread().submit(_start_rank, method, bootstrap, inherited).result()
+        return _start_rank(method, bootstrap, inherited, close_in_child)
+    return _starter_thread().submit(_start_rank, method, bootstrap, inherited, close_in_child).result()
 
 
-def _start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> RankProcess:
+def _start_rank(method: str, bootstrap: RankBootstrap, inherited: Optional[RankSetup],
+                close_in_child: Sequence[int] = ()) -> RankProcess:
     if method == "spawn":
         return SubprocessRank(bootstrap)
-    return MultiprocessingRank(method, bootstrap, inherited if inherits_memory(method) else None)
+    return MultiprocessingRank(method, bootstrap, inherited if inherits_memory(method) else None, close_in_child)
 
 
 @functools.lru_cache(maxsize=1)

@@ -54,6 +54,7 @@ class EventListener:
             self._socket.close()
             raise
         self.address: Address = self._socket.getsockname()[:2]
+        self.listening_fd: int = self._socket.fileno()  # a forked rank closes its inherited copy
         self._admitted: "queue.Queue[Optional[Connection]]" = queue.Queue()
         self._closed = threading.Event()
         self._waking = threading.Event()

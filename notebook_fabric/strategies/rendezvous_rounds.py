@@ -11,8 +11,8 @@ In a rank whose environment carries :data:`HOSTED_STORE_VARIABLE` (our launchers
 replaces torch's ``env://`` rendezvous with one that counts, per rank and in the store, how many groups this rank
 has joined, and hands torch the store under the prefix of that round
 (``notebook_fabric/round/<n>/``). Ranks that re-create their group the same number of times meet
-in a fresh namespace each time. Before returning, every rank waits until all ``world_size`` ranks
-reached its round: one that waits :data:`STALL_AFTER_SECONDS` says so on stderr (who is missing and
+in a fresh namespace each time. Before returning, every rank waits (one blocking wait in the
+store) until all ``world_size`` ranks reached its round: one that waits :data:`STALL_AFTER_SECONDS` says so on stderr (who is missing and
 how many rounds each rank has joined), and once the rendezvous timeout passes it raises instead of
 hanging in gloo's connect.
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
-from torch.distributed import PrefixStore, Store, TCPStore
+from torch.distributed import DistStoreError, PrefixStore, Store, TCPStore
 
 from ..live.notices import write_notice
 
@@ -31,9 +31,7 @@ from ..live.notices import write_notice
 HOSTED_STORE_VARIABLE = "NOTEBOOK_FABRIC_HOSTED_STORE"
 #: seconds a rank waits for the others in one rendezvous before it reports the wait
 STALL_AFTER_SECONDS = float(os.environ.get("NOTEBOOK_FABRIC_RENDEZVOUS_STALL_AFTER", "30"))
-_POLL_SECONDS = 0.02
-_FIRST_POLL_SECONDS = 0.0005
-_CLOSE_POLLING_SECONDS = 0.2
+_COMPLETE = "complete"  # the key the last rank of a round sets
 _PREFIX = "notebook_fabric/round"  # under torchrun, per restart: see _prefix()
 
 
@@ -80,36 +78,56 @@ def _round_rendezvous_handler(url: str, timeout: timedelta = timedelta(minutes=3
     rank = int(query.get("rank", _required("RANK")))
     world_size = int(query.get("world_size", _required("WORLD_SIZE")))
     address, port = _required("MASTER_ADDR"), int(_required("MASTER_PORT"))
-    client = TCPStore(address, port, world_size=world_size, is_master=False, timeout=timeout)
+    def connect() -> TCPStore:
+        return TCPStore(address, port, world_size=world_size, is_master=False, timeout=timeout)
+
+    client = connect()
     round_number = client.add(f"{_prefix()}/joined/{rank}", 1)
     namespace = f"{_prefix()}/{round_number}/"
-    client.add(f"{namespace}arrived", 1)
-    wait_for_round(client, namespace, round_number, rank, world_size, timeout)
+    if client.add(f"{namespace}arrived", 1) == world_size:  # the last rank in opens the round for all
+        client.set(f"{namespace}{_COMPLETE}", "1")
+    client = wait_for_round(client, namespace, round_number, rank, world_size, timeout, reconnect=connect)
     yield PrefixStore(namespace, client), rank, world_size
     raise RuntimeError("Unable to perform re-rendezvous using env:// method")
 
 
 def wait_for_round(store: Store, namespace: str, round_number: int, rank: int, world_size: int,
-                   timeout: timedelta, stall_after: float = -1.0) -> None:
-    """Return once ``world_size`` ranks arrived in ``namespace``; report a stall, raise at ``timeout``."""
+                   timeout: timedelta, stall_after: float = -1.0,
+                   reconnect: Optional[Callable[[], Store]] = None) -> Store:
+    """Return once ``world_size`` ranks arrived in ``namespace`` (the last one sets its ``complete``
+    key); report a stall after ``stall_after`` seconds, raise at ``timeout``. Returns the store to go
+    on with.
+
+    The wait is one blocking ``wait`` in the store's server, not a poll: at 8 ranks on 2 cores the
+    early ranks' polls (every 0.5 ms) cost more CPU than the launch itself (issue 19). A wait that
+    times out leaves its late answer on the connection, so after one the rank goes on with a fresh
+    client (``reconnect()``).
+    """
     stall_after = STALL_AFTER_SECONDS if stall_after < 0 else stall_after
+    key = f"{namespace}{_COMPLETE}"
     start = time.monotonic()
     reported = False
-    while store.add(f"{namespace}arrived", 0) < world_size:
+    while True:
         waited = time.monotonic() - start
-        if waited >= timeout.total_seconds():
+        remaining = timeout.total_seconds() - waited
+        if remaining <= 0:
             raise RendezvousStalledError(
                 f"init_process_group did not complete: {describe_round(store, round_number, rank, world_size)}"
                 f" Waited {waited:.0f} s (the group's timeout). Every rank must create the process group"
                 " the same number of times."
             )
-        if not reported and waited >= stall_after:
+        slice_seconds = remaining if reported else max(min(remaining, stall_after - waited), 0.001)
+        try:
+            store.wait([key], timedelta(seconds=slice_seconds))
+            return store
+        except DistStoreError:  # this slice timed out (a lost server raises DistNetworkError, and ends the rank)
+            if reconnect is not None:
+                store = reconnect()
+        waited = time.monotonic() - start
+        if not reported and waited >= stall_after and waited < timeout.total_seconds():
             reported = True
             write_notice([f"stall: {describe_round(store, round_number, rank, world_size)}"
                           f" (waiting {waited:.0f} s in init_process_group)"], level="warning")
-        # Ranks of one launch arrive within milliseconds of each other: poll closely at first, so the
-        # launch path does not wait out a long sleep (20 ms at every start, issue 19), then back off.
-        time.sleep(_FIRST_POLL_SECONDS if waited < _CLOSE_POLLING_SECONDS else _POLL_SECONDS)
 
 
 def describe_round(store: Store, round_number: int, rank: int, world_size: int) -> str:

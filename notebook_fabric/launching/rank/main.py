@@ -16,6 +16,7 @@ import queue
 import signal
 import sys
 import time
+from multiprocessing.connection import Connection
 from typing import Any, Dict, Optional
 
 from ...live.events import RankReady, RankStarted, StartupFailed, TaskDone, TaskFailed, Output
@@ -71,6 +72,7 @@ def _one_openmp_thread_after_fork() -> None:
 
 
 def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
+    _close_descriptors(bootstrap.close_fds)
     die_with_parent()
     if bootstrap.start_method != "forkserver" and os.getppid() != bootstrap.parent_pid:
         return 71  # the notebook died before we could ask to die with it
@@ -86,11 +88,11 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
 
     def on_connected(connection: Any) -> None:
-        close_inherited_listeners(bootstrap.close_ports)
+        close_inherited_listeners(bootstrap.close_ports, bootstrap.listening_fds)
         start_control_thread(connection, inbox, outbox, state, bootstrap.heartbeat_interval)
 
     # Connecting runs in the outbox thread while this thread builds the Fabric.
-    outbox = Outbox(lambda: connect_to_notebook(bootstrap.address, bootstrap.authkey), on_connected)
+    outbox = Outbox(lambda: _channel(bootstrap), on_connected)
     outbox.start()
     capture = OutputCapture(lambda stream, text: outbox.put(Output(rank=rank, time=time.time(), stream=stream,
                                                                     text=text)),
@@ -139,6 +141,22 @@ def _live(bootstrap: RankBootstrap, inherited: Optional[RankSetup]) -> int:
     capture.flush()
     outbox.close()
     return 0
+
+
+def _channel(bootstrap: RankBootstrap) -> Connection:
+    """This rank's connection to the notebook: the socket pair's end a forked rank inherited, else
+    dialled (and the launch's key proven) at the notebook's address."""
+    if bootstrap.channel_fd is not None:
+        return Connection(bootstrap.channel_fd)
+    return connect_to_notebook(bootstrap.address, bootstrap.authkey)
+
+
+def _close_descriptors(fds: Any) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def run_task(message: RunTask, fabric: Any, namespace: Dict[str, Any], state: RankState) -> Any:

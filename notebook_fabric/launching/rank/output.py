@@ -154,11 +154,12 @@ class OutputCapture:
                                       write_through=True)
         sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
         # Logging handlers set up in the notebook (inherited under fork) keep writing where the user expects.
-        for logger in [logging.getLogger(), *[lg for lg in logging.Logger.manager.loggerDict.values()
-                                               if isinstance(lg, logging.Logger)]]:
-            for handler in logger.handlers:
-                if isinstance(handler, logging.StreamHandler) and handler.stream in old:
+        for handler in _stream_handlers():
+            if handler.stream in old:
+                try:
                     handler.stream = sys.stdout if handler.stream is old[0] else sys.stderr
+                except AttributeError:  # a handler whose stream is computed (logging.lastResort's)
+                    pass
 
     def _pump(self) -> None:
         selector = selectors.DefaultSelector()
@@ -204,6 +205,19 @@ class OutputCapture:
             text = self._decoders[fd].decode(data)
             if text:
                 self._emit(self._readers[fd], text)
+
+
+def _stream_handlers() -> List[logging.StreamHandler]:
+    """Every living logging ``StreamHandler``: from logging's own list of handlers (each handler
+    is on it from creation), not by visiting every logger (libraries create hundreds, and each
+    one visited in a forked rank is memory the rank copies)."""
+    refs = getattr(logging, "_handlerList", None)
+    if refs is None:  # not CPython's logging: visit the loggers
+        loggers = [logging.getLogger(), *[lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger)]]
+        return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+    handlers = (ref() for ref in list(refs))
+    return [h for h in handlers if isinstance(h, logging.StreamHandler)]
 
 
 def _write_all(fd: int, data: bytes) -> None:
