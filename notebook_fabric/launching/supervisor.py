@@ -202,11 +202,11 @@ class Supervisor:
     def _drain(self, connection: Connection, known_readable: bool = True, watch: Optional["_Watched"] = None) -> bool:
         """Read everything available on ``connection``; ``False`` once it is closed."""
         self._reading = connection
-        still_open = self._receive_all(connection, known_readable)
+        still_open = self._receive_all(connection, known_readable, watch)
         self._reading = None  # not reached when reading raised: the crash names the rank
         return still_open
 
-    def _receive_all(self, connection: Connection, known_readable: bool) -> bool:
+    def _receive_all(self, connection: Connection, known_readable: bool, watch: Optional["_Watched"]) -> bool:
         try:
             if not known_readable and not connection.poll(0):
                 return True

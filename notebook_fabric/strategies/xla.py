@@ -361,7 +361,6 @@ class XLAStrategy(ParallelStrategy):
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not self.distributed:
             return obj
-        xm = _xm()
         if isinstance(obj, Tensor):
             tensor = self._ranks.collective_input(obj, self.root_device).clone()
             _traced("broadcast", _tensor_meta(tensor, self.world_size, src=src),
