@@ -30,6 +30,7 @@ from .strategies import ParallelStrategy, Strategy
 from .utilities.apply import apply_to_collection
 from .utilities.data import shard_dataloader, with_seeded_workers
 from .utilities.seed import seed_everything as _seed_everything
+from .utilities.signatures import kwargs_accepted_by, takes_an_argument
 from . import wrappers
 from .wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
 
@@ -436,7 +437,7 @@ class Fabric:
                 warnings.warn(f"Skipping the callback `{type(callback).__name__}.{hook_name}` because it is not callable.",
                               UserWarning, stacklevel=2)
                 continue
-            method(*args, **_kwargs_accepted_by(method, kwargs))
+            method(*args, **kwargs_accepted_by(method, kwargs))
 
     def log(self, name: str, value: Any, step: Optional[int] = None) -> None:
         """Send one scalar to every logger (rank 0 only)."""
@@ -517,19 +518,11 @@ def seed_everything(seed: Optional[int] = None, workers: bool = False, verbose: 
 def _check_launch_function(function: Optional[Callable[..., Any]]) -> None:
     if function is not None and not callable(function):
         raise TypeError(f"fabric.launch() takes a function to run on every rank, got {type(function).__name__}")
-    if function is not None and not _takes_an_argument(function):
+    if function is not None and not takes_an_argument(function):
         raise TypeError(
             f"fabric.launch({getattr(function, '__name__', 'fn')}) needs a function that takes the Fabric as its"
             " first argument: def train(fabric): ..."
         )
-
-
-def _takes_an_argument(function: Callable[..., Any]) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): let the call decide
-        return True
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
 def _tensor_to_scalar(tensor: Tensor) -> Any:
@@ -540,20 +533,6 @@ def _tensor_to_scalar(tensor: Tensor) -> Any:
             " Log one number per name (e.g. tensor.mean()), or call the logger's own API for tensors."
         )
     return tensor.item()
-
-
-def _kwargs_accepted_by(function: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The part of ``kwargs`` that ``function`` takes by name."""
-    if not kwargs:
-        return kwargs
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return kwargs
-    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-    return {name: value for name, value in kwargs.items() if name in names}
 
 
 def _as_list(value: Any) -> list[Any]:
